@@ -1,0 +1,1 @@
+"""Pure tensor math: quantizer, RTN, GPTQ. No I/O, no Ray, no config files."""

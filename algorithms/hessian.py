@@ -1,0 +1,51 @@
+"""Accumulation of GPTQ's Hessian from calibration activations."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class HessianAccumulator:
+    """Exact ``(sum, count)`` accumulation of X^T X over rows of activations.
+
+    Keeping the raw sum and row count (never a running mean) lets partial results from many
+    workers and batches be merged by plain addition, so N workers give the same Hessian as
+    one even when they saw different numbers of tokens.
+    """
+
+    sum: Tensor
+    count: int
+
+    def __init__(
+        self,
+        in_features: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accumulation dtype must be float32 or float64, got {dtype}")
+        self.in_features = in_features
+        self.sum = torch.zeros(in_features, in_features, device=device, dtype=dtype)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        """Add activations ``x`` [..., in]; every leading index is one row."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
+        rows = x.reshape(-1, self.in_features).to(device=self.sum.device, dtype=self.sum.dtype)
+        self.sum.addmm_(rows.T, rows)
+        self.count += rows.shape[0]
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Add another accumulator's rows into this one."""
+        if other.in_features != self.in_features:
+            raise ValueError(f"cannot merge {other.in_features} features into {self.in_features}")
+        self.sum += other.sum.to(device=self.sum.device, dtype=self.sum.dtype)
+        self.count += other.count
+
+    def hessian(self) -> Tensor:
+        """GPTQ's H = 2 X^T X / n."""
+        if self.count == 0:
+            raise ValueError("no activations were added; the Hessian is undefined")
+        return 2 * self.sum / self.count

@@ -1,0 +1,129 @@
+"""Uniform integer quantization: specs, qparams, codes and fake-quant.
+
+Codes are always unsigned (0..maxq) with an integer zero point. A symmetric spec uses the
+fixed zero 2**(bits-1), which makes ``code - zero`` the signed code in
+[-2**(bits-1), 2**(bits-1) - 1] that signed packed formats (compressed-tensors) store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a weight is quantized: bit width, group size and zero-point scheme.
+
+    ``scale_dtype`` is the dtype packed formats store scales in; scales are rounded to its
+    values when computed, so fake-quant during solving equals the exported weights exactly.
+    ``None`` keeps float32 scales.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    scale_dtype: torch.dtype | None = torch.float16
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
+        if self.scale_dtype is not None and not self.scale_dtype.is_floating_point:
+            raise ValueError(f"scale_dtype must be a floating dtype, got {self.scale_dtype}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest unsigned code."""
+        return 2**self.bits - 1
+
+    def group_len(self, in_features: int) -> int:
+        """Input columns per group (all of them for per-channel)."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def n_groups(self, in_features: int) -> int:
+        """Groups per output row; a trailing partial group counts as one."""
+        return -(-in_features // self.group_len(in_features))
+
+
+def compute_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Min/max qparams over the last dim of ``w`` [..., k].
+
+    The range always includes 0, so zero is exactly representable. Returns ``scale`` [..., 1]
+    (float32, rounded through ``spec.scale_dtype``) and ``zero`` [..., 1] (float32 holding
+    integers in [0, maxq]). An all-zero group gets scale 1 instead of 0.
+    """
+    x = w if w.dtype == torch.float64 else w.float()
+    maxq = spec.maxq
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    if spec.symmetric:
+        absmax = torch.maximum(-xmin, xmax)
+        scale = 2 * absmax / maxq
+    else:
+        scale = (xmax - xmin) / maxq
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    store = spec.scale_dtype or torch.float32
+    info = torch.finfo(store)
+    scale = scale.clamp(info.tiny, info.max).to(store).to(x.dtype)
+    if spec.symmetric:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale.float(), zero.float()
+
+
+def grouped(w: Tensor, spec: QuantSpec) -> Tensor:
+    """View ``w`` [out, in] as [out, n_groups, group_len] groups of consecutive columns.
+
+    A trailing partial group is padded with zeros, which leaves its qparams unchanged because
+    the range always includes 0.
+    """
+    out_f, in_f = w.shape
+    glen, ng = spec.group_len(in_f), spec.n_groups(in_f)
+    return torch.nn.functional.pad(w, (0, ng * glen - in_f)).reshape(out_f, ng, glen)
+
+
+def group_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Qparams of every group of ``w`` [out, in] in column order: scale, zero [out, n_groups]."""
+    scale, zero = compute_qparams(grouped(w, spec), spec)
+    return scale.squeeze(-1), zero.squeeze(-1)
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Unsigned integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` as int32."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq).to(torch.int32)
+
+
+def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Float32 weights ``(codes - zero) * scale``."""
+    return (codes.float() - zero.float()) * scale.float()
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Quantize and dequantize in one step, in w's precision (at least float32)."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return (q - zero) * scale
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear layer's quantized weight in original column order.
+
+    ``g_idx[j]`` is the group of input column ``j``; it is ``j // group_len`` except after
+    act-order without static groups, where groups follow the processing order.
+    """
+
+    codes: Tensor  # int32 [out, in], unsigned 0..maxq
+    scales: Tensor  # float32 [out, n_groups]
+    zeros: Tensor  # int32 [out, n_groups]
+    g_idx: Tensor  # int32 [in]
+    spec: QuantSpec
+
+    def dequantize(self) -> Tensor:
+        """Float32 [out, in] weights the codes stand for."""
+        g = self.g_idx.long()
+        return dequantize_codes(self.codes, self.scales[:, g], self.zeros[:, g])

@@ -1,0 +1,31 @@
+"""Round-to-nearest quantization: the baseline that needs no calibration data."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .quantizer import QuantizedWeight, QuantSpec, compute_qparams, grouped, quantize_codes
+
+
+def quantize_rtn(weight: Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Quantize ``weight`` [out, in] to the nearest code of each group's min/max grid.
+
+    Computed in float32 (float64 stays float64), all groups at once as
+    [out, n_groups, group_len].
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    w = weight if weight.dtype == torch.float64 else weight.float()
+    out_f, in_f = w.shape
+    groups = grouped(w, spec)
+    scale, zero = compute_qparams(groups, spec)
+    codes = quantize_codes(groups, scale, zero, spec.maxq).reshape(out_f, -1)[:, :in_f]
+    g_idx = torch.arange(in_f, device=w.device, dtype=torch.int32) // spec.group_len(in_f)
+    return QuantizedWeight(
+        codes=codes.contiguous(),
+        scales=scale.squeeze(-1),
+        zeros=zero.squeeze(-1).to(torch.int32),
+        g_idx=g_idx,
+        spec=spec,
+    )

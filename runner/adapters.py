@@ -1,0 +1,79 @@
+"""Architecture adapters: what the pipeline must know about a model family, as data.
+
+An adapter names where the blocks, embedding, final norm, rotary embedding and lm_head live,
+which linears share an input (and the op before them), in what order the groups run inside a
+block, and which attention mask each layer uses. Adding a family is adding one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears that read the same input tensor; `prev` is the op that produces that input."""
+
+    name: str
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where things are in a decoder-only family (names relative to the model or a block)."""
+
+    family: str
+    blocks: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"
+    lm_head: str = "lm_head"
+    groups: tuple[InputGroup, ...] = ()
+    # "full": causal everywhere; "sliding_if_configured": config.sliding_window for every layer
+    # when set; "layer_types": per layer from config.layer_types.
+    mask_rule: Literal["full", "sliding_if_configured", "layer_types"] = "full"
+
+    def block_prefix(self, index: int) -> str:
+        """Tensor-name prefix of block `index`, e.g. 'model.layers.3.'."""
+        return f"{self.blocks}.{index}."
+
+    def linears(self) -> tuple[str, ...]:
+        """Every quantizable linear of a block, in sequential order."""
+        return tuple(name for g in self.groups for name in g.linears)
+
+    def mask_type(self, config: object, index: int) -> str:
+        """'full_attention' or 'sliding_attention' for block `index`."""
+        if self.mask_rule == "layer_types":
+            types = getattr(config, "layer_types", None)
+            return types[index] if types else "full_attention"
+        if self.mask_rule == "sliding_if_configured" and getattr(config, "sliding_window", None):
+            return "sliding_attention"
+        return "full_attention"
+
+
+_LLAMA_LIKE_GROUPS = (
+    InputGroup("attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    InputGroup("attn_out", "self_attn.v_proj", ("self_attn.o_proj",)),
+    InputGroup("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    InputGroup("mlp_out", "mlp.up_proj", ("mlp.down_proj",)),
+)
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter("llama", groups=_LLAMA_LIKE_GROUPS),
+    "mistral": Adapter("mistral", groups=_LLAMA_LIKE_GROUPS, mask_rule="sliding_if_configured"),
+    "qwen2": Adapter("qwen2", groups=_LLAMA_LIKE_GROUPS, mask_rule="layer_types"),
+    "qwen3": Adapter("qwen3", groups=_LLAMA_LIKE_GROUPS, mask_rule="layer_types"),
+}
+
+
+def get_adapter(model_type: str | None, *, key: str = "model.path") -> Adapter:
+    """The adapter for a config.json `model_type`, or a UserError listing the supported ones."""
+    adapter = ADAPTERS.get(model_type or "")
+    if adapter is None:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise UserError(f"{key}: architecture '{model_type}' is not supported (supported: {supported})")
+    return adapter

@@ -1,0 +1,192 @@
+"""A model directory opened lazily: meta-device skeleton, tensors read one block at a time.
+
+`ModelSource` validates the directory (config, weights index, tokenizer) without reading any
+weights, then hands out materialized pieces (embedding, block i, final norm + lm_head) that
+the caller frees after use, so the whole model never sits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .adapters import Adapter, get_adapter
+from .checkpoint import CheckpointIndex
+from .errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch understands it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"model.device: '{name}' is not a device (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device: '{name}' asked for but no CUDA device is available")
+    return dev
+
+
+class ModelSource:
+    """A local HF checkpoint, checked up front and read lazily."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+        key: str = "model.path",
+    ):
+        from transformers import AutoConfig
+
+        self.root = Path(path).expanduser()
+        self.key = key
+        if not self.root.is_dir():
+            raise UserError(f"{key}: model directory '{self.root}' does not exist")
+        if not (self.root / "config.json").is_file():
+            raise UserError(f"{key}: '{self.root}' has no config.json (not an HF model directory)")
+        try:
+            raw = json.loads((self.root / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{key}: '{self.root / 'config.json'}' is not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{key}: '{self.root / 'config.json'}' is not a JSON object")
+        self.adapter: Adapter = get_adapter(raw.get("model_type"), key=key)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.config = AutoConfig.from_pretrained(self.root, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{key}: cannot read config.json: {str(e).splitlines()[0]}") from None
+        if not any((self.root / f).is_file() for f in TOKENIZER_FILES):
+            raise UserError(f"{key}: '{self.root}' has no tokenizer (tokenizer.json or tokenizer.model)")
+        self.index = CheckpointIndex(self.root, key=key)
+        self.dtype = DTYPES[dtype]
+        self.device = resolve_device(device)
+        self.trust_remote_code = trust_remote_code
+        self.skeleton = self._build_skeleton()
+        self._check_weights_present()
+
+    # --- structure -------------------------------------------------------------------------
+
+    def _build_skeleton(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(
+                    self.config,
+                    dtype=self.dtype,
+                    attn_implementation="sdpa",
+                    trust_remote_code=self.trust_remote_code,
+                )
+        return model.eval()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.skeleton.get_submodule(self.adapter.blocks))
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def _check_weights_present(self) -> None:
+        for name, _ in self.skeleton.named_parameters():
+            if name in self.index:
+                continue
+            if name == f"{self.adapter.lm_head}.weight" and self.tied_embeddings:
+                continue
+            raise UserError(f"{self.key}: weight '{name}' is missing from the safetensors files")
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each quantizable linear of block 0, by block-relative name."""
+        block = self.skeleton.get_submodule(f"{self.adapter.blocks}.0")
+        return {n: tuple(block.get_submodule(n).weight.shape) for n in self.adapter.linears()}
+
+    def block_nbytes(self, index: int) -> int:
+        return self.index.nbytes(self.adapter.block_prefix(index))
+
+    # --- materialization ------------------------------------------------------------------
+
+    def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read named tensors from their safetensors files (grouped by file)."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for n in names:
+            by_file[self.index.files[n]].append(n)
+        out: dict[str, torch.Tensor] = {}
+        for path, group in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for n in group:
+                        out[n] = f.get_tensor(n)
+            except (OSError, RuntimeError, ValueError) as e:
+                raise UserError(f"{self.key}: cannot read '{path.name}': {str(e).splitlines()[0]}") from None
+        return out
+
+    def load(self, module_name: str) -> nn.Module:
+        """Materialize the skeleton's submodule `module_name` on the device, weights from disk."""
+        module = self.skeleton.get_submodule(module_name)
+        prefix = f"{module_name}."
+        wanted = [n for n, _ in module.named_parameters()] + [
+            n for n, _ in module.named_buffers() if n in dict(module.state_dict())
+        ]
+        names = {n: prefix + n for n in wanted}
+        tensors = self.read_tensors([full for full in names.values() if full in self.index])
+        state = {}
+        for local, full in names.items():
+            t = tensors.get(full)
+            if t is None and full == f"{self.adapter.lm_head}.weight" and self.tied_embeddings:
+                t = self.read_tensors([f"{self.adapter.embed}.weight"])[f"{self.adapter.embed}.weight"]
+            if t is None:
+                raise UserError(f"{self.key}: weight '{full}' is missing from the safetensors files")
+            state[local] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+        module.load_state_dict(state, strict=True, assign=True)
+        return module
+
+    def block(self, index: int) -> nn.Module:
+        return self.load(f"{self.adapter.blocks}.{index}")
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Free a materialized module's tensors (back to the meta device)."""
+        module.to_empty(device="meta")
+
+    def rotary(self) -> nn.Module:
+        """A fresh rotary-embedding module on the device (its buffers are computed, not loaded)."""
+        cls = type(self.skeleton.get_submodule(self.adapter.rotary))
+        with torch.device(self.device):
+            rot = cls(config=self.skeleton.config)
+        return rot.eval()
+
+    def tokenizer(self):
+        """The checkpoint's tokenizer; UserError when it cannot be loaded."""
+        from transformers import AutoTokenizer
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return AutoTokenizer.from_pretrained(self.root, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{self.key}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
+
+    def non_block_names(self) -> list[str]:
+        """Tensor names outside the blocks (embedding, final norm, lm_head), as stored."""
+        prefix = f"{self.adapter.blocks}."
+        return [n for n in self.index.names() if not n.startswith(prefix)]

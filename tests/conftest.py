@@ -1,0 +1,129 @@
+"""Fixtures: tiny random models of every supported family, a byte-level BPE tokenizer, text."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = (
+    "the king queen castle night storm sword crown river forest bread wine letter horse ghost "
+    "speak run hold fear love hate sleep dream wake fall rise march stand watch call answer "
+    "and or but if when while because though never always often slowly quickly softly loudly "
+    "my your his her our their this that these those one two three many few every no some"
+).split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    """Deterministic pseudo-English with sentence structure (so a model has something to learn)."""
+    rng = random.Random(seed)
+    out, line = [], []
+    for i in range(n_words):
+        line.append(rng.choice(WORDS))
+        if rng.random() < 0.12 or i == n_words - 1:
+            out.append(" ".join(line).capitalize() + rng.choice([".", "!", "?", ","]))
+            line = []
+    return "\n".join(" ".join(out[i : i + 4]) for i in range(0, len(out), 4)) + "\n"
+
+
+def build_tokenizer(directory: Path, vocab_size: int = 320):
+    """Train a byte-level BPE on fixture text and save it as an HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([make_text(3000, 99)], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(family: str, *, layers: int = 3, vocab: int = 320, hidden: int = 64, inter: int = 128):
+    """A small transformers config of the family; sliding windows smaller than test windows."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=24)
+    if family == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=24, max_window_layers=1)
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=16, use_sliding_window=True, sliding_window=24, max_window_layers=2)
+    raise ValueError(family)
+
+
+def save_tiny_model(directory: Path, family: str, *, seed: int = 0, shard: str | None = None, **kw) -> Path:
+    """Build a random model of the family and save it (safetensors, fp32) with a tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **kw)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, max_shard_size=shard or "50MB")
+    build_tokenizer(directory, vocab_size=kw.get("vocab", 320))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def texts(tmp_path_factory) -> dict[str, Path]:
+    """Disjoint calibration and evaluation text files."""
+    d = tmp_path_factory.mktemp("text")
+    calib = d / "calib.txt"
+    calib.write_text(make_text(6000, 1))
+    ev = d / "eval.txt"
+    ev.write_text(make_text(3000, 2))
+    return {"calib": calib, "eval": ev}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny saved model per supported family (llama is sharded over several files)."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for fam in FAMILIES:
+        shard = "100KB" if fam == "llama" else None
+        out[fam] = save_tiny_model(root / fam, fam, shard=shard)
+    return out
+
+
+def run_config(model: Path, texts: dict[str, Path], output: Path, **sections) -> dict:
+    """A small run-config mapping for tests; sections override keys per section."""
+    cfg = {
+        "model": {"path": str(model)},
+        "calib": {"path": str(texts["calib"]), "n_samples": 16, "seq_len": 64, "batch_size": 4},
+        "quant": {"method": "gptq", "bits": 4, "group_size": 32},
+        "eval": {"path": str(texts["eval"]), "seq_len": 64, "n_samples": 8, "batch_size": 4},
+        "output": str(output),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    return cfg
