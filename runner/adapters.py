@@ -32,7 +32,7 @@ class Adapter:
     final_norm: str = "model.norm"
     rotary: str = "model.rotary_emb"
     lm_head: str = "lm_head"
-    groups: tuple[InputGroup, ...] = ()
+    groups: tuple[InputGroup, ...] = ()  # in execution order: a forward reaches them in this order
     # "full": causal everywhere; "sliding_if_configured": config.sliding_window for every layer
     # when set; "layer_types": per layer from config.layer_types.
     mask_rule: Literal["full", "sliding_if_configured", "layer_types"] = "full"

@@ -68,13 +68,15 @@ def quantize_block(
     block_name: str,
     adapter: Adapter,
     q: QuantConfig,
-    run_forward: Callable[[], None],
+    observe: Callable[[nn.Module | None], None],
     profile: BlockProfile | None = None,
 ) -> dict[str, LayerResult]:
     """Quantize the linears of a loaded block in place (weights become fake-quantized).
 
-    `run_forward` runs every calibration batch through the block (outputs discarded); it is
-    called once per observation phase. Returns results keyed by block-relative linear name.
+    `observe(stop_at)` runs every calibration batch through the block, each forward ending
+    before `stop_at` runs (None: to the end); it is called once per observation phase, and
+    stops at the last input the phase needs, so early groups cost almost no compute.
+    Returns results keyed by block-relative linear name.
     """
     profile = profile or BlockProfile()
     if q.method == "none":
@@ -116,7 +118,7 @@ def quantize_block(
             handles.append(first.register_forward_pre_hook(hook))
         t = time.perf_counter()
         try:
-            run_forward()
+            observe(block.get_submodule(phase[-1].linears[0]))
         finally:
             for h in handles:
                 h.remove()

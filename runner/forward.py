@@ -6,12 +6,20 @@ transformers' own model forward builds them, once per batch shape, and reused by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from .adapters import Adapter
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a block's forward early once the wanted inputs were seen."""
+
+
+def _raise_stop(_module, _args):
+    raise StopForward
 
 
 class BlockRunner:
@@ -58,16 +66,29 @@ class BlockRunner:
         batches: Iterable[torch.Tensor],
         *,
         keep: bool = True,
-        on_batch: Callable[[], None] | None = None,
+        stop_at: nn.Module | None = None,
     ) -> list[torch.Tensor]:
-        """Run every batch through the block; return the outputs (or [] when keep is False)."""
+        """Run every batch through the block; return the outputs (or [] when keep is False).
+
+        With `stop_at`, each batch's forward ends just before that submodule runs (after its
+        other pre-hooks, e.g. statistics, have seen its input); nothing is returned then.
+        """
+        if stop_at is not None:
+            handle = stop_at.register_forward_pre_hook(_raise_stop)
+            try:
+                for hidden in batches:
+                    try:
+                        self.forward(block, index, hidden)
+                    except StopForward:
+                        pass
+            finally:
+                handle.remove()
+            return []
         outs = []
         for hidden in batches:
             y = self.forward(block, index, hidden)
             if keep:
                 outs.append(y)
-            if on_batch is not None:
-                on_batch()
         return outs
 
 

@@ -158,6 +158,7 @@ class ModelSource:
                 raise UserError(f"{self.key}: weight '{full}' is missing from the safetensors files")
             state[local] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
         module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)
         return module
 
     def block(self, index: int) -> nn.Module:

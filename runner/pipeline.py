@@ -174,7 +174,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
             prof.forward_s += time.perf_counter() - t
         results = quantize_block(
             block, name, ad, q,
-            lambda block=block, i=i, batches=calib: runner.forward_all(block, i, batches, keep=False),
+            lambda stop, block=block, i=i, batches=calib: runner.forward_all(block, i, batches, stop_at=stop),
             prof,
         )
         t = time.perf_counter()
