@@ -31,13 +31,15 @@ class ModelConfig(_Section):
 
 
 class CalibConfig(_Section):
-    path: str = Field(..., description="Calibration text: file, folder, jsonl/parquet, or a datasets name.")
-    text_field: str = "text"
-    split: str = "train"
-    dataset_config: str | None = None
+    path: str | None = Field(
+        None, description="Calibration text: file, folder, jsonl/parquet, or a datasets name (required to quantize)."
+    )
+    text_field: str = Field("text", description="Field holding the text in jsonl/parquet/datasets sources.")
+    split: str = Field("train", description="Split of a datasets source.")
+    dataset_config: str | None = Field(None, description="Config name of a datasets source.")
     n_samples: int = Field(128, ge=1, description="Number of calibration windows.")
     seq_len: int = Field(512, ge=2, description="Tokens per window.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the random window offsets.")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     propagate: Literal["quantized", "fp"] = Field(
         "quantized", description="Inputs of block i: outputs of the quantized (GPTQ) or fp blocks < i."
@@ -45,10 +47,10 @@ class CalibConfig(_Section):
 
 
 class QuantConfig(_Section):
-    method: Method = "gptq"
+    method: Method = Field("gptq", description="none (identity, for debugging), rtn or gptq.")
     bits: int = Field(4, description="Bits per weight, 2..8.")
     group_size: int = Field(128, description="Columns per quantization group; -1 = per output channel.")
-    symmetric: bool = True
+    symmetric: bool = Field(True, description="Symmetric (zero point fixed mid-range) or asymmetric.")
     act_order: bool = Field(False, description="GPTQ: process columns by decreasing Hessian diagonal.")
     static_groups: bool = Field(False, description="GPTQ: fix group qparams before act-order.")
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ damping, fraction of mean(diag(H)).")
@@ -77,14 +79,14 @@ class QuantConfig(_Section):
 
 
 class EvalConfig(_Section):
-    enabled: bool = True
-    path: str | None = Field(None, description="Perplexity text; defaults to none (no evaluation).")
-    text_field: str = "text"
-    split: str = "test"
-    dataset_config: str | None = None
-    seq_len: int = Field(512, ge=2)
+    enabled: bool = Field(True, description="Measure perplexity when eval.path is set.")
+    path: str | None = Field(None, description="Perplexity text (same source kinds as calib.path); unset = no evaluation.")
+    text_field: str = Field("text", description="Field holding the text in jsonl/parquet/datasets sources.")
+    split: str = Field("test", description="Split of a datasets source.")
+    dataset_config: str | None = Field(None, description="Config name of a datasets source.")
+    seq_len: int = Field(512, ge=2, description="Tokens per window (consecutive, non-overlapping).")
     n_samples: int | None = Field(32, ge=1, description="Windows; null = every full window of the text.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     fp: bool = Field(True, description="Also measure the unquantized model on the same windows.")
 
 
@@ -100,14 +102,14 @@ class ExportConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    backend: Literal["local", "ray"] = "local"
-    address: str | None = None
-    workers: int = Field(1, ge=1)
+    backend: Literal["local", "ray"] = Field("local", description="Executor (ray: planned).")
+    address: str | None = Field(None, description="Ray cluster address (planned).")
+    workers: int = Field(1, ge=1, description="Ray workers (planned).")
 
 
 class WandbConfig(_Section):
-    mode: Literal["disabled", "offline", "online"] = "disabled"
-    project: str = "shardquant"
+    mode: Literal["disabled", "offline", "online"] = Field("disabled", description="W&B tracking (offline/online: planned).")
+    project: str = Field("shardquant", description="W&B project.")
 
 
 class TrackingConfig(_Section):
@@ -116,14 +118,14 @@ class TrackingConfig(_Section):
 
 class RunConfig(_Section):
     model: ModelConfig
-    calib: CalibConfig
+    calib: CalibConfig = Field(default_factory=CalibConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: str = Field("runs/latest", description="Run directory.")
-    resume: bool = False
+    resume: bool = Field(False, description="Continue an interrupted run in output (planned).")
 
     @model_validator(mode="after")
     def _methods(self) -> RunConfig:
@@ -131,6 +133,10 @@ class RunConfig(_Section):
             raise ValueError(f"quant.method: '{self.quant.method}' is not available in this version")
         if self.cluster.backend == "ray":
             raise ValueError("cluster.backend: 'ray' is not available in this version; use 'local'")
+        if self.tracking.wandb.mode != "disabled":
+            raise ValueError("tracking.wandb.mode: W&B tracking is not available in this version; use 'disabled'")
+        if self.resume:
+            raise ValueError("resume: resuming is not available in this version; rerun without it")
         return self
 
 
@@ -267,3 +273,26 @@ def _deep_copy(tree: Any) -> Any:
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-able data (for report.json and W&B)."""
     return cfg.model_dump(mode="json")
+
+
+def reference_rows(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every config key, in declaration order."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(reference_rows(ann, f"{prefix}{name}."))
+            continue
+        if f.is_required():
+            default = "required"
+        else:
+            default = f"`{yaml.safe_dump(f.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix('...').strip()}`"
+        rows.append((f"{prefix}{name}", default, f.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    """The config-key table of docs/config.md (a test keeps the file equal to this)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{k}` | {d} | {m} |" for k, d, m in reference_rows()]
+    return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ from .calibrate import BlockProfile, quantize_block
 from .config import RunConfig, config_dict, parse_size
 from .data import load_text, token_windows
 from .errors import UserError
-from .export import write_fake_checkpoint_files
+from .export import fake_plan, write_fake_checkpoint_files
 from .forward import BlockRunner, embed_batches, window_nll
 from .model import ModelSource
 from .report import peak_rss_bytes, write_report
@@ -138,7 +138,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    writer = ShardWriter(staging, parse_size(cfg.export.shard_size))
+    writer = ShardWriter(staging, fake_plan(src), parse_size(cfg.export.shard_size))
 
     runner = BlockRunner(ad, src.skeleton.config, src.rotary())
     t = time.perf_counter()
@@ -187,8 +187,9 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         timing["eval_s"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        for k, v in block.state_dict().items():
-            writer.add(f"{name}.{k}", v)
+        state = block.state_dict()
+        for k in sorted(state):
+            writer.add(f"{name}.{k}", state[k])
         src.release(block)
         timing["export_s"] += time.perf_counter() - t
         for key in ("forward_s", "stats_s", "solve_s"):
@@ -221,8 +222,9 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
 
     t = time.perf_counter()
     export_path = p.output / "model"
-    for n in src.non_block_names():
-        writer.add(n, src.read_tensors([n])[n].to(src.dtype))
+    for n in sorted(src.non_block_names()):
+        tensor = src.read_tensors([n])[n]
+        writer.add(n, tensor.to(src.dtype) if tensor.is_floating_point() else tensor)
     writer.finalize()
     write_fake_checkpoint_files(src, staging)
     _replace_dir(staging, export_path)

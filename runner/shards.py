@@ -1,19 +1,31 @@
-"""Writing a checkpoint as size-capped safetensors shards plus an index, atomically.
+"""Writing a checkpoint as size-capped safetensors shards, streamed, plus an index.
 
-Tensors are added block by block and flushed to a shard when the shard would exceed its
-budget, so memory holds at most one shard's worth. Files go to a staging directory under
-temporary names; `finalize` names them `model-0000i-of-0000n.safetensors`, writes the index
-and the caller renames the staging directory into place.
+The set of tensors a checkpoint will hold (names, dtypes, shapes) is known before the first
+block is solved, so shards are planned up front: each shard's header is written first and
+every tensor's bytes are appended the moment it is produced. Memory never holds more than
+the tensor being written, whatever the shard size, and shard names are final from the start
+(`model-0000i-of-0000n.safetensors`). Each shard is written under a temporary name and
+renamed when complete; the index is written last.
+
+safetensors has no streaming writer, hence this small one; files are read back with the
+safetensors library in the tests.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -27,52 +39,107 @@ def write_json_atomic(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
-class ShardWriter:
-    """Accumulates tensors and writes them as size-capped safetensors shards."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor the checkpoint will hold."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Cut an ordered tensor list into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        if not shards or (shards[-1] and size + spec.nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header(specs: list[TensorSpec]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": _ST_DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Streams planned tensors, in plan order, into their shards."""
+
+    def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_bytes: int):
         self.dir = Path(directory)
-        self.max = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._parts: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self.shards = plan_shards(specs, max_shard_bytes)
+        n = len(self.shards)
+        self.names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(k, s) for k, shard in enumerate(self.shards) for s in shard]
+        self._next = 0
+        self._file = None
+        self._shard = -1
+        self.total_bytes = sum(s.nbytes for s in specs)
+
+    @property
+    def expected(self) -> str | None:
+        """Name of the tensor the writer needs next (None when all were written)."""
+        return self._order[self._next][1].name if self._next < len(self._order) else None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (copied to contiguous CPU memory); flush first if it would overflow."""
-        if name in self._pending or any(name in names for _, names in self._parts):
-            raise ValueError(f"tensor '{name}' written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max:
-            self.flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
+        """Append the next planned tensor; its name, dtype and shape must match the plan."""
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor '{name}' is not in the checkpoint plan (all written)")
+        k, spec = self._order[self._next]
+        if name != spec.name:
+            raise ValueError(f"expected tensor '{spec.name}' next, got '{name}'")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}"
+            )
+        if k != self._shard:
+            self._close()
+            self._shard = k
+            self._file = (self.dir / (self.names[k] + ".tmp")).open("wb")
+            self._file.write(_header(self.shards[k]))
+        t = tensor.detach().to("cpu").contiguous()
+        self._file.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._next += 1
 
-    def flush(self) -> None:
-        """Write the pending tensors as one shard."""
-        if not self._pending:
+    def _close(self) -> None:
+        if self._file is None:
             return
-        part = self.dir / f"part-{len(self._parts):05d}.safetensors"
-        tmp = part.with_name(part.name + ".tmp")
-        save_file(self._pending, str(tmp), metadata={"format": "pt"})
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, part)
-        self._parts.append((part, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        final = self.dir / self.names[self._shard]
+        os.replace(final.with_name(final.name + ".tmp"), final)
 
     def finalize(self) -> dict[str, str]:
-        """Flush, give shards their final names, write the index; return the weight map."""
-        self.flush()
-        n = len(self._parts)
-        weight_map: dict[str, str] = {}
-        for i, (part, names) in enumerate(self._parts):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(part, self.dir / final)
-            for name in names:
-                weight_map[name] = final
+        """Close the last shard, write the index; return the weight map."""
+        if self._next != len(self._order):
+            raise ValueError(f"checkpoint incomplete: tensor '{self.expected}' was never written")
+        self._close()
+        weight_map = {s.name: self.names[k] for k, s in self._order}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_json_atomic(self.dir / "model.safetensors.index.json", index)
         return weight_map
+
+    def abort(self) -> None:
+        """Close any open file (its temp name stays, never a final one)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

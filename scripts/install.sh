@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install shardquant with its test extras.
+# torch is installed first and pinned, so nothing pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1; then PY="$cand"; break; fi
+  done
+fi
+if ! "$PY" -c "import venv, ensurepip" >/dev/null 2>&1; then
+  # Debian splits venv/ensurepip out of the interpreter package.
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  else
+    echo "install.sh: $PY lacks venv; install python3-venv" >&2; exit 1
+  fi
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q "torch==${SHARDQUANT_TORCH:-2.13.0}"
+python -m pip install -q -e ".[test]"
+python -c "import shardquant, torch; print(f'shardquant {shardquant.__version__} with torch {torch.__version__}')"
