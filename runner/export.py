@@ -1,40 +1,36 @@
-"""The non-tensor files of an exported checkpoint: config.json, tokenizer, generation config."""
+"""Export formats: how a run's quantized blocks become checkpoint tensors and files.
+
+One `Exporter` subclass per `export.format`. The pipeline asks it, before any weight is read,
+to `check` the scheme and to `plan` every tensor of the checkpoint (so shards stream with
+constant memory, see `shards.py`); then, block by block, for that block's tensors in plan
+order; then for the tensors outside the blocks; and finally for the non-tensor files.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from torch import nn
 
+from shardquant.algorithms.quantizer import QuantizedWeight
+
+from .calibrate import is_ignored
+from .config import QuantConfig
+from .errors import UserError
 from .model import SIDE_FILES, ModelSource
 from .shards import TensorSpec, write_json_atomic
 
-_DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
-
-
-_ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
-
-
-def fake_plan(source: ModelSource) -> list[TensorSpec]:
-    """Every tensor of a `fake` export in write order: blocks in order (names sorted within a
-    block), then the rest (embedding, final norm, lm_head) sorted; floats in the compute dtype."""
-
-    def spec(name: str) -> TensorSpec:
-        info = source.index.infos[name]
-        dtype = _ST_TO_TORCH[info.dtype]
-        if dtype.is_floating_point:
-            dtype = source.dtype
-        return TensorSpec(name, dtype, info.shape)
-
-    specs = []
-    for i in range(source.num_blocks):
-        specs += [spec(n) for n in source.index.names(source.adapter.block_prefix(i))]
-    specs += [spec(n) for n in sorted(source.non_block_names())]
-    return specs
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def copy_side_files(source: Path, dest: Path) -> list[str]:
@@ -48,12 +44,90 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
-def write_fake_checkpoint_files(source: ModelSource, dest: Path) -> None:
-    """config.json (source's, dtype set to the exported one, no quantization_config) and side files."""
-    raw = json.loads((source.root / "config.json").read_text())
-    raw.pop("quantization_config", None)
-    dtype = _DTYPE_NAMES[str(source.dtype)]
-    raw["dtype"] = dtype
-    raw.pop("torch_dtype", None)
-    write_json_atomic(dest / "config.json", raw)
-    copy_side_files(source.root, dest)
+class Exporter:
+    """Base: the checkpoint mirrors the source's tensors (floats in the compute dtype)."""
+
+    format: ClassVar[str] = ""
+
+    def __init__(self, source: ModelSource, quant: QuantConfig):
+        self.source = source
+        self.quant = quant
+
+    # --- what is quantized --------------------------------------------------------------
+
+    def quantized_linears(self, index: int) -> list[str]:
+        """Block-relative names of the linears of block `index` that get quantized."""
+        if self.quant.method == "none":
+            return []
+        name = f"{self.source.adapter.blocks}.{index}"
+        return [n for n in self.source.adapter.linears() if not is_ignored(f"{name}.{n}", self.quant.ignore)]
+
+    def source_spec(self, name: str) -> TensorSpec:
+        """A source tensor as it is exported unchanged (floats in the compute dtype)."""
+        info = self.source.index.infos[name]
+        dtype = ST_TO_TORCH[info.dtype]
+        return TensorSpec(name, self.source.dtype if dtype.is_floating_point else dtype, info.shape)
+
+    # --- the contract -------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise UserError when this format cannot hold the configured scheme."""
+
+    def plan(self) -> list[TensorSpec]:
+        """Every tensor of the checkpoint, in write order: blocks in order (names sorted within
+        a block), then the tensors outside the blocks, sorted."""
+        specs: list[TensorSpec] = []
+        for i in range(self.source.num_blocks):
+            specs += self.block_plan(i)
+        specs += [self.source_spec(n) for n in sorted(self.source.non_block_names())]
+        return specs
+
+    def block_plan(self, index: int) -> list[TensorSpec]:
+        return [self.source_spec(n) for n in self.source.index.names(self.source.adapter.block_prefix(index))]
+
+    def block_tensors(
+        self, index: int, block: nn.Module, results: dict[str, QuantizedWeight]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors of a finished block, in plan order. `block` holds fake-quantized weights."""
+        name = f"{self.source.adapter.blocks}.{index}"
+        state = block.state_dict()
+        for k in sorted(state):
+            yield f"{name}.{k}", state[k]
+
+    def other_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Tensors outside the blocks (embedding, final norm, lm_head), read from the source."""
+        for n in sorted(self.source.non_block_names()):
+            t = self.source.read_tensors([n])[n]
+            yield n, t.to(self.source.dtype) if t.is_floating_point() else t
+
+    def config_json(self) -> dict:
+        """The exported config.json: the source's, dtype set, no quantization_config."""
+        raw = json.loads((self.source.root / "config.json").read_text())
+        raw.pop("quantization_config", None)
+        raw.pop("torch_dtype", None)
+        raw["dtype"] = DTYPE_NAMES[self.source.dtype]
+        return raw
+
+    def write_files(self, dest: Path) -> None:
+        """config.json and the tokenizer / generation-config files."""
+        write_json_atomic(dest / "config.json", self.config_json())
+        copy_side_files(self.source.root, dest)
+
+
+class FakeExporter(Exporter):
+    """`fake`: dequantized weights in the compute dtype; any transformers loads it as is."""
+
+    format = "fake"
+
+
+EXPORTERS: dict[str, type[Exporter]] = {cls.format: cls for cls in (FakeExporter,)}
+
+
+def get_exporter(fmt: str, source: ModelSource, quant: QuantConfig) -> Exporter:
+    """The exporter of `export.format`, checked against the scheme."""
+    cls = EXPORTERS.get(fmt)
+    if cls is None:
+        raise UserError(f"export.format: '{fmt}' is not available (available: {', '.join(sorted(EXPORTERS))})")
+    exporter = cls(source, quant)
+    exporter.check()
+    return exporter

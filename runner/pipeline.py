@@ -21,7 +21,7 @@ from .calibrate import BlockProfile, quantize_block
 from .config import RunConfig, config_dict, parse_size
 from .data import load_text, token_windows
 from .errors import UserError
-from .export import fake_plan, write_fake_checkpoint_files
+from .export import Exporter, get_exporter
 from .forward import BlockRunner, embed_batches, window_nll
 from .model import ModelSource
 from .report import peak_rss_bytes, write_report
@@ -34,6 +34,7 @@ class Prepared:
 
     cfg: RunConfig
     source: ModelSource
+    exporter: Exporter
     calib: torch.Tensor | None
     evals: torch.Tensor | None
     output: Path
@@ -74,6 +75,7 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     check_scheme(cfg, source)
+    exporter = get_exporter(cfg.export.format, source, cfg.quant)
     tokenizer = source.tokenizer()
     calib = None
     if need_calib and cfg.quant.method != "none":
@@ -98,7 +100,7 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
             seed=0, mode="sequential", key="eval", source=cfg.eval.path,
         )
     output = prepare_output(cfg.output)
-    return Prepared(cfg, source, calib, evals, output)
+    return Prepared(cfg, source, exporter, calib, evals, output)
 
 
 def _progress(total: int, desc: str):
@@ -138,7 +140,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    writer = ShardWriter(staging, fake_plan(src), parse_size(cfg.export.shard_size))
+    writer = ShardWriter(staging, p.exporter.plan(), parse_size(cfg.export.shard_size))
 
     runner = BlockRunner(ad, src.skeleton.config, src.rotary())
     t = time.perf_counter()
@@ -187,9 +189,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         timing["eval_s"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        state = block.state_dict()
-        for k in sorted(state):
-            writer.add(f"{name}.{k}", state[k])
+        for tname, tensor in p.exporter.block_tensors(i, block, {n: r.weight for n, r in results.items()}):
+            writer.add(tname, tensor)
         src.release(block)
         timing["export_s"] += time.perf_counter() - t
         for key in ("forward_s", "stats_s", "solve_s"):
@@ -222,11 +223,10 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
 
     t = time.perf_counter()
     export_path = p.output / "model"
-    for n in sorted(src.non_block_names()):
-        tensor = src.read_tensors([n])[n]
-        writer.add(n, tensor.to(src.dtype) if tensor.is_floating_point() else tensor)
+    for tname, tensor in p.exporter.other_tensors():
+        writer.add(tname, tensor)
     writer.finalize()
-    write_fake_checkpoint_files(src, staging)
+    p.exporter.write_files(staging)
     _replace_dir(staging, export_path)
     timing["export_s"] += time.perf_counter() - t
 
