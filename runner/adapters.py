@@ -15,11 +15,19 @@ from .errors import UserError
 
 @dataclass(frozen=True)
 class InputGroup:
-    """Linears that read the same input tensor; `prev` is the op that produces that input."""
+    """Linears that read the same input tensor; `prev` is the op that produces that input.
+
+    AWQ divides `prev` by per-channel scales (a norm's weight, or a linear's output rows) and
+    multiplies the linears' input columns by them. `consumer` is the submodule that takes the
+    group's input and whose output measures the scale search's loss (it runs every linear of
+    the group). `clip_skip` are linears that AWQ's clip search leaves alone.
+    """
 
     name: str
     prev: str
     linears: tuple[str, ...]
+    consumer: str = ""
+    clip_skip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,16 @@ class Adapter:
         return "full_attention"
 
 
+# q/k are not clipped: their error is amplified through softmax(q k^T), which the clip
+# search's per-linear objective does not see (AutoAWQ skips them for the same reason).
 _LLAMA_LIKE_GROUPS = (
-    InputGroup("attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    InputGroup("attn_out", "self_attn.v_proj", ("self_attn.o_proj",)),
-    InputGroup("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    InputGroup("mlp_out", "mlp.up_proj", ("mlp.down_proj",)),
+    InputGroup(
+        "attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        consumer="self_attn", clip_skip=("self_attn.q_proj", "self_attn.k_proj"),
+    ),
+    InputGroup("attn_out", "self_attn.v_proj", ("self_attn.o_proj",), consumer="self_attn.o_proj"),
+    InputGroup("mlp_in", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), consumer="mlp"),
+    InputGroup("mlp_out", "mlp.up_proj", ("mlp.down_proj",), consumer="mlp.down_proj"),
 )
 
 ADAPTERS: dict[str, Adapter] = {

@@ -23,7 +23,7 @@ exit codes: 0 done, 2 bad input (config, model, data, paths), 1 anything else
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="shardquant",
-        description="Blockwise post-training quantization (RTN, GPTQ) of decoder LLMs that never "
+        description="Blockwise post-training quantization (RTN, GPTQ, AWQ) of decoder LLMs that never "
         "holds the whole model in memory.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

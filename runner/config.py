@@ -47,7 +47,11 @@ class CalibConfig(_Section):
 
 
 class QuantConfig(_Section):
-    method: Method = Field("gptq", description="none (identity, for debugging), rtn or gptq.")
+    method: Method = Field(
+        "gptq",
+        description="none (identity, for debugging), rtn, gptq, awq (activation-aware scales, then RTN) "
+        "or awq+gptq (the same scales, then GPTQ).",
+    )
     bits: int = Field(4, description="Bits per weight, 2..8.")
     group_size: int = Field(128, description="Columns per quantization group; -1 = per output channel.")
     symmetric: bool = Field(True, description="Symmetric (zero point fixed mid-range) or asymmetric.")
@@ -62,6 +66,20 @@ class QuantConfig(_Section):
         default_factory=lambda: ["lm_head"],
         description="Module names or suffixes left in full precision.",
     )
+    awq_grid: int = Field(20, ge=1, description="AWQ: scale exponents tried, alpha = i/awq_grid for i < awq_grid.")
+    awq_duo_scaling: bool = Field(
+        True,
+        description="AWQ: scales mean(abs(x))^alpha / mean(abs(w))^(1-alpha) (w normalized per group) "
+        "instead of mean(abs(x))^alpha.",
+    )
+    awq_clip: bool = Field(
+        True, description="AWQ (method awq only; GPTQ compensates itself): search a range shrink per (row, group)."
+    )
+    awq_clip_grid: int = Field(20, ge=1, description="AWQ clip search: ratios 1 - i/awq_clip_grid.")
+    awq_clip_max_shrink: float = Field(
+        0.5, gt=0, lt=1, description="AWQ clip search: shrink ratios tried down to 1 - awq_clip_max_shrink."
+    )
+    awq_clip_tokens: int = Field(512, ge=1, description="AWQ clip search: input rows sampled (evenly spaced).")
 
     @field_validator("bits")
     @classmethod
@@ -91,7 +109,7 @@ class EvalConfig(_Section):
 
 
 class ExportConfig(_Section):
-    format: Literal["fake"] = Field("fake", description="Checkpoint layout written to output/model.")
+    format: Literal["fake", "compressed-tensors", "gptq"] = Field("fake", description="Checkpoint layout written to output/model.")
     shard_size: str = Field("2GB", description="Maximum bytes per safetensors shard, e.g. 500MB, 5GB.")
 
     @field_validator("shard_size")
@@ -108,7 +126,7 @@ class ClusterConfig(_Section):
 
 
 class WandbConfig(_Section):
-    mode: Literal["disabled", "offline", "online"] = Field("disabled", description="W&B tracking (offline/online: planned).")
+    mode: Literal["disabled", "offline", "online"] = Field("disabled", description="W&B tracking: disabled (no import, no network), offline (local files under output/wandb), online.")
     project: str = Field("shardquant", description="W&B project.")
 
 
@@ -129,12 +147,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _methods(self) -> RunConfig:
-        if self.quant.method in ("awq", "awq+gptq"):
-            raise ValueError(f"quant.method: '{self.quant.method}' is not available in this version")
         if self.cluster.backend == "ray":
             raise ValueError("cluster.backend: 'ray' is not available in this version; use 'local'")
-        if self.tracking.wandb.mode != "disabled":
-            raise ValueError("tracking.wandb.mode: W&B tracking is not available in this version; use 'disabled'")
         if self.resume:
             raise ValueError("resume: resuming is not available in this version; rerun without it")
         return self

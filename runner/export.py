@@ -120,7 +120,92 @@ class FakeExporter(Exporter):
     format = "fake"
 
 
+class PackedExporter(Exporter):
+    """Base of the packed formats: each quantized linear's `weight` is replaced by the format's
+    tensors (`linear_specs` / `linear_tensors`); every other tensor is exported as is."""
+
+    def linear_specs(self, name: str, out_features: int, in_features: int) -> list[TensorSpec]:
+        """The tensors that stand for the quantized linear `name` (full module name)."""
+        raise NotImplementedError
+
+    def linear_tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """Those tensors, by full name, for a solved linear."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        if self.quant.method == "none":
+            raise UserError(
+                f"export.format: '{self.format}' needs quantized weights, but quant.method is 'none'; "
+                "use export.format: fake"
+            )
+
+    def block_plan(self, index: int) -> list[TensorSpec]:
+        prefix = self.source.adapter.block_prefix(index)
+        quantized = {f"{prefix}{n}.weight" for n in self.quantized_linears(index)}
+        specs: list[TensorSpec] = []
+        for name in self.source.index.names(prefix):
+            if name in quantized:
+                out_f, in_f = self.source.index.infos[name].shape
+                specs += self.linear_specs(name.removesuffix(".weight"), out_f, in_f)
+            else:
+                specs.append(self.source_spec(name))
+        return sorted(specs, key=lambda s: s.name)
+
+    def block_tensors(
+        self, index: int, block: nn.Module, results: dict[str, QuantizedWeight]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        prefix = self.source.adapter.block_prefix(index)
+        wanted = self.quantized_linears(index)
+        if set(results) != set(wanted):
+            raise ValueError(
+                f"block {index}: solved linears {sorted(results)} differ from the planned {sorted(wanted)}"
+            )
+        state = block.state_dict()
+        for lin in wanted:
+            state.pop(f"{lin}.weight")
+        tensors = {f"{prefix}{k}": v for k, v in state.items()}
+        for lin in wanted:
+            tensors.update(self.linear_tensors(f"{prefix}{lin}", results[lin]))
+        for spec in self.block_plan(index):
+            yield spec.name, tensors.pop(spec.name)
+        if tensors:
+            raise ValueError(f"block {index}: tensors {sorted(tensors)} are not in the checkpoint plan")
+
+    def unquantized_linears(self) -> list[str]:
+        """Full names of the model's nn.Linear modules that stay in full precision (lm_head,
+        `quant.ignore`d ones), in model order."""
+        quantized = {
+            f"{self.source.adapter.blocks}.{i}.{n}"
+            for i in range(self.source.num_blocks)
+            for n in self.quantized_linears(i)
+        }
+        return [
+            name for name, mod in self.source.skeleton.named_modules()
+            if isinstance(mod, nn.Linear) and name not in quantized
+        ]
+
+
+def trivial_g_idx(weight: QuantizedWeight) -> bool:
+    """True when every input column's group is its position's (`j // group_len`): the layout
+    of formats without a g_idx."""
+    n = weight.codes.shape[1]
+    expected = torch.arange(n, device=weight.g_idx.device) // weight.spec.group_len(n)
+    return bool(torch.equal(weight.g_idx.to(torch.int64), expected))
+
+
 EXPORTERS: dict[str, type[Exporter]] = {cls.format: cls for cls in (FakeExporter,)}
+
+
+def register(cls: type[Exporter]) -> type[Exporter]:
+    """Class decorator: make `cls` the exporter of `export.format: cls.format`."""
+    EXPORTERS[cls.format] = cls
+    return cls
+
+
+# The packed formats live in their own modules and register themselves; importing them here
+# (after everything they need is defined) makes the registry complete whichever module is
+# imported first.
+from . import export_compressed, export_gptq  # noqa: E402, F401
 
 
 def get_exporter(fmt: str, source: ModelSource, quant: QuantConfig) -> Exporter:

@@ -26,6 +26,7 @@ from .forward import BlockRunner, embed_batches, window_nll
 from .model import ModelSource
 from .report import peak_rss_bytes, write_report
 from .shards import ShardWriter
+from .tracking import make_tracker
 
 
 @dataclass
@@ -133,6 +134,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     t_start = time.perf_counter()
     p = prepared or prepare(cfg)
     src, ad, q = p.source, p.source.adapter, cfg.quant
+    tracker = make_tracker(cfg.tracking.wandb, p.output)
+    tracker.start(config_dict(cfg))
     dev = src.device
     timing = {"load_s": 0.0, "forward_s": 0.0, "stats_s": 0.0, "solve_s": 0.0, "eval_s": 0.0, "export_s": 0.0}
 
@@ -201,7 +204,13 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         blocks.append({
             "index": i, "seconds": seconds, "worker": "local", "loss": losses,
             "forward_s": prof.forward_s, "stats_s": prof.stats_s, "solve_s": prof.solve_s,
+            "activation_bytes": sum(h.numel() * h.element_size() for h in calib),
         })
+        if prof.awq:
+            blocks[-1]["awq"] = prof.awq
+        if prof.notes:
+            blocks[-1]["notes"] = prof.notes
+        tracker.log_block(blocks[-1])
         if bar is not None:
             worst = max(losses.values()) if losses else 0.0
             bar.set_postfix_str(f"max loss {worst:.3g}")
@@ -246,7 +255,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         "eval": {"windows": 0 if p.evals is None else int(p.evals.shape[0])},
         "version": _version(),
     }
-    write_report(p.output, report)
+    files = write_report(p.output, report)
+    tracker.finish(report, files)
     return report
 
 

@@ -14,7 +14,7 @@ from .config import RunConfig, build_config
 
 QUICKSTART = {
     "quant": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True},
-    "calib": {"n_samples": 64, "seq_len": 512, "batch_size": 8, "seed": 0},
+    "calib": {"n_samples": 32, "seq_len": 512, "batch_size": 8, "seed": 0},
     "eval": {"seq_len": 512, "n_samples": 16, "batch_size": 4},
     "export": {"format": "fake", "shard_size": "200MB"},
 }

@@ -58,10 +58,67 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(output: Path, report: dict[str, Any]) -> None:
-    """Write report.json and report.md into the run directory (atomically)."""
+def write_plots(output: Path, report: dict[str, Any]) -> list[Path]:
+    """PNG plots of per-block loss (per layer) and per-block time; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    blocks = report["blocks"]
+    if not blocks:
+        return []
+    idx = [b["index"] for b in blocks]
+    written = []
+    layers = sorted({k for b in blocks for k in b["loss"]})
+    if layers:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for layer in layers:
+            ax.plot(idx, [b["loss"].get(layer, float("nan")) for b in blocks], marker=".", label=layer)
+        ax.set_yscale("log")
+        ax.set_xlabel("block")
+        ax.set_ylabel("loss")
+        ax.set_title("Per-layer loss by block")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        written.append(_save(fig, output / "loss.png"))
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = [0.0] * len(blocks)
+    for phase in ("forward_s", "stats_s", "solve_s"):
+        vals = [b.get(phase, 0.0) for b in blocks]
+        ax.bar(idx, vals, bottom=bottom, label=phase[:-2])
+        bottom = [x + y for x, y in zip(bottom, vals, strict=True)]
+    ax.plot(idx, [b["seconds"] for b in blocks], color="black", marker=".", label="block total")
+    ax.set_xlabel("block")
+    ax.set_ylabel("seconds")
+    ax.set_title("Time per block")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, output / "time.png"))
+    plt.close(fig)
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+    return path
+
+
+def write_report(output: Path, report: dict[str, Any]) -> list[Path]:
+    """Write report.json, the plots and report.md into the run directory (atomically);
+    return the files written."""
     write_json_atomic(output / "report.json", report)
+    plots = write_plots(output, report)
     md = output / "report.md"
     tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(render_markdown(report))
+    text = render_markdown(report)
+    if plots:
+        text += "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+    tmp.write_text(text)
     tmp.replace(md)
+    return [output / "report.json", md, *plots]

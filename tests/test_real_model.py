@@ -14,7 +14,7 @@ from shardquant.config import build_config
 from shardquant.pipeline import evaluate, quantize
 from shardquant.quickstart import quickstart_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,189 @@
+"""`export.format: compressed-tensors`: the pack-quantized layout that transformers (with the
+compressed-tensors package) and vLLM load.
+
+Per quantized linear `<name>` (conventions of compressed-tensors 0.20, which this module uses
+for the config classes and the packing itself):
+
+- `<name>.weight_packed`: int32 [out, ceil(in * bits / 32)], 32 // bits codes per word along
+  the input dim, little end first. The library packs a signed code `c` in
+  [-2**(bits-1), 2**(bits-1) - 1] as `c + 2**(bits-1)`, which is exactly our unsigned code.
+- `<name>.weight_scale`: [out, n_groups] ([out, 1] per channel) in the compute dtype, the dtype
+  the library gives the scale (the weight's dtype).
+- `<name>.weight_zero_point`, asymmetric only: our zero minus 2**(bits-1) (the library's
+  signed int8 zero point), packed like the codes but along the output dim:
+  int32 [ceil(out * bits / 32), n_groups]. Symmetric schemes store none (zero is 0).
+- `<name>.weight_shape`: int64 [2], (out, in).
+
+Dequantization is `(code - zero) * scale` with the group of column j being `j // group_size`.
+There is no g_idx: compressed-tensors 0.20 removed activation-ordered groups (`actorder:
+group`), so GPTQ act-order needs `quant.static_groups` (the config then says `actorder:
+weight`, calibration-only reordering) or a per-channel scheme. Bit widths are limited to 2, 4
+and 8: for 3, 5, 6 and 7 the library's packing changed between versions (dense since 0.20,
+32 // bits codes per word before), so such a checkpoint would read differently depending on
+the reader; vLLM's kernels serve 4 and 8 bits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from shardquant.algorithms.quantizer import QuantizedWeight
+
+from .errors import UserError
+from .export import PackedExporter, register, trivial_g_idx
+from .shards import TensorSpec
+
+BITS = (2, 4, 8)
+GPTQ_METHODS = ("gptq", "awq+gptq")
+
+
+@functools.cache
+def _library() -> dict:
+    """The compressed-tensors names this format is built from (UserError when missing)."""
+    try:
+        import compressed_tensors
+        from compressed_tensors.base import (
+            COMPRESSION_VERSION_NAME,
+            QUANTIZATION_METHOD,
+            QUANTIZATION_METHOD_NAME,
+            SPARSITY_CONFIG_NAME,
+            TRANSFORM_CONFIG_NAME,
+        )
+        from compressed_tensors.compressors.pack_quantized import pack_to_int32
+        from compressed_tensors.config import CompressionFormat
+        from compressed_tensors.quantization import (
+            QuantizationArgs,
+            QuantizationConfig,
+            QuantizationScheme,
+            QuantizationStatus,
+        )
+    except ImportError as e:
+        raise UserError(
+            "export.format: 'compressed-tensors' needs the compressed-tensors package >= 0.20 "
+            f"({e}); pip install 'compressed-tensors>=0.20'"
+        ) from None
+    return {
+        "version": compressed_tensors.__version__,
+        "COMPRESSION_VERSION_NAME": COMPRESSION_VERSION_NAME,
+        "QUANTIZATION_METHOD": QUANTIZATION_METHOD,
+        "QUANTIZATION_METHOD_NAME": QUANTIZATION_METHOD_NAME,
+        "SPARSITY_CONFIG_NAME": SPARSITY_CONFIG_NAME,
+        "TRANSFORM_CONFIG_NAME": TRANSFORM_CONFIG_NAME,
+        "pack_to_int32": pack_to_int32,
+        "PACK_QUANTIZED": CompressionFormat.pack_quantized.value,
+        "QuantizationArgs": QuantizationArgs,
+        "QuantizationConfig": QuantizationConfig,
+        "QuantizationScheme": QuantizationScheme,
+        "COMPRESSED": QuantizationStatus.COMPRESSED,
+    }
+
+
+def _packed(n: int, bits: int) -> int:
+    return -(-n * bits // 32)
+
+
+@register
+class CompressedTensorsExporter(PackedExporter):
+    """`compressed-tensors`: int weights packed into int32 ("pack-quantized"), W{bits}A16."""
+
+    format = "compressed-tensors"
+
+    def check(self) -> None:
+        super().check()
+        q = self.quant
+        if q.bits not in BITS:
+            raise UserError(
+                f"export.format: 'compressed-tensors' cannot hold quant.bits={q.bits}: its "
+                "pack-quantized layout is stable across library versions only for 2, 4 and 8 bits "
+                "(vLLM serves 4 and 8)"
+            )
+        if q.method in GPTQ_METHODS and q.act_order and q.group_size != -1 and not q.static_groups:
+            raise UserError(
+                f"export.format: 'compressed-tensors' cannot hold quant.act_order groups at "
+                f"quant.group_size={q.group_size} (they need a g_idx, which compressed-tensors "
+                "removed); set quant.static_groups: true, or use export.format: gptq"
+            )
+        _library()
+
+    # --- config.json ---------------------------------------------------------------------
+
+    def quantization_args(self):
+        """The weights' `QuantizationArgs`."""
+        lib, q = _library(), self.quant
+        kw: dict = {"num_bits": q.bits, "type": "int", "symmetric": q.symmetric, "dynamic": False}
+        if q.group_size == -1:
+            kw["strategy"] = "channel"
+        else:
+            kw.update(strategy="group", group_size=q.group_size)
+        if q.method in GPTQ_METHODS and q.act_order:
+            kw["actorder"] = "weight"  # groups stay contiguous: calibration order only
+        return lib["QuantizationArgs"](**kw)
+
+    def quantization_config(self):
+        """The checkpoint's `QuantizationConfig`: one group of every nn.Linear, minus the
+        ones left in full precision (lm_head and `quant.ignore`), by full name."""
+        lib = _library()
+        scheme = lib["QuantizationScheme"](
+            targets=["Linear"], weights=self.quantization_args(), format=lib["PACK_QUANTIZED"]
+        )
+        return lib["QuantizationConfig"](
+            config_groups={"group_0": scheme},
+            format=lib["PACK_QUANTIZED"],
+            quantization_status=lib["COMPRESSED"],
+            ignore=self.unquantized_linears(),
+        )
+
+    def config_json(self) -> dict:
+        """The source config with `quantization_config` as compressed-tensors'
+        `ModelCompressor.update_config` writes it."""
+        lib = _library()
+        raw = super().config_json()
+        raw["quantization_config"] = {
+            lib["COMPRESSION_VERSION_NAME"]: lib["version"],
+            lib["QUANTIZATION_METHOD_NAME"]: lib["QUANTIZATION_METHOD"],
+            lib["SPARSITY_CONFIG_NAME"]: {},
+            lib["TRANSFORM_CONFIG_NAME"]: {},
+            **self.quantization_config().model_dump(mode="json", exclude={"quant_method"}),
+        }
+        return raw
+
+    # --- tensors -------------------------------------------------------------------------
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.source.dtype
+
+    def linear_specs(self, name: str, out_features: int, in_features: int) -> list[TensorSpec]:
+        q = self.quant
+        groups = 1 if q.group_size == -1 else -(-in_features // q.group_size)
+        specs = [
+            TensorSpec(f"{name}.weight_packed", torch.int32, (out_features, _packed(in_features, q.bits))),
+            TensorSpec(f"{name}.weight_scale", self.scale_dtype, (out_features, groups)),
+            TensorSpec(f"{name}.weight_shape", torch.int64, (2,)),
+        ]
+        if not q.symmetric:
+            specs.append(
+                TensorSpec(f"{name}.weight_zero_point", torch.int32, (_packed(out_features, q.bits), groups))
+            )
+        return specs
+
+    def linear_tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+        q, spec = self.quant, weight.spec
+        if (spec.bits, spec.group_size, spec.symmetric) != (q.bits, q.group_size, q.symmetric):
+            raise ValueError(f"{name}: quantized as {spec}, but the config says {q.bits} bits, "
+                             f"group {q.group_size}, symmetric {q.symmetric}")
+        if not trivial_g_idx(weight):
+            raise ValueError(f"{name}: act-order groups (non-trivial g_idx) cannot be stored in compressed-tensors")
+        pack = _library()["pack_to_int32"]
+        offset = 2 ** (q.bits - 1)
+        out = {
+            f"{name}.weight_packed": pack((weight.codes - offset).to(torch.int8), q.bits),
+            f"{name}.weight_scale": weight.scales.to(self.scale_dtype),
+            f"{name}.weight_shape": torch.tensor(tuple(weight.codes.shape), dtype=torch.int64),
+        }
+        if not q.symmetric:
+            zero = (weight.zeros - offset).to(torch.int8)
+            out[f"{name}.weight_zero_point"] = pack(zero, q.bits, packed_dim=0)
+        return out

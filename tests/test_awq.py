@@ -1,0 +1,239 @@
+"""AWQ: exact folding for every family, the scale and clip searches, and end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, build_tokenizer, run_config, tiny_config
+from test_pipeline import eval_windows, reference_ppl, tensors
+
+from shardquant.algorithms import awq
+from shardquant.algorithms.hessian import HessianAccumulator
+from shardquant.algorithms.quantizer import QuantSpec
+from shardquant.algorithms.rtn import quantize_rtn
+from shardquant.calibrate import LayerResult, fold_scales, scale_blocker
+from shardquant.config import build_config
+from shardquant.forward import BlockRunner
+from shardquant.model import ModelSource
+from shardquant.pipeline import quantize
+
+
+@pytest.fixture(scope="module")
+def mha_llama(tmp_path_factory):
+    """A tiny Llama without grouped-query attention (v_proj outputs == o_proj inputs)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    cfg = tiny_config("llama", layers=2)
+    cfg.num_key_value_heads = cfg.num_attention_heads
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5))
+    d = tmp_path_factory.mktemp("mha") / "llama"
+    model.save_pretrained(d)
+    build_tokenizer(d)
+    return d
+
+
+def _fold_and_compare(path) -> list[str]:
+    """Fold random positive scales into every scalable group of every block; outputs must not move."""
+    src = ModelSource(path, device="cpu")
+    runner = BlockRunner(src.adapter, src.skeleton.config, src.rotary())
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 40, src.config.hidden_size, generator=gen)
+    skipped = []
+    for i in range(src.num_blocks):
+        block = src.block(i)
+        before = runner.forward(block, i, hidden)
+        norms = {n: p.clone() for n, p in block.named_parameters() if "norm" in n}
+        for g in src.adapter.groups:
+            reason = scale_blocker(block, g)
+            if reason is not None:
+                skipped.append(reason)
+                continue
+            n_in = block.get_submodule(g.linears[0]).in_features
+            fold_scales(block, g, torch.exp(torch.randn(n_in, generator=gen)))
+        after = runner.forward(block, i, hidden)
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+        # The scales really went somewhere: the norms before q/k/v and gate/up changed ...
+        for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            assert not torch.equal(norms[n], dict(block.named_parameters())[n]), n
+        # ... but Qwen3's q_norm/k_norm (after the projections) are untouched.
+        for n, p in norms.items():
+            if "q_norm" in n or "k_norm" in n:
+                assert torch.equal(p, dict(block.named_parameters())[n]), n
+        src.release(block)
+    return skipped
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fold_is_exact_for_every_family(family, tiny_models):
+    skipped = _fold_and_compare(tiny_models[family])
+    # The fixtures use grouped-query attention: v_proj cannot absorb o_proj's scales.
+    assert len(skipped) == 3, skipped
+    assert all(r.startswith("attn_out:") and "grouped-query" in r for r in skipped), skipped
+
+
+def test_fold_is_exact_with_v_into_o(mha_llama):
+    assert _fold_and_compare(mha_llama) == []
+
+
+def test_fold_into_an_already_quantized_previous_linear():
+    """A quantized prev linear keeps its codes; only its row scales are divided."""
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, group_size=16, scale_dtype=None)
+    prev, nxt = torch.nn.Linear(32, 48, bias=True), torch.nn.Linear(48, 8, bias=False)
+    qw = quantize_rtn(prev.weight.data, spec)
+    prev.weight.data.copy_(qw.dequantize())
+    block = torch.nn.ModuleDict({"prev": prev, "nxt": nxt})
+    x = torch.randn(5, 32)
+    before = nxt(prev(x))
+    s = torch.exp(torch.randn(48))
+    results = {"prev": LayerResult(qw, 1.0)}
+    from shardquant.adapters import InputGroup
+
+    g = InputGroup("g", "prev", ("nxt",), consumer="nxt")
+    assert scale_blocker(block, g) is None
+    fold_scales(block, g, s, results)
+    torch.testing.assert_close(nxt(prev(x)), before, rtol=1e-5, atol=1e-5)
+    new = results["prev"].weight
+    assert torch.equal(new.codes, qw.codes) and torch.equal(new.zeros, qw.zeros)
+    torch.testing.assert_close(new.dequantize(), prev.weight.data)
+    # The shapes check: a prev with the wrong number of outputs is refused, not crashed on.
+    bad = torch.nn.ModuleDict({"prev": torch.nn.Linear(32, 24), "nxt": nxt})
+    assert "cannot absorb" in scale_blocker(bad, g)
+
+
+def _outlier_problem(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 64, generator=gen)
+    x[:, 5] *= 100.0
+    w = torch.randn(256, 64, generator=gen) * 0.1
+    return x, w
+
+
+@pytest.mark.parametrize("duo", [False, True])
+def test_scale_search_protects_the_outlier_channel(duo):
+    x, w = _outlier_problem()
+    spec = QuantSpec(bits=3, group_size=32)
+    stats = awq.ChannelStats(64)
+    for part in x.split(100):
+        stats.add(part)
+    ref = x @ w.T
+
+    def loss(s):
+        return float((x @ awq.scaled_fake_quantize(w, s, spec).T - ref).pow(2).mean())
+
+    found = awq.search_scales(stats.mean(), loss, grid=20, w_mean=awq.weight_mean([w], spec) if duo else None)
+    assert found.ratio is not None and found.ratio > 0
+    assert int(found.scales.argmax()) == 5 and found.scales[5] > 2 * found.scales.median()
+    assert found.loss == min(found.losses) == found.losses[found.ratios.index(found.ratio)]
+    assert found.loss < 0.75 * found.identity_loss
+    assert len(found.losses) == 20 and found.ratios[0] == 0.0 and found.ratios[-1] == 0.95
+    assert (found.scales > 0).all() and torch.isfinite(found.scales).all()
+
+
+def test_scales_are_normalized_and_safe():
+    x_mean = torch.tensor([0.0, 1e-30, 1.0, 1e6, 3.0])
+    for ratio in (0.0, 0.5, 0.95):
+        for w_mean in (None, torch.tensor([0.0, 0.5, 1.0, 1.0, 0.2])):
+            s = awq.awq_scales(x_mean, ratio, w_mean)
+            assert torch.isfinite(s).all() and (s > 0).all()
+            assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.equal(awq.awq_scales(x_mean, 0.0), torch.ones(5))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_never_increases_a_groups_error(symmetric):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.distributions.StudentT(2.0).sample((48, 96))  # heavy tails: clipping pays off
+    x = torch.randn(300, 96, generator=gen)
+    spec = QuantSpec(bits=3, group_size=32, symmetric=symmetric)
+    found = awq.search_clip(w, x, spec, grid=20, max_shrink=0.5, row_batch=20)
+    assert (found.err <= found.err_unclipped).all()
+    assert (found.ratio < 1).any() and (found.ratio >= 0.55 - 1e-6).all()
+    # The reported error is the error of quantizing the clipped weight, group by group.
+    q = quantize_rtn(awq.apply_clip(w, spec, found.ratio), spec).dequantize()
+    per_group = torch.einsum("ngk,ogk->ong", x.reshape(300, 3, 32), (w - q).reshape(48, 3, 32)).pow(2).mean(1)
+    torch.testing.assert_close(per_group, found.err, rtol=1e-4, atol=1e-6)
+    # Clipped quantization lowers the layer's total output error here.
+    q0 = quantize_rtn(w, spec).dequantize()
+    assert (x @ (w - q).T).pow(2).sum() < (x @ (w - q0).T).pow(2).sum()
+
+
+def test_statistics_merge_exactly_and_hessian_of_scaled_inputs():
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(n, 16, generator=gen, dtype=torch.float64) for n in (3, 10, 7)]
+    one, a, b = (awq.ChannelStats(16, dtype=torch.float64) for _ in range(3))
+    for x in batches:
+        one.add(x)
+    a.add(batches[0])
+    b.add(batches[1])
+    b.add(batches[2])
+    a.merge(b)
+    assert a.count == one.count == 20
+    torch.testing.assert_close(a.mean(), one.mean(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(one.mean(), torch.cat(batches).abs().mean(0))
+    s = torch.exp(torch.randn(16, generator=gen, dtype=torch.float64))
+    hx, hs = HessianAccumulator(16, dtype=torch.float64), HessianAccumulator(16, dtype=torch.float64)
+    for x in batches:
+        hx.add(x)
+        hs.add(x / s)
+    torch.testing.assert_close(awq.scaled_hessian(hx.hessian(), s), hs.hessian())
+
+
+def _check_export(report, out, texts, bits: int = 3):
+    model_dir = out / "model"
+    ppl = reference_ppl(model_dir, eval_windows(model_dir, texts))
+    assert ppl == pytest.approx(report["ppl"]["quantized"], rel=1e-3)
+    weights = tensors(model_dir)
+    for n in [n for n in weights if n.endswith("proj.weight")]:
+        w = weights[n]
+        groups = w.reshape(w.shape[0], -1, 32)
+        distinct = max(len(torch.unique(groups[r, g])) for r in range(0, w.shape[0], 7) for g in range(groups.shape[1]))
+        assert distinct <= 2**bits, (n, distinct)
+    return weights
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_end_to_end_reloads_with_same_perplexity(method, tiny_models, texts, tmp_path):
+    out = tmp_path / "out"
+    cfg = build_config(run_config(tiny_models["llama"], texts, out, quant={"method": method, "bits": 3}))
+    report = quantize(cfg, show_progress=False)
+    weights = _check_export(report, out, texts)
+    on_disk = json.loads((out / "report.json").read_text())
+    for b in on_disk["blocks"]:
+        assert len(b["loss"]) == 7 and all(v > 0 for v in b["loss"].values())
+        assert set(b["awq"]) == {"attn_in", "mlp_in", "mlp_out"}
+        assert all(r["loss"] <= r["identity_loss"] for r in b["awq"].values())
+        assert len(b["notes"]) == 1 and "attn_out" in b["notes"][0] and "grouped-query" in b["notes"][0]
+    # The scales live in the norms; lm_head (and the embedding) are never scaled.
+    from safetensors.torch import load_file
+
+    src = {}
+    for f in tiny_models["llama"].glob("*.safetensors"):
+        src.update(load_file(f))
+    for n in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(weights[n], src[n]), n
+    ratios = [b["awq"]["attn_in"]["ratio"] for b in on_disk["blocks"]]
+    for i, r in enumerate(ratios):
+        changed = not torch.equal(weights[f"model.layers.{i}.input_layernorm.weight"],
+                                  src[f"model.layers.{i}.input_layernorm.weight"])
+        assert changed == (r is not None)
+
+
+def test_awq_gptq_scales_v_into_o_without_gqa(mha_llama, texts, tmp_path):
+    """Without GQA every group is scaled; v_proj, quantized first, takes o_proj's scales in its qparams."""
+    out = tmp_path / "out"
+    cfg = build_config(run_config(mha_llama, texts, out, quant={"method": "awq+gptq", "bits": 3}))
+    report = quantize(cfg, show_progress=False)
+    _check_export(report, out, texts)
+    for b in report["blocks"]:
+        assert "notes" not in b
+        assert set(b["awq"]) == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
