@@ -188,11 +188,6 @@ def test_statistics_merge_exactly_and_hessian_of_scaled_inputs():
     torch.testing.assert_close(awq.scaled_hessian(hx.hessian(), s), hs.hessian())
 
 
-# Coarser grids than the defaults keep the end-to-end runs fast; the searches themselves are
-# checked above at the default grid sizes.
-FAST = {"awq_grid": 5, "awq_clip_grid": 8}
-
-
 def _check_export(report, out, texts, bits: int = 3):
     model_dir = out / "model"
     ppl = reference_ppl(model_dir, eval_windows(model_dir, texts))
@@ -209,7 +204,7 @@ def _check_export(report, out, texts, bits: int = 3):
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 def test_awq_end_to_end_reloads_with_same_perplexity(method, tiny_models, texts, tmp_path):
     out = tmp_path / "out"
-    cfg = build_config(run_config(tiny_models["llama"], texts, out, quant={"method": method, "bits": 3} | FAST))
+    cfg = build_config(run_config(tiny_models["llama"], texts, out, quant={"method": method, "bits": 3}))
     report = quantize(cfg, show_progress=False)
     weights = _check_export(report, out, texts)
     on_disk = json.loads((out / "report.json").read_text())
@@ -236,7 +231,7 @@ def test_awq_end_to_end_reloads_with_same_perplexity(method, tiny_models, texts,
 def test_awq_gptq_scales_v_into_o_without_gqa(mha_llama, texts, tmp_path):
     """Without GQA every group is scaled; v_proj, quantized first, takes o_proj's scales in its qparams."""
     out = tmp_path / "out"
-    cfg = build_config(run_config(mha_llama, texts, out, quant={"method": "awq+gptq", "bits": 3} | FAST))
+    cfg = build_config(run_config(mha_llama, texts, out, quant={"method": "awq+gptq", "bits": 3}))
     report = quantize(cfg, show_progress=False)
     _check_export(report, out, texts)
     for b in report["blocks"]:
