@@ -23,14 +23,10 @@ from .calibrate import is_ignored
 from .config import QuantConfig
 from .errors import UserError
 from .model import SIDE_FILES, ModelSource
-from .shards import TensorSpec, write_json_atomic
+from .shards import ST_DTYPES, TensorSpec, write_json_atomic
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+ST_TO_TORCH = {name: dtype for dtype, name in ST_DTYPES.items()}
 
 
 def copy_side_files(source: Path, dest: Path) -> list[str]:

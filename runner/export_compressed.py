@@ -29,6 +29,7 @@ import functools
 
 import torch
 
+from shardquant.algorithms.pack import packed_len
 from shardquant.algorithms.quantizer import QuantizedWeight
 
 from .errors import UserError
@@ -78,10 +79,6 @@ def _library() -> dict:
         "QuantizationScheme": QuantizationScheme,
         "COMPRESSED": QuantizationStatus.COMPRESSED,
     }
-
-
-def _packed(n: int, bits: int) -> int:
-    return -(-n * bits // 32)
 
 
 @register
@@ -159,13 +156,13 @@ class CompressedTensorsExporter(PackedExporter):
         q = self.quant
         groups = 1 if q.group_size == -1 else -(-in_features // q.group_size)
         specs = [
-            TensorSpec(f"{name}.weight_packed", torch.int32, (out_features, _packed(in_features, q.bits))),
+            TensorSpec(f"{name}.weight_packed", torch.int32, (out_features, packed_len(in_features, q.bits))),
             TensorSpec(f"{name}.weight_scale", self.scale_dtype, (out_features, groups)),
             TensorSpec(f"{name}.weight_shape", torch.int64, (2,)),
         ]
         if not q.symmetric:
             specs.append(
-                TensorSpec(f"{name}.weight_zero_point", torch.int32, (_packed(out_features, q.bits), groups))
+                TensorSpec(f"{name}.weight_zero_point", torch.int32, (packed_len(out_features, q.bits), groups))
             )
         return specs
 

@@ -25,7 +25,7 @@ from .export import Exporter, get_exporter
 from .forward import BlockRunner, embed_batches, window_nll
 from .model import ModelSource
 from .report import peak_rss_bytes, write_report
-from .shards import ShardWriter
+from .shards import ShardWriter, write_json_atomic
 from .tracking import make_tracker
 
 
@@ -290,8 +290,6 @@ def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
         "memory": {"peak_rss_bytes": peak_rss_bytes()},
         "config": config_dict(cfg),
     }
-    from .shards import write_json_atomic
-
     write_json_atomic(p.output / "eval.json", result)
     return result
 

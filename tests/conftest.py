@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -51,13 +52,15 @@ def build_tokenizer(directory: Path, vocab_size: int = 320):
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def tiny_config(family: str, *, layers: int = 3, vocab: int = 320, hidden: int = 64, inter: int = 128):
+def tiny_config(
+    family: str, *, layers: int = 3, vocab: int = 320, hidden: int = 64, inter: int = 128, kv_heads: int = 2
+):
     """A small transformers config of the family; sliding windows smaller than test windows."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
         tie_word_embeddings=False, rms_norm_eps=1e-5,
     )
     if family == "llama":
@@ -88,6 +91,27 @@ def save_tiny_model(directory: Path, family: str, *, seed: int = 0, shard: str |
     model.save_pretrained(directory, max_shard_size=shard or "50MB")
     build_tokenizer(directory, vocab_size=kw.get("vocab", 320))
     return directory
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads and lose a lot to a busy machine's contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint, through its index, read with safetensors."""
+    from safetensors import safe_open
+
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    out = {}
+    for name, file in index["weight_map"].items():
+        with safe_open(str(model_dir / file), framework="pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, build_tokenizer, run_config, tiny_config
-from test_pipeline import eval_windows, reference_ppl, tensors
+from conftest import FAMILIES, read_checkpoint, run_config, save_tiny_model
+from test_pipeline import eval_windows, reference_ppl
 
 from shardquant.algorithms import awq
 from shardquant.algorithms.hessian import HessianAccumulator
@@ -23,22 +23,7 @@ from shardquant.pipeline import quantize
 @pytest.fixture(scope="module")
 def mha_llama(tmp_path_factory):
     """A tiny Llama without grouped-query attention (v_proj outputs == o_proj inputs)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    cfg = tiny_config("llama", layers=2)
-    cfg.num_key_value_heads = cfg.num_attention_heads
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.dim() == 2:
-                p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5))
-    d = tmp_path_factory.mktemp("mha") / "llama"
-    model.save_pretrained(d)
-    build_tokenizer(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("mha") / "llama", "llama", seed=3, layers=2, kv_heads=4)
 
 
 def _fold_and_compare(path) -> list[str]:
@@ -192,7 +177,7 @@ def _check_export(report, out, texts, bits: int = 3):
     model_dir = out / "model"
     ppl = reference_ppl(model_dir, eval_windows(model_dir, texts))
     assert ppl == pytest.approx(report["ppl"]["quantized"], rel=1e-3)
-    weights = tensors(model_dir)
+    weights = read_checkpoint(model_dir)
     for n in [n for n in weights if n.endswith("proj.weight")]:
         w = weights[n]
         groups = w.reshape(w.shape[0], -1, 32)

@@ -10,8 +10,7 @@ import warnings
 import pytest
 import torch
 import yaml
-from conftest import run_config
-from safetensors import safe_open
+from conftest import read_checkpoint, run_config
 
 from shardquant.cli import main
 from shardquant.config import build_config
@@ -28,13 +27,7 @@ LOGIT_ATOL = 1e-5
 CALIB = {"n_samples": 8, "seq_len": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads and lose a lot to a busy machine's contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +47,6 @@ def exported(tiny_models, texts, tmp_path_factory):
         return cache[key]
 
     return export
-
-
-def tensors(model_dir) -> dict[str, torch.Tensor]:
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
-    out = {}
-    for name, file in index["weight_map"].items():
-        with safe_open(str(model_dir / file), framework="pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
 
 
 def windows(model_dir, texts, n=3, seq_len=32) -> torch.Tensor:
@@ -119,7 +103,7 @@ def test_transformers_loads_same_model_as_fake(family, quant, dequantize, export
         assert torch.equal(model.get_parameter(name), p), name
 
     # Layout and config.
-    t = tensors(ct_dir)
+    t = read_checkpoint(ct_dir)
     bits, group = quant["bits"], quant["group_size"]
     q = "model.layers.0.self_attn.q_proj"
     out_f, in_f = fake_params[f"{q}.weight"].shape
@@ -166,7 +150,7 @@ def test_tensors_and_config_are_what_the_library_writes(exported, tmp_path):
     qconfig = QuantizationConfig.model_validate(ours)
     scheme = qconfig.config_groups["group_0"]
 
-    fake, t = tensors(fake_dir), tensors(ct_dir)
+    fake, t = read_checkpoint(fake_dir), read_checkpoint(ct_dir)
     for lin in ("self_attn.k_proj", "mlp.up_proj"):
         name = f"model.layers.1.{lin}"
         w = fake[f"{name}.weight"]
@@ -190,7 +174,7 @@ def test_tensors_and_config_are_what_the_library_writes(exported, tmp_path):
 def test_packed_checkpoint_size(exported):
     """The quantized linears take bits/16 of their fp16 bytes, plus one scale per group."""
     ct_dir, report = exported("llama", "compressed-tensors", SYM_G32)
-    t = tensors(ct_dir)
+    t = read_checkpoint(ct_dir)
     packed = {k: v for k, v in t.items() if k.endswith(".weight_packed")}
     fp16_bytes = sum(2 * int(t[k.replace("_packed", "_shape")].prod()) for k in packed)
     packed_bytes = sum(v.numel() * 4 for v in packed.values())

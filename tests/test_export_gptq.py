@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_config
-from safetensors import safe_open
+from conftest import read_checkpoint, run_config
 
 from shardquant.config import build_config
 from shardquant.errors import UserError
@@ -17,13 +16,7 @@ from shardquant.pipeline import prepare, quantize
 CALIB = {"n_samples": 8, "seq_len": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads and lose a lot to a busy machine's contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def export(tiny_models, texts, out, family, fmt, quant):
@@ -31,12 +24,7 @@ def export(tiny_models, texts, out, family, fmt, quant):
                                   export={"format": fmt}, eval={"enabled": False}))
     quantize(cfg, show_progress=False)
     model = out / fmt / "model"
-    index = json.loads((model / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for name, file in index["weight_map"].items():
-        with safe_open(str(model / file), framework="pt") as f:
-            tensors[name] = f.get_tensor(name)
-    return model, tensors
+    return model, read_checkpoint(model)
 
 
 def reference_dequantize(qweight, qzeros, scales, g_idx, bits):

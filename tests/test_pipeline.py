@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, run_config
-from safetensors import safe_open
+from conftest import FAMILIES, read_checkpoint, run_config
 
 from shardquant.config import build_config
 from shardquant.data import load_text, token_windows
@@ -37,15 +36,6 @@ def eval_windows(model_dir, texts, n=8, seq_len=64) -> torch.Tensor:
     return token_windows(tok, text, n_samples=n, seq_len=seq_len, seed=0, mode="sequential", key="eval")
 
 
-def tensors(path) -> dict[str, torch.Tensor]:
-    index = json.loads((path / "model.safetensors.index.json").read_text())
-    out = {}
-    for name, file in index["weight_map"].items():
-        with safe_open(str(path / file), framework="pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_method_matches_transformers(family, tiny_models, texts, tmp_path):
     """quant.method=none: blockwise perplexity equals transformers' forward of the whole model."""
@@ -60,7 +50,7 @@ def test_identity_method_matches_transformers(family, tiny_models, texts, tmp_pa
     original = {}
     for f in tiny_models[family].glob("*.safetensors"):
         original.update(load_file(f))
-    exported = tensors(tmp_path / "out" / "model")
+    exported = read_checkpoint(tmp_path / "out" / "model")
     assert exported.keys() == original.keys()
     for k in original:
         assert torch.equal(exported[k], original[k]), k
@@ -81,7 +71,7 @@ def test_fake_export_reloads_with_same_perplexity(family, method, tiny_models, t
     assert ppl == pytest.approx(report["ppl"]["quantized"], rel=1e-3)
     assert report["ppl"]["quantized"] != pytest.approx(report["ppl"]["fp"], rel=1e-4)
     # Every quantized linear holds at most 2**bits distinct values per (row, group).
-    weights = tensors(model_dir)
+    weights = read_checkpoint(model_dir)
     names = [n for n in weights if n.endswith("proj.weight")]
     assert len(names) == 7 * 3
     for n in names:
@@ -144,7 +134,7 @@ def test_gptq_beats_rtn_and_propagation_modes(tiny_models, texts, tmp_path):
 def test_ignore_and_true_sequential(tiny_models, texts, tmp_path):
     base = run_config(tiny_models["llama"], texts, tmp_path / "a", quant={"ignore": ["lm_head", "down_proj"]})
     quantize(build_config(base), show_progress=False)
-    seq = tensors(tmp_path / "a" / "model")
+    seq = read_checkpoint(tmp_path / "a" / "model")
     from safetensors.torch import load_file
 
     src = {}
