@@ -134,6 +134,50 @@ class ScaleSearch:
     identity_loss: float = float("nan")
 
 
+def candidate_scales(x_mean: Tensor, *, grid: int = 20, w_mean: Tensor | None = None) -> list[Tensor]:
+    """The scales a search tries, in order: ``s = 1`` first, then ``alpha = i / grid`` for ``i < grid``."""
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    ones = torch.ones_like(x_mean, dtype=torch.float32)
+    return [ones] + [awq_scales(x_mean, i / grid, w_mean) for i in range(grid)]
+
+
+@dataclass
+class Choice:
+    """The winning candidate of a search: ``index`` into ``candidate_scales`` (0 = identity)."""
+
+    index: int
+    loss: float
+    identity_loss: float
+
+
+def choose_index(losses: Sequence[float]) -> Choice:
+    """The candidate with the lowest loss; the identity (index 0) unless one is strictly better."""
+    best = 0
+    for i in range(1, len(losses)):
+        if float(losses[i]) < float(losses[best]):
+            best = i
+    return Choice(best, float(losses[best]), float(losses[0]))
+
+
+def choose_scales(candidates: Sequence[Tensor], losses: Sequence[float]) -> ScaleSearch:
+    """The outcome of a search from the losses of ``candidate_scales`` (same order).
+
+    The identity (first) is kept unless a grid point is strictly better, so the search never
+    does worse than plain rounding on its own objective. Losses may come from many workers,
+    each summing its own samples' errors: only the numbers matter here.
+    """
+    if len(candidates) != len(losses) or len(candidates) < 2:
+        raise ValueError(f"need the identity plus grid candidates and one loss each, got {len(candidates)}/{len(losses)}")
+    grid = len(candidates) - 1
+    c = choose_index(losses)
+    ratio = None if c.index == 0 else (c.index - 1) / grid
+    best = ScaleSearch(ratio, candidates[c.index], c.loss, identity_loss=c.identity_loss)
+    best.ratios = [i / grid for i in range(grid)]
+    best.losses = [float(v) for v in losses[1:]]
+    return best
+
+
 def search_scales(
     x_mean: Tensor,
     loss_fn: Callable[[Tensor], float],
@@ -148,22 +192,8 @@ def search_scales(
     nothing on the grid beats it, so the search never does worse than plain rounding on its
     own objective (with duo scaling, ``alpha = 0`` is not the identity).
     """
-    if grid < 1:
-        raise ValueError(f"grid must be >= 1, got {grid}")
-    ones = torch.ones_like(x_mean, dtype=torch.float32)
-    identity_loss = float(loss_fn(ones))
-    ratios, losses = [], []
-    best = ScaleSearch(None, ones, identity_loss, identity_loss=identity_loss)
-    for i in range(grid):
-        ratio = i / grid
-        s = awq_scales(x_mean, ratio, w_mean)
-        loss = float(loss_fn(s))
-        ratios.append(ratio)
-        losses.append(loss)
-        if loss < best.loss:
-            best = ScaleSearch(ratio, s, loss, identity_loss=identity_loss)
-    best.ratios, best.losses = ratios, losses
-    return best
+    candidates = candidate_scales(x_mean, grid=grid, w_mean=w_mean)
+    return choose_scales(candidates, [float(loss_fn(s)) for s in candidates])
 
 
 @dataclass
@@ -249,26 +279,35 @@ def search_clip(
     return ClipSearch(best_ratio, best_err, base_err)
 
 
-def subsample_rows(batches: Sequence[Tensor], n: int) -> Tensor:
-    """At most ``n`` rows [n, in], evenly spaced over all rows of ``batches`` [..., in] (deterministic)."""
-    flat = [b.reshape(-1, b.shape[-1]) for b in batches]
-    total = sum(f.shape[0] for f in flat)
-    if total == 0:
-        raise ValueError("no input rows")
+def even_indices(total: int, n: int) -> Tensor:
+    """``n`` evenly spaced row indices in [0, total) (all rows when total <= n)."""
     if total <= n:
-        return torch.cat(flat).float()
-    idx = torch.linspace(0, total - 1, n).round().long().tolist()
-    out, start, k = [], 0, 0
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, n).round().long()
+
+
+def take_rows(batches: Sequence[Tensor], idx: Tensor) -> Tensor:
+    """Rows ``idx`` (sorted, into the concatenation of the batches' rows) as float32 [len(idx), in]."""
+    flat = [b.reshape(-1, b.shape[-1]) for b in batches]
+    out, start = [], 0
     for f in flat:
         end = start + f.shape[0]
-        take = []
-        while k < len(idx) and idx[k] < end:
-            take.append(idx[k] - start)
-            k += 1
-        if take:
-            out.append(f[torch.tensor(take, device=f.device)].float())
+        mine = idx[(idx >= start) & (idx < end)] - start
+        if len(mine):
+            out.append(f[mine.to(f.device)].float())
         start = end
+    if not out:
+        width = flat[0].shape[-1] if flat else 0
+        return torch.zeros(0, width)
     return torch.cat(out)
+
+
+def subsample_rows(batches: Sequence[Tensor], n: int) -> Tensor:
+    """At most ``n`` rows [n, in], evenly spaced over all rows of ``batches`` [..., in] (deterministic)."""
+    total = sum(b.reshape(-1, b.shape[-1]).shape[0] for b in batches)
+    if total == 0:
+        raise ValueError("no input rows")
+    return take_rows(batches, even_indices(total, n))
 
 
 # --- folding (exact before rounding) ------------------------------------------------------

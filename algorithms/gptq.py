@@ -7,14 +7,40 @@ the current block are applied lazily, once per block, as one matmul.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .quantizer import QuantizedWeight, QuantSpec, compute_qparams, group_qparams, quantize_codes
+from .quantizer import MSEGrid, QuantizedWeight, QuantSpec, group_qparams, search_qparams
 
 _DAMP_RETRIES = 4  # each retry multiplies the damping by 10
+_SUB = 16  # columns per inner lazy sub-block of _solve
+_SERIAL_MAX = 2**24  # CPU problems up to this many weight entries are solved on one thread
+
+
+@contextmanager
+def _one_cpu_thread(t: Tensor, numel: int) -> Iterator[None]:
+    """Run a small CPU solve on one intra-op thread, restoring the setting after.
+
+    GPTQ's steps are many small ops; each one big enough to be split wakes the thread pool,
+    and on a busy machine waiting for a descheduled thread costs far more than the op
+    (measured: 2 threads were 5-20x slower than 1 on a loaded 2-core machine, and no
+    faster on an idle one, for SmolLM2-sized layers). GPU tensors and large layers keep
+    the caller's setting.
+    """
+    n = torch.get_num_threads()
+    if t.device.type != "cpu" or numel > _SERIAL_MAX or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @dataclass
@@ -26,33 +52,67 @@ class GPTQResult:
     loss: float
 
 
+Reorder = Literal["none", "group"]
+
+
 class GPTQSolver:
     """Factorizes one Hessian once so that all linears sharing that input reuse it.
 
-    Handles dead columns (zero diagonal), the act-order permutation, damping and the upper
+    Handles dead columns (zero diagonal), the column permutation, damping and the upper
     Cholesky factor of the damped H^-1. Computes in float32, or in float64 when ``H`` is
     float64. If Cholesky fails, damping is raised tenfold up to a few times; the fraction
     finally used is ``self.damp``.
+
+    Column orders: ``act_order`` processes columns by decreasing Hessian diagonal, groups then
+    follow the processing order (the checkpoint needs ``g_idx``). ``reorder="group"`` (group-aware
+    reordering, Gafni et al. 2025, GPTQModel's ``act_group_aware``) keeps every group a fixed
+    run of ``group_size`` consecutive input columns, processes groups by decreasing largest
+    diagonal and the columns of a group by decreasing diagonal, so ``g_idx`` stays
+    ``j // group_size`` and the checkpoint needs none. The group size is fixed at
+    construction (``group_size``, -1 = one group) because it shapes the order.
     """
 
-    def __init__(self, H: Tensor, *, damp: float = 0.01, act_order: bool = False) -> None:
+    def __init__(
+        self,
+        H: Tensor,
+        *,
+        damp: float = 0.01,
+        act_order: bool = False,
+        reorder: Reorder = "none",
+        group_size: int | None = None,
+    ) -> None:
         if H.dim() != 2 or H.shape[0] != H.shape[1]:
             raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
         if damp < 0:
             raise ValueError(f"damp must be >= 0, got {damp}")
+        if reorder not in ("none", "group"):
+            raise ValueError(f"reorder must be 'none' or 'group', got {reorder!r}")
+        if reorder == "group" and act_order:
+            raise ValueError("act_order and reorder='group' exclude each other")
+        if reorder == "group" and group_size is None:
+            raise ValueError("reorder='group' needs the group_size it orders by")
         if not torch.isfinite(H).all():
             raise ValueError("H has non-finite entries")
         self.dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
         H = H.to(dtype=self.dtype, copy=True)
+        n = H.shape[0]
         self.dead = torch.diagonal(H) == 0
         H[self.dead, self.dead] = 1
+        self.act_order = act_order
+        self.reorder = reorder
+        self.group_size = group_size
         self.perm: Tensor | None = None
         self.invperm: Tensor | None = None
         if act_order:
             self.perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        elif reorder == "group":
+            glen = n if group_size == -1 else group_size
+            self.perm = group_aware_order(torch.diagonal(H), glen)
+        if self.perm is not None:
             self.invperm = torch.argsort(self.perm)
             H = H[self.perm][:, self.perm]
-        self.hinv, self.damp = _damped_inverse_cholesky(H, damp)
+        with _one_cpu_thread(H, H.numel()):
+            self.hinv, self.damp = _damped_inverse_cholesky(H, damp)
 
     @property
     def in_features(self) -> int:
@@ -66,73 +126,191 @@ class GPTQSolver:
         *,
         block_size: int = 128,
         static_groups: bool = False,
+        mse: MSEGrid | None = None,
     ) -> GPTQResult:
         """Quantize ``weight`` [out, in]; codes and ``g_idx`` come back in original column order.
 
         Per-channel qparams, and with ``static_groups`` all group qparams, are computed from
         the original weight before any error update; otherwise a group's qparams come from
         its current (updated) weights when its first column, in processing order, is reached.
+        ``mse`` searches each group's range shrink instead of taking min/max.
+        """
+        return self.quantize_many(
+            [weight], spec, block_size=block_size, static_groups=static_groups, mse=mse
+        )[0]
+
+    def quantize_many(
+        self,
+        weights: Sequence[Tensor],
+        spec: QuantSpec,
+        *,
+        block_size: int = 128,
+        static_groups: bool = False,
+        mse: MSEGrid | None = None,
+    ) -> list[GPTQResult]:
+        """``quantize`` each of ``weights`` (linears sharing this input) in one pass.
+
+        GPTQ treats every output row on its own, so the rows are stacked and the column loop
+        runs once for all of them; each result equals a separate ``quantize`` call up to float
+        summation order.
         """
         n = self.in_features
-        if weight.dim() != 2 or weight.shape[1] != n:
-            raise ValueError(f"weight must be [out, {n}], got shape {tuple(weight.shape)}")
+        for w in weights:
+            if w.dim() != 2 or w.shape[1] != n:
+                raise ValueError(f"weight must be [out, {n}], got shape {tuple(w.shape)}")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        W = weight.to(device=self.hinv.device, dtype=self.dtype, copy=True)
+        if self.reorder == "group" and spec.group_size != self.group_size:
+            raise ValueError(
+                f"this solver orders groups of {self.group_size} columns, the spec has {spec.group_size}"
+            )
+        dev = self.hinv.device
+        W = torch.cat([w.to(device=dev, dtype=self.dtype) for w in weights])
         W[:, self.dead] = 0
-        out_f = W.shape[0]
-        glen, maxq = spec.group_len(n), spec.maxq
+        glen = spec.group_len(n)
         dynamic = spec.group_size != -1 and not static_groups
 
-        order = torch.arange(n, device=W.device) if self.perm is None else self.perm
-        if dynamic:
-            scales = W.new_empty(out_f, spec.n_groups(n), dtype=torch.float32)
-            zeros = torch.empty_like(scales)
-            g_idx = torch.arange(n, device=W.device) if self.invperm is None else self.invperm
-            g_idx = g_idx // glen
+        # g_idx: group of each original column; only plain act-order with dynamic groups makes
+        # groups follow the processing order.
+        cols = torch.arange(n, device=dev)
+        if dynamic and self.act_order:
+            g_idx = self.invperm // glen
         else:
-            scales, zeros = group_qparams(W, spec)
-            g_idx = torch.arange(n, device=W.device) // glen
-        col_group = g_idx[order].tolist()  # group of each column in processing order
+            g_idx = cols // glen
+        if dynamic:
+            scales = W.new_empty(spec.n_groups(n), W.shape[0], dtype=torch.float32)
+            zeros = torch.empty_like(scales)
+        else:
+            s0, z0 = group_qparams(W, spec, mse)
+            scales, zeros = s0.T.contiguous(), z0.T.contiguous()
         if self.perm is not None:
             W = W[:, self.perm]
-
-        U = self.hinv
-        codes = torch.empty(out_f, n, dtype=torch.int32, device=W.device)
-        loss = W.new_zeros(())
-        for i1 in range(0, n, block_size):
-            i2 = min(i1 + block_size, n)
-            W1 = W[:, i1:i2]  # a view: in-block updates land in W directly
-            U1 = U[i1:i2, i1:i2]
-            err1 = torch.zeros_like(W1)
-            for i in range(i2 - i1):
-                c = i1 + i
-                g = col_group[c]
-                if dynamic and c % glen == 0:
-                    cur = _current_columns(W, err1, U, i1, i2, i, min(c + glen, n))
-                    s, z = compute_qparams(cur, spec)
-                    scales[:, g : g + 1], zeros[:, g : g + 1] = s, z
-                else:
-                    s, z = scales[:, g : g + 1], zeros[:, g : g + 1]
-                w = W1[:, i : i + 1]
-                code = quantize_codes(w, s, z, maxq)
-                codes[:, c : c + 1] = code
-                err = (w - (code.to(W.dtype) - z) * s) / U1[i, i]
-                err1[:, i : i + 1] = err
-                W1[:, i + 1 :] -= err @ U1[i : i + 1, i + 1 :]
-            W[:, i2:] -= err1 @ U[i1:i2, i2:]
-            loss += err1.square().sum() / 2
-
+        order = cols if self.perm is None else self.perm
+        with _one_cpu_thread(W, W.numel()):
+            codes, loss_rows = _solve(
+                W.T.contiguous(),
+                self.hinv,
+                scales,
+                zeros,
+                g_idx[order].tolist(),
+                spec,
+                block_size=block_size,
+                dynamic=dynamic,
+                mse=mse,
+            )
         if self.invperm is not None:
             codes = codes[:, self.invperm]
-        qweight = QuantizedWeight(
-            codes=codes.contiguous(),
-            scales=scales,
-            zeros=zeros.to(torch.int32),
-            g_idx=g_idx.to(torch.int32),
-            spec=spec,
-        )
-        return GPTQResult(weight=qweight, loss=loss.item())
+        scales, zeros = scales.T.contiguous(), zeros.T.to(torch.int32).contiguous()
+        g_idx = g_idx.to(torch.int32)
+        results, r0 = [], 0
+        for w in weights:
+            r1 = r0 + w.shape[0]
+            qweight = QuantizedWeight(
+                codes=codes[r0:r1].contiguous(),
+                scales=scales[r0:r1].contiguous(),
+                zeros=zeros[r0:r1].contiguous(),
+                g_idx=g_idx.clone(),
+                spec=spec,
+            )
+            results.append(GPTQResult(weight=qweight, loss=loss_rows[r0:r1].sum().item() / 2))
+            r0 = r1
+        return results
+
+
+def group_aware_order(diag: Tensor, group_len: int) -> Tensor:
+    """Processing order of group-aware reordering: groups of ``group_len`` consecutive columns
+    (a trailing partial group counts) by decreasing largest ``diag`` entry, and the columns
+    of each group by decreasing ``diag``; ties keep column order. Returns ``perm`` with
+    ``perm[k]`` = the original column processed k-th."""
+    n = diag.numel()
+    ng = -(-n // group_len)
+    padded = torch.nn.functional.pad(diag, (0, ng * group_len - n), value=float("-inf"))
+    vals, local = torch.sort(padded.view(ng, group_len), dim=1, descending=True, stable=True)
+    group_order = torch.argsort(vals[:, 0], descending=True, stable=True)
+    perm = (local + torch.arange(ng, device=diag.device).unsqueeze(1) * group_len)[group_order]
+    perm = perm.reshape(-1)
+    return perm[perm < n]
+
+
+def _solve(
+    Wt: Tensor,
+    U: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    col_group: list[int],
+    spec: QuantSpec,
+    *,
+    block_size: int,
+    dynamic: bool,
+    mse: MSEGrid | None,
+) -> tuple[Tensor, Tensor]:
+    """GPTQ's column loop on ``Wt`` [n, rows] (transposed, in processing order, updated in place).
+
+    ``scales``/``zeros`` [n_groups, rows] are read, and with ``dynamic`` written when a group's
+    first column is reached (a group's columns are consecutive in processing order).
+    ``col_group[c]`` is the group of processing column c. Returns the codes [rows, n] in
+    processing order and the per-row sum of squared scaled errors (twice GPTQ's loss).
+
+    Every column is a contiguous row of ``Wt``, so each step is a handful of in-place vector
+    ops. Error updates are lazy on two levels: within a sub-block of ``_SUB`` columns they are
+    rank-1 (small enough to stay single-threaded: on a busy machine, waking a thread pool per
+    column costs more than the arithmetic), to the rest of the block once per sub-block, and
+    past the block once per block, each as one matmul.
+    """
+    n, rows = Wt.shape
+    maxq = spec.maxq
+    Q = torch.empty_like(Wt)  # codes as floats, processing order
+    loss_rows = Wt.new_zeros(rows)
+    w_rows, q_rows = Wt.unbind(0), Q.unbind(0)
+    s_rows, z_rows = scales.unbind(0), zeros.unbind(0)
+    # 0-dim tensors: an op with a Python scalar first wraps it in a tensor, which costs more
+    # than the op itself on these short rows.
+    d = torch.diagonal(U).clone().unbind(0)
+    lo, hi = Wt.new_tensor(0), Wt.new_tensor(maxq)
+    ends: dict[int, int] = {}  # processing column where a group starts -> where it ends
+    if dynamic:
+        starts = [c for c in range(n) if c == 0 or col_group[c] != col_group[c - 1]]
+        ends = dict(zip(starts, [*starts[1:], n], strict=True))
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        E1 = torch.zeros_like(Wt[i1:i2])  # scaled errors of the block's columns
+        e_rows = E1.unbind(0)
+        for j1 in range(i1, i2, _SUB):
+            j2 = min(j1 + _SUB, i2)
+            for c in range(j1, j2):
+                g = col_group[c]
+                if c in ends:
+                    cur = _current_rows(Wt, E1, U, c, ends[c], (j1, j2), (i1, i2))
+                    s, z = search_qparams(cur.T, spec, mse)
+                    s_rows[g].copy_(s[:, 0])
+                    z_rows[g].copy_(z[:, 0])
+                s, z, w, q, e = s_rows[g], z_rows[g], w_rows[c], q_rows[c], e_rows[c - i1]
+                torch.div(w, s, out=q).round_().add_(z).clamp_(lo, hi)
+                torch.sub(q, z, out=e).mul_(s)
+                torch.sub(w, e, out=e).div_(d[c])
+                if c + 1 < j2:
+                    Wt[c + 1 : j2].sub_(torch.outer(U[c, c + 1 : j2], e))
+            if j2 < i2:
+                Wt[j2:i2].addmm_(U[j1:j2, j2:i2].T, E1[j1 - i1 : j2 - i1], alpha=-1)
+        if i2 < n:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
+        loss_rows += E1.square().sum(0)
+    return Q.T.to(torch.int32), loss_rows
+
+
+def _current_rows(
+    Wt: Tensor, E1: Tensor, U: Tensor, c: int, end: int, sub: tuple[int, int], block: tuple[int, int]
+) -> Tensor:
+    """Current weights of processing columns [c, end) as rows of ``Wt``: rows past the
+    sub-block (or past the block) still lack the updates of the errors already in ``E1``."""
+    (j1, j2), (i1, i2) = sub, block
+    parts = [Wt[c : min(j2, end)]]
+    if end > j2 and j2 < i2:
+        m = min(i2, end)
+        parts.append(Wt[j2:m] - U[j1:c, j2:m].T @ E1[j1 - i1 : c - i1])
+    if end > i2:
+        parts.append(Wt[i2:end] - U[i1:c, i2:end].T @ E1[: c - i1])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def gptq_quantize(
@@ -144,12 +322,14 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    reorder: Reorder = "none",
+    mse: MSEGrid | None = None,
 ) -> GPTQResult:
     """One-shot GPTQ of one weight; computes in float64 if ``weight`` or ``H`` is float64."""
     if weight.dtype == torch.float64:
         H = H.to(torch.float64)
-    solver = GPTQSolver(H, damp=damp, act_order=act_order)
-    return solver.quantize(weight, spec, block_size=block_size, static_groups=static_groups)
+    solver = GPTQSolver(H, damp=damp, act_order=act_order, reorder=reorder, group_size=spec.group_size)
+    return solver.quantize(weight, spec, block_size=block_size, static_groups=static_groups, mse=mse)
 
 
 def _damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
@@ -171,15 +351,3 @@ def _damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
         f"Hessian is not positive definite even with damping fractions {tried}; "
         "the calibration activations are degenerate (too few tokens or NaNs upstream?)"
     )
-
-
-def _current_columns(
-    W: Tensor, err1: Tensor, U: Tensor, i1: int, i2: int, i: int, end: int
-) -> Tensor:
-    """Current weights of processing columns [i1 + i, end), adding the pending block updates
-    that columns past the block (>= i2) have not received yet."""
-    c = i1 + i
-    if end <= i2:
-        return W[:, c:end]
-    tail = W[:, i2:end] - err1[:, :i] @ U[i1:c, i2:end]
-    return torch.cat([W[:, c:i2], tail], dim=1)

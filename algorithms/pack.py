@@ -16,6 +16,10 @@ negative.
 tensor([[-2023406815]], dtype=torch.int32)
 >>> hex(-2023406815 & 0xFFFFFFFF)
 '0x87654321'
+
+AWQ's GEMM layout (AutoAWQ, vLLM ``awq``) packs 4-bit codes along the output dim with an
+interleave inside each word: nibble ``i`` of a word holds element ``AWQ_ORDER[i]`` of its
+eight (``pack_awq``), so the codes 1, 2, ..., 8 pack into 0x86427531.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import torch
 from torch import Tensor
 
 PACK_BITS = (2, 4, 8)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_BITS = 4
 
 
 def _check_bits(bits: int) -> int:
@@ -79,3 +85,29 @@ def unpack(words: Tensor, bits: int, length: int, dim: int = -1) -> Tensor:
     codes = (w.unsqueeze(-1) >> shifts) & (2**bits - 1)
     codes = codes.reshape(*w.shape[:-1], -1)[..., :length]
     return codes.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def _awq_perm(device: torch.device, inverse: bool = False) -> Tensor:
+    order = torch.tensor(AWQ_ORDER, device=device)
+    return torch.argsort(order) if inverse else order
+
+
+def pack_awq(codes: Tensor, dim: int = -1) -> Tensor:
+    """Pack unsigned 4-bit ``codes`` along ``dim`` in AWQ's interleaved order: nibble ``i`` of
+    word ``w`` holds element ``w * 8 + AWQ_ORDER[i]``. ``codes.shape[dim]`` must be a multiple
+    of 8 (the format has no padding)."""
+    x = codes.movedim(dim, -1)
+    n = x.shape[-1]
+    if n % 8:
+        raise ValueError(f"AWQ packs 8 codes per word: length {n} is not a multiple of 8")
+    x = x.reshape(*x.shape[:-1], n // 8, 8)[..., _awq_perm(x.device)].reshape(*x.shape[:-1], n)
+    return pack(x, AWQ_BITS).movedim(-1, dim).contiguous()
+
+
+def unpack_awq(words: Tensor, dim: int = -1) -> Tensor:
+    """Inverse of ``pack_awq``: int32 codes, ``dim`` eight times longer."""
+    w = words.movedim(dim, -1)
+    n = w.shape[-1] * 8
+    x = unpack(w.contiguous(), AWQ_BITS, n)
+    x = x.reshape(*x.shape[:-1], n // 8, 8)[..., _awq_perm(x.device, inverse=True)].reshape(*x.shape[:-1], n)
+    return x.movedim(-1, dim).contiguous()

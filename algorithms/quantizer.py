@@ -57,9 +57,14 @@ def compute_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     integers in [0, maxq]). An all-zero group gets scale 1 instead of 0.
     """
     x = w if w.dtype == torch.float64 else w.float()
-    maxq = spec.maxq
     xmin = x.amin(dim=-1, keepdim=True).clamp(max=0)
     xmax = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    return range_qparams(xmin, xmax, spec)
+
+
+def range_qparams(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Qparams of the ranges ``[xmin, xmax]`` (``xmin <= 0 <= xmax``), as ``compute_qparams``."""
+    maxq = spec.maxq
     if spec.symmetric:
         absmax = torch.maximum(-xmin, xmax)
         scale = 2 * absmax / maxq
@@ -68,12 +73,64 @@ def compute_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     store = spec.scale_dtype or torch.float32
     info = torch.finfo(store)
-    scale = scale.clamp(info.tiny, info.max).to(store).to(x.dtype)
+    scale = scale.clamp(info.tiny, info.max).to(store).to(xmin.dtype)
     if spec.symmetric:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale.float(), zero.float()
+
+
+@dataclass(frozen=True)
+class MSEGrid:
+    """Range shrink search: ratios ``1 - i / grid`` for ``i < max_shrink * grid`` (1 included),
+    scored by ``sum |fake_quant(w) - w| ** norm`` over each group. Peers' defaults: llm-compressor's
+    ``mse`` observer uses grid 100, max_shrink 0.2, norm 2.4."""
+
+    grid: int = 100
+    max_shrink: float = 0.2
+    norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if self.grid < 1:
+            raise ValueError(f"grid must be >= 1, got {self.grid}")
+        if not 0 < self.max_shrink < 1:
+            raise ValueError(f"max_shrink must be in (0, 1), got {self.max_shrink}")
+        if self.norm <= 0:
+            raise ValueError(f"norm must be positive, got {self.norm}")
+
+    def ratios(self) -> list[float]:
+        """Shrink ratios tried, 1.0 (min/max) first."""
+        return [1 - i / self.grid for i in range(max(1, int(self.max_shrink * self.grid)))]
+
+
+def mse_qparams(w: Tensor, spec: QuantSpec, search: MSEGrid) -> tuple[Tensor, Tensor]:
+    """Qparams over the last dim of ``w`` [..., k] whose range, shrunk by the best ratio of
+    ``search``, minimizes each group's ``sum |fake_quant(w) - w| ** norm``.
+
+    Ratio 1 is min/max (``compute_qparams``); another ratio wins only when strictly better, so
+    no group's error exceeds min/max's.
+    """
+    x = w if w.dtype == torch.float64 else w.float()
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    best_s = best_z = best_err = None
+    for p in search.ratios():
+        s, z = range_qparams(xmin * p, xmax * p, spec)
+        err = (fake_quantize(x, s, z, spec.maxq) - x).abs_().pow_(search.norm).sum(-1, keepdim=True)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def search_qparams(w: Tensor, spec: QuantSpec, mse: MSEGrid | None = None) -> tuple[Tensor, Tensor]:
+    """``mse_qparams`` when ``mse`` is given, else min/max ``compute_qparams``."""
+    return compute_qparams(w, spec) if mse is None else mse_qparams(w, spec, mse)
 
 
 def grouped(w: Tensor, spec: QuantSpec) -> Tensor:
@@ -87,9 +144,11 @@ def grouped(w: Tensor, spec: QuantSpec) -> Tensor:
     return torch.nn.functional.pad(w, (0, ng * glen - in_f)).reshape(out_f, ng, glen)
 
 
-def group_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def group_qparams(
+    w: Tensor, spec: QuantSpec, mse: MSEGrid | None = None
+) -> tuple[Tensor, Tensor]:
     """Qparams of every group of ``w`` [out, in] in column order: scale, zero [out, n_groups]."""
-    scale, zero = compute_qparams(grouped(w, spec), spec)
+    scale, zero = search_qparams(grouped(w, spec), spec, mse)
     return scale.squeeze(-1), zero.squeeze(-1)
 
 

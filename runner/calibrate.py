@@ -13,19 +13,16 @@ search, or GPTQ with the Hessian of the scaled inputs).
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from shardquant.algorithms import awq
-from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec
-from shardquant.algorithms.rtn import quantize_rtn
 
 from .adapters import Adapter, InputGroup
 from .config import QuantConfig
@@ -70,83 +67,6 @@ def is_ignored(name: str, patterns: list[str]) -> bool:
 def _set_weight(linear: nn.Linear, qw: QuantizedWeight) -> None:
     with torch.no_grad():
         linear.weight.copy_(qw.dequantize().to(device=linear.weight.device, dtype=linear.weight.dtype))
-
-
-def quantize_block(
-    block: nn.Module,
-    block_name: str,
-    adapter: Adapter,
-    q: QuantConfig,
-    observe: Callable[[nn.Module | None], None],
-    profile: BlockProfile | None = None,
-) -> dict[str, LayerResult]:
-    """Quantize the linears of a loaded block in place (weights become fake-quantized).
-
-    `observe(stop_at)` runs every calibration batch through the block, each forward ending
-    before `stop_at` runs (None: to the end); it is called once per observation phase, and
-    stops at the last input the phase needs, so early groups cost almost no compute.
-    Returns results keyed by block-relative linear name.
-    """
-    profile = profile or BlockProfile()
-    if q.method == "none":
-        return {}
-    if q.method in ("awq", "awq+gptq"):
-        return _quantize_block_awq(block, block_name, adapter, q, observe, profile)
-    spec = quant_spec(q)
-    wanted = [
-        InputGroup(g.name, g.prev, tuple(n for n in g.linears if not is_ignored(f"{block_name}.{n}", q.ignore)))
-        for g in adapter.groups
-    ]
-    groups = [g for g in wanted if g.linears]
-    results: dict[str, LayerResult] = {}
-    if q.method == "rtn":
-        t = time.perf_counter()
-        for g in groups:
-            for name in g.linears:
-                lin = block.get_submodule(name)
-                w = lin.weight.float()
-                qw = quantize_rtn(w, spec)
-                loss = float((w - qw.dequantize().to(w.device)).pow(2).sum())
-                _set_weight(lin, qw)
-                results[name] = LayerResult(qw, loss)
-        profile.solve_s += time.perf_counter() - t
-        return results
-    phases = [[g] for g in groups] if q.true_sequential else [groups]
-    for phase in phases:
-        accs: dict[str, HessianAccumulator] = {}
-        handles = []
-        stats_time = [0.0]
-        for g in phase:
-            first = block.get_submodule(g.linears[0])
-            acc = HessianAccumulator(first.in_features, device=first.weight.device)
-            accs[g.name] = acc
-
-            def hook(_mod, args, acc=acc, stats_time=stats_time):
-                t0 = time.perf_counter()
-                acc.add(args[0])
-                stats_time[0] += time.perf_counter() - t0
-
-            handles.append(first.register_forward_pre_hook(hook))
-        t = time.perf_counter()
-        try:
-            observe(block.get_submodule(phase[-1].linears[0]))
-        finally:
-            for h in handles:
-                h.remove()
-        profile.forward_s += time.perf_counter() - t - stats_time[0]
-        profile.stats_s += stats_time[0]
-        t = time.perf_counter()
-        for g in phase:
-            solver = GPTQSolver(accs[g.name].hessian(), damp=q.damp, act_order=q.act_order)
-            for name in g.linears:
-                lin = block.get_submodule(name)
-                res = solver.quantize(lin.weight, spec, block_size=q.block_size, static_groups=q.static_groups)
-                _set_weight(lin, res.weight)
-                results[name] = LayerResult(res.weight, float(res.loss))
-            del solver
-        del accs
-        profile.solve_s += time.perf_counter() - t
-    return results
 
 
 # --- AWQ ----------------------------------------------------------------------------------
@@ -212,49 +132,6 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@dataclass
-class _Capture:
-    """What one observation pass recorded for one group."""
-
-    inputs: list[torch.Tensor] = field(default_factory=list)  # the linears' input, per batch
-    calls: list[tuple[tuple, dict]] = field(default_factory=list)  # the consumer's (args, kwargs)
-    stats: awq.ChannelStats | None = None
-    hessian: HessianAccumulator | None = None
-
-
-def _awq_search(
-    block: nn.Module, group: InputGroup, quantized: tuple[str, ...], cap: _Capture, q: QuantConfig, spec: QuantSpec
-) -> awq.ScaleSearch:
-    """Grid search of the group's scales on its consumer's output (weights restored after)."""
-    consumer = block.get_submodule(group.consumer)
-    lins = {n: block.get_submodule(n) for n in group.linears}
-    originals = {n: lin.weight.detach().clone() for n, lin in lins.items()}
-    with torch.no_grad():
-        refs = [_first(consumer(*a, **kw)) for a, kw in cap.calls]
-
-    def loss(s: torch.Tensor) -> float:
-        with torch.no_grad():
-            for n, lin in lins.items():
-                if n in quantized:
-                    lin.weight.copy_(awq.scaled_fake_quantize(originals[n], s, spec).to(lin.weight.dtype))
-                else:
-                    lin.weight.copy_(originals[n])
-            total, count = 0.0, 0
-            for (a, kw), ref in zip(cap.calls, refs, strict=True):
-                y = _first(consumer(*a, **kw))
-                total += float((y.float() - ref.float()).pow(2).sum())
-                count += y.numel()
-        return total / count
-
-    w_mean = awq.weight_mean([originals[n] for n in quantized], spec) if q.awq_duo_scaling else None
-    try:
-        return awq.search_scales(cap.stats.mean(), loss, grid=q.awq_grid, w_mean=w_mean)
-    finally:
-        with torch.no_grad():
-            for n, lin in lins.items():
-                lin.weight.copy_(originals[n])
-
-
 def _output_error(inputs: list[torch.Tensor], s: torch.Tensor | None, delta: torch.Tensor) -> float:
     """||X' delta^T||^2 / rows over the captured inputs, X' = X / s: the layer's output error,
     the quantity GPTQ's loss measures (1/2 tr(delta H delta^T) with H = 2 X'^T X' / rows)."""
@@ -268,105 +145,132 @@ def _output_error(inputs: list[torch.Tensor], s: torch.Tensor | None, delta: tor
     return total / max(count, 1)
 
 
-def _quantize_block_awq(
-    block: nn.Module,
-    block_name: str,
-    adapter: Adapter,
-    q: QuantConfig,
-    observe: Callable[[nn.Module | None], None],
-    profile: BlockProfile,
-) -> dict[str, LayerResult]:
-    """AWQ (then RTN with clip search, or GPTQ) of one block, group by group."""
-    spec = quant_spec(q)
-    use_gptq = q.method == "awq+gptq"
-    # (group with every linear, the linears that get quantized); fully ignored groups are left alone.
+
+
+# --- the steps of one block, driven through an executor ------------------------------------
+
+
+@dataclass
+class GroupStats:
+    """One worker's statistics of one input group (merged across workers by addition)."""
+
+    hessian: HessianAccumulator | None = None
+    channel: awq.ChannelStats | None = None
+
+
+def merge_stats(parts: Iterable[dict[str, GroupStats]]) -> dict[str, GroupStats]:
+    """Sum per-worker statistics group by group (exact: sums and counts add) into new
+    accumulators; the parts are left untouched (received ones may be read-only buffers)."""
+    out: dict[str, GroupStats] = {}
+    for part in parts:
+        for name, st in part.items():
+            acc = out.setdefault(name, GroupStats())
+            if st.hessian is not None:
+                if acc.hessian is None:
+                    acc.hessian = HessianAccumulator(st.hessian.in_features, st.hessian.sum.device, st.hessian.sum.dtype)
+                acc.hessian.merge(st.hessian)
+            if st.channel is not None:
+                if acc.channel is None:
+                    acc.channel = awq.ChannelStats(st.channel.in_features, st.channel.sum.device, st.channel.sum.dtype)
+                acc.channel.merge(st.channel)
+    return out
+
+
+@dataclass
+class SolveTask:
+    """Quantize `linears` of an input group on one worker.
+
+    kind: 'rtn', 'gptq' (Hessian of the group's inputs), 'awq' (scaled weights, RTN after an
+    optional clip search on `clip_rows`) or 'awq+gptq' (scaled weights, scaled Hessian).
+    """
+
+    group: str
+    linears: tuple[str, ...]
+    kind: str
+    clip: bool = False
+    clip_skip: tuple[str, ...] = ()
+    clip_rows: torch.Tensor | None = None
+
+
+class BlockSteps(Protocol):
+    """What `calibrate_block` needs from an executor (local or Ray): each step runs on every
+    worker, or on the worker that owns the task, and comes back reduced."""
+
+    def observe(
+        self, groups: list[tuple[str, str]], *, hessian: bool, channel: bool, capture: dict[str, str | None]
+    ) -> dict[str, torch.Tensor]: ...
+
+    def awq_losses(
+        self, group: str, linears: tuple[str, ...], quantized: tuple[str, ...], consumer: str, x_mean: torch.Tensor
+    ) -> list[float]: ...
+
+    def fold(self, group: str, choice: int | None, prev: str, linears: tuple[str, ...]) -> None: ...
+
+    def sample_rows(self, group: str, n: int) -> torch.Tensor: ...
+
+    def solve(self, tasks: list[SolveTask]) -> dict[str, float]: ...
+
+    def apply(self) -> None: ...
+
+    def end_group(self, group: str) -> None: ...
+
+
+def block_work(adapter: Adapter, block_name: str, q: QuantConfig) -> list[tuple[InputGroup, tuple[str, ...]]]:
+    """(input group, its linears that get quantized) for every group with something to quantize."""
     work = []
     for g in adapter.groups:
         quantized = tuple(n for n in g.linears if not is_ignored(f"{block_name}.{n}", q.ignore))
         if quantized:
             work.append((g, quantized))
-    results: dict[str, LayerResult] = {}
+    return work
+
+
+def calibrate_block(
+    ex: BlockSteps, block_name: str, shapes: nn.Module, adapter: Adapter, q: QuantConfig, profile: BlockProfile
+) -> dict[str, float]:
+    """Quantize one loaded block through the executor's steps; return each linear's loss.
+
+    With true-sequential order each input group is observed after the earlier groups were
+    quantized, so later layers correct for the error of earlier ones (GPTQ paper); linears
+    that share an input share one Hessian. AWQ goes group by group: search the scales on the
+    consumer's output (losses summed over workers), fold them, then quantize the scaled
+    weights (RTN with a clip search, or GPTQ with the Hessian of the scaled inputs).
+    `shapes` is the block on the meta device (shapes only), for the checks the driver makes.
+    """
+    if q.method == "none":
+        return {}
+    work = block_work(adapter, block_name, q)
+    if q.method == "rtn":
+        losses = ex.solve([SolveTask(g.name, quantized, "rtn") for g, quantized in work])
+        ex.apply()
+        return losses
+    use_awq = q.method in ("awq", "awq+gptq")
     phases = [[w] for w in work] if q.true_sequential else [work]
+    losses: dict[str, float] = {}
     for phase in phases:
-        caps: dict[str, _Capture] = {}
-        handles = []
-        stats_time = [0.0]
-        for g, _ in phase:
-            cap = caps[g.name] = _Capture()
-            first = block.get_submodule(g.linears[0])
-            cap.stats = awq.ChannelStats(first.in_features, device=first.weight.device)
-            if use_gptq:
-                cap.hessian = HessianAccumulator(first.in_features, device=first.weight.device)
-            if g.consumer:
-
-                def call_hook(_mod, args, kwargs, cap=cap):
-                    cap.calls.append((args, kwargs))
-
-                handles.append(block.get_submodule(g.consumer).register_forward_pre_hook(call_hook, with_kwargs=True))
-
-            def input_hook(_mod, args, cap=cap, stats_time=stats_time):
-                t0 = time.perf_counter()
-                x = args[0].detach()
-                cap.inputs.append(x)
-                cap.stats.add(x)
-                if cap.hessian is not None:
-                    cap.hessian.add(x)
-                stats_time[0] += time.perf_counter() - t0
-
-            handles.append(first.register_forward_pre_hook(input_hook))
-        t = time.perf_counter()
-        try:
-            observe(block.get_submodule(phase[-1][0].linears[0]))
-        finally:
-            for h in handles:
-                h.remove()
-        profile.forward_s += time.perf_counter() - t - stats_time[0]
-        profile.stats_s += stats_time[0]
-
+        means = ex.observe(
+            [(g.name, g.linears[0]) for g, _ in phase],
+            hessian=q.method in ("gptq", "awq+gptq"),
+            channel=use_awq,
+            capture={g.name: g.consumer for g, _ in phase} if use_awq else {},
+        )
+        if not use_awq:
+            losses.update(ex.solve([SolveTask(g.name, quantized, q.method) for g, quantized in phase]))
+            ex.apply()
+            continue
         for g, quantized in phase:
-            cap = caps.pop(g.name)
-            t = time.perf_counter()
-            s = None
-            blocker = scale_blocker(block, g)
+            blocker = scale_blocker(shapes, g)
             if blocker is not None:
                 profile.notes.append(f"{block_name}: AWQ scales skipped for {blocker}")
             else:
-                found = _awq_search(block, g, quantized, cap, q, spec)
-                profile.awq[g.name] = {
-                    "ratio": found.ratio, "loss": found.loss, "identity_loss": found.identity_loss,
-                }
-                if found.ratio is not None:
-                    s = found.scales.to(block.get_submodule(g.linears[0]).weight.device)
-            originals = {n: block.get_submodule(n).weight.detach().float().clone() for n in quantized}
-            if s is not None:
-                fold_scales(block, g, s, results)
-            profile.extra["search_s"] = profile.extra.get("search_s", 0.0) + time.perf_counter() - t
-            solver = None
-            if use_gptq:
-                H = cap.hessian.hessian()
-                solver = GPTQSolver(H if s is None else awq.scaled_hessian(H, s), damp=q.damp, act_order=q.act_order)
-            clip_x = None
-            for name in quantized:
-                lin = block.get_submodule(name)
-                w = originals[name] if s is None else originals[name] * s
-                if solver is not None:
-                    res = solver.quantize(w, spec, block_size=q.block_size, static_groups=q.static_groups)
-                    qw, loss = res.weight, float(res.loss)
-                else:
-                    target = w
-                    if q.awq_clip and name not in g.clip_skip:
-                        if clip_x is None:
-                            clip_x = awq.subsample_rows(cap.inputs, q.awq_clip_tokens).to(w.device)
-                            if s is not None:
-                                clip_x = clip_x / s
-                        found_clip = awq.search_clip(
-                            w, clip_x, spec, grid=q.awq_clip_grid, max_shrink=q.awq_clip_max_shrink
-                        )
-                        target = awq.apply_clip(w, spec, found_clip.ratio)
-                    qw = quantize_rtn(target, spec)
-                    loss = _output_error(cap.inputs, s, w - qw.dequantize().to(w.device))
-                _set_weight(lin, qw)
-                results[name] = LayerResult(qw, loss)
-            del solver, cap
-            profile.solve_s += time.perf_counter() - t
-    return results
+                found = awq.choose_index(ex.awq_losses(g.name, g.linears, quantized, g.consumer, means[g.name]))
+                ratio = None if found.index == 0 else (found.index - 1) / q.awq_grid
+                profile.awq[g.name] = {"ratio": ratio, "loss": found.loss, "identity_loss": found.identity_loss}
+                ex.fold(g.name, found.index or None, g.prev, g.linears)
+            task = SolveTask(g.name, quantized, q.method, clip=q.awq_clip, clip_skip=tuple(g.clip_skip))
+            if q.method == "awq" and q.awq_clip:
+                task.clip_rows = ex.sample_rows(g.name, q.awq_clip_tokens)
+            losses.update(ex.solve([task]))
+            ex.apply()
+            ex.end_group(g.name)
+    return losses

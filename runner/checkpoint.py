@@ -35,7 +35,8 @@ def read_header(path: str | Path, *, key: str = "model.path") -> dict[str, Tenso
     """Parse and validate a safetensors header; raise UserError naming the file when it is bad.
 
     Checks: 8-byte length prefix, JSON object, known dtypes, offsets that match the shapes,
-    do not overlap the header, and lie within the file.
+    lie within the file and tile the data region exactly (as the safetensors library demands,
+    so a file accepted here is one it loads).
     """
     p = Path(path)
     try:
@@ -52,7 +53,7 @@ def read_header(path: str | Path, *, key: str = "model.path") -> dict[str, Tenso
         raise UserError(f"{key}: cannot read '{p}': {e.strerror}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, a 5000-digit number, [[[[...
         raise UserError(f"{key}: '{p.name}' has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise UserError(f"{key}: '{p.name}' has a corrupt safetensors header")
@@ -60,6 +61,8 @@ def read_header(path: str | Path, *, key: str = "model.path") -> dict[str, Tenso
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise UserError(f"{key}: '{p.name}' has a corrupt safetensors header (__metadata__)")
             continue
         info = _parse_entry(entry)
         if info is None:
@@ -70,6 +73,13 @@ def read_header(path: str | Path, *, key: str = "model.path") -> dict[str, Tenso
                 f"but the file has {size} bytes"
             )
         out[name] = info
+    end = 0
+    for name, info in sorted(out.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != end:
+            raise UserError(f"{key}: '{p.name}' is corrupt: tensor '{name}' overlaps another or leaves a gap")
+        end = info.end
+    if end != data_len:
+        raise UserError(f"{key}: '{p.name}' is corrupt: {data_len - end} bytes after its last tensor")
     return out
 
 
@@ -77,7 +87,7 @@ def _parse_entry(entry: object) -> TensorInfo | None:
     if not isinstance(entry, dict):
         return None
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _DTYPE_BYTES or not isinstance(shape, list) or not isinstance(offsets, list):
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES or not isinstance(shape, list) or not isinstance(offsets, list):
         return None
     if len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
         return None
@@ -92,6 +102,11 @@ def _parse_entry(entry: object) -> TensorInfo | None:
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
 
 
+def _plain_file_name(name: str) -> bool:
+    """A bare file name inside the directory: no separator, no '..', not absolute, no NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\x00")
+
+
 class CheckpointIndex:
     """Tensor name -> file for a model directory with one or many safetensors files."""
 
@@ -103,10 +118,10 @@ class CheckpointIndex:
         index_path = self.root / "model.safetensors.index.json"
         if index_path.is_file():
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 raise UserError(f"{key}: '{index_path}' is not a valid safetensors index") from None
             shard_names = sorted(set(weight_map.values()))
         else:
@@ -120,9 +135,9 @@ class CheckpointIndex:
                 )
             raise UserError(f"{key}: '{self.root}' has config.json but no *.safetensors weights")
         for shard in shard_names:
+            if not _plain_file_name(shard):
+                raise UserError(f"{key}: the index names '{shard}', which is not a file name inside the model dir")
             path = self.root / shard
-            if "/" in shard or "\\" in shard or shard.startswith(".."):
-                raise UserError(f"{key}: index names a file outside the model dir: '{shard}'")
             if not path.is_file():
                 raise UserError(f"{key}: shard '{shard}' named in the index is missing")
             for name, info in read_header(path, key=key).items():

@@ -1,4 +1,4 @@
-"""The `shardquant` command line: quantize, eval, quickstart.
+"""The `shardquant` command line: quantize, eval, quickstart, verify and the tools beside them.
 
 Exit codes: 0 done; 2 bad input (one line on stderr naming what and where); 1 anything else.
 Heavy imports happen inside the commands so `shardquant --help` is instant.
@@ -7,6 +7,8 @@ Heavy imports happen inside the commands so `shardquant --help` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
+import re
 import sys
 from pathlib import Path
 
@@ -16,8 +18,34 @@ EPILOG = """\
 overrides: any config key as --key.path=value or --key.path value, e.g.
   shardquant quantize run.yaml --quant.bits=3 --quant.group_size 64 --output runs/w3g64
 
-exit codes: 0 done, 2 bad input (config, model, data, paths), 1 anything else
+exit codes: 0 done, 2 bad input (config, model, data, paths; a full disk; a checkpoint that
+  fails `shardquant verify`), 1 anything else
 """
+
+# A write that fails for lack of room is the user's to fix (exit 2), not a bug.
+_DISK_FULL = {
+    errno.ENOSPC: "no space left on device",
+    getattr(errno, "EDQUOT", -1): "disk quota exceeded",
+    errno.EFBIG: "file too large for the filesystem or the file-size limit (ulimit -f)",
+}
+# The same errors as libraries without OSError report them: safetensors' Rust writer ("No space
+# left on device (os error 28)"), or a remote worker's traceback text ("[Errno 28] ...: 'path'").
+_ERRNO_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\][^\n]*?(?:: '([^'\n]+)')?$", re.M)
+
+
+def _disk_full(e: BaseException | None) -> tuple[str, str | None] | None:
+    """(reason, file or None) when e, or an exception it wraps, is a write that ran out of room."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return _DISK_FULL[e.errno], e.filename2 or e.filename
+        for m in _ERRNO_TEXT.finditer(str(e)):
+            code = int(m.group(1) or m.group(2))
+            if code in _DISK_FULL:
+                return _DISK_FULL[code], m.group(3)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         "holds the whole model in memory.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # an override like --v=1 or --=3 must never be taken for --version
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -34,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         ("quantize", "calibrate, quantize, evaluate and export a model (the main job)"),
         ("eval", "perplexity of model.path on eval.path, blockwise (writes output/eval.json)"),
     ):
-        s = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+        s = sub.add_parser(name, help=text, description=text, epilog=EPILOG, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("config", help="YAML run config")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -48,6 +77,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     qs.add_argument("--output", default="runs/quickstart", help="run directory (default runs/quickstart)")
     qs.add_argument("--quiet", action="store_true", help="no progress bars")
+    ins = sub.add_parser(
+        "inspect",
+        help="describe a checkpoint: format, scheme, size, shards and its quantized linears",
+        description="Read a checkpoint's config.json and safetensors headers and print its format "
+        "(compressed-tensors, gptq, awq, fake (float) or unquantized), scheme (bits, group, "
+        "symmetry, act-order), size on disk, shards and a table of its linears by layer type. "
+        "DIR is a checkpoint directory or a run directory holding model/. An unreadable "
+        "checkpoint (missing, no config.json, bad index, truncated shard) exits 2.",
+    )
+    ins.add_argument("dir", metavar="DIR", help="checkpoint directory (output/model) or run directory (output)")
+    ins.add_argument("--layers", action="store_true", help="one row per linear instead of per layer type")
+    ins.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    vf = sub.add_parser(
+        "verify",
+        help="check an exported checkpoint against its manifest.json (sizes and sha256)",
+        description="Check every file of an exported checkpoint against its manifest.json: "
+        "missing, truncated or altered files are listed one per line and the exit code is 2 "
+        "(a checkpoint that fails verification is bad input); files not in the manifest are "
+        "warnings. DIR is a run directory (its model/ is checked) or the model directory.",
+    )
+    vf.add_argument("dir", metavar="DIR", help="run directory (output) or checkpoint directory (output/model)")
+    pl = sub.add_parser(
+        "plan",
+        help="size a run from config.json alone: samples, activations, Hessians, peak memory per worker, checkpoint",
+        description="Read model.path/config.json (no weights) and the run config and print the blocks, the "
+        "samples and activation bytes per worker, one block's weights, the largest Hessian, the estimated "
+        "peak memory per worker (formula: the shardquant.plan docstring) and the exported checkpoint's "
+        "size. With --worker-memory it says FITS or DOES NOT FIT with the margin; the exit code is 0 "
+        "either way (2 for a bad config or a missing/invalid config.json).",
+        epilog=EPILOG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument("config", help="YAML run config")
+    pl.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    pl.add_argument("--worker-memory", metavar="SIZE", help="memory per worker (GPU or host), e.g. 80GB or 96GiB")
+    from .cluster.slurm import add_parser as add_slurm_parser
+
+    add_slurm_parser(sub)
     return p
 
 
@@ -68,9 +134,67 @@ def _summary(report: dict) -> str:
     )
 
 
+def _verify(target: Path) -> int:
+    """`shardquant verify DIR`: OK line, or one line per problem on stdout and exit 2."""
+    from .manifest import MANIFEST, load_manifest, verify
+
+    if not target.is_dir():
+        raise UserError(f"verify: '{target}' is not a directory")
+    model_dir = target
+    if not (target / MANIFEST).is_file() and (target / "model").is_dir():
+        model_dir = target / "model"
+    entries = load_manifest(model_dir)
+    problems = verify(model_dir)
+    for pr in problems:
+        print(f"{'warning' if not pr.fatal else 'FAILED'}: {pr}")
+    fatal = [pr for pr in problems if pr.fatal]
+    if fatal:
+        kinds = sorted({pr.kind for pr in fatal})
+        raise UserError(
+            f"checkpoint '{model_dir}' failed verification: {len(fatal)} of {len(entries)} files "
+            f"{'/'.join(kinds)} (listed above)"
+        )
+    total = sum(e["size"] for e in entries)
+    print(f"OK: {model_dir}: {len(entries)} files, {total} bytes match {MANIFEST}")
+    return 0
+
+
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.command == "slurm":
+        from .cluster.slurm import run_cli
+
+        return run_cli(args, extra)
+    if args.command == "verify":
+        if extra:
+            raise UserError(f"verify takes one directory (got '{extra[0]}')")
+        return _verify(Path(args.dir))
+    if args.command == "inspect":
+        if extra:
+            raise UserError(f"inspect takes one directory (got '{extra[0]}')")
+        from .inspection import inspect_checkpoint, render
+
+        summary = inspect_checkpoint(args.dir)
+        if args.json:
+            import json
+
+            print(json.dumps(summary.to_json(), indent=2))
+        else:
+            print(render(summary, all_layers=args.layers))
+        return 0
     from .config import load_config
 
+    if args.command == "plan":
+        from .plan import parse_capacity, plan_from_config, render
+
+        capacity = None if args.worker_memory is None else parse_capacity(args.worker_memory)
+        plan = plan_from_config(load_config(args.config, extra))
+        if args.json:
+            import json
+
+            print(json.dumps(plan.to_json(capacity), indent=2))
+        else:
+            print(render(plan, capacity))
+        return 0
     if args.command == "quickstart":
         if extra:
             raise UserError(f"quickstart takes no overrides (got '{extra[0]}')")
@@ -80,6 +204,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(_summary(report))
         return 0
     cfg = load_config(args.config, extra)
+    args.output = cfg.output  # named by the disk-full message when a library gives no path
     from . import pipeline
 
     if args.command == "quantize":
@@ -90,6 +215,20 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"perplexity {result['ppl']:.4f} over {result['windows']} windows of {result['seq_len']} tokens")
         print(f"written: {Path(cfg.output) / 'eval.json'}")
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (Slurm's scancel, a Ray job stop) stops like Ctrl-C: state kept, resumable."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _stop_on_sigterm()
     try:
         return _run(args, extra)
     except UserError as e:
         print(f"shardquant: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        reason, path = full
+        output = getattr(args, "output", None)
+        where = f"'{path}'" if path else f"under '{output}'" if output else "the output"
+        line = UserError(f"{reason} while writing {where}; free space (or raise the limit) and rerun")
+        print(f"shardquant: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("shardquant: interrupted", file=sys.stderr)

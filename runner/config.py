@@ -59,6 +59,18 @@ class QuantConfig(_Section):
     static_groups: bool = Field(False, description="GPTQ: fix group qparams before act-order.")
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ damping, fraction of mean(diag(H)).")
     block_size: int = Field(128, ge=1, description="GPTQ lazy-batch width.")
+    reorder: Literal["none", "group"] = Field(
+        "none",
+        description="GPTQ: 'group' = group-aware reordering: groups by decreasing largest Hessian diagonal, "
+        "columns within a group by decreasing diagonal; groups stay consecutive columns (no g_idx). "
+        "Excludes act_order.",
+    )
+    mse: bool = Field(
+        False, description="Search each group's range shrink minimizing sum abs(fake_quant(w) - w)^mse_norm (GPTQ, RTN)."
+    )
+    mse_grid: int = Field(100, ge=1, description="MSE search: shrink ratios 1 - i/mse_grid.")
+    mse_max_shrink: float = Field(0.2, gt=0, lt=1, description="MSE search: ratios tried down to 1 - mse_max_shrink.")
+    mse_norm: float = Field(2.4, gt=0, description="MSE search: exponent of the error.")
     true_sequential: bool = Field(
         True, description="Quantize q/k/v, o, gate/up, down in order, each seeing the earlier ones quantized."
     )
@@ -95,6 +107,12 @@ class QuantConfig(_Section):
             raise ValueError(f"must be -1 (per channel) or a positive number of columns, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _orders(self) -> QuantConfig:
+        if self.reorder == "group" and self.act_order:
+            raise ValueError("quant: reorder 'group' and act_order true exclude each other; pick one")
+        return self
+
 
 class EvalConfig(_Section):
     enabled: bool = Field(True, description="Measure perplexity when eval.path is set.")
@@ -109,7 +127,12 @@ class EvalConfig(_Section):
 
 
 class ExportConfig(_Section):
-    format: Literal["fake", "compressed-tensors", "gptq"] = Field("fake", description="Checkpoint layout written to output/model.")
+    format: Literal["compressed-tensors", "gptq", "awq", "fake"] = Field(
+        "compressed-tensors",
+        description="Checkpoint layout written to output/model: compressed-tensors (packed, loads in "
+        "transformers and vLLM), gptq (GPTQ v1), awq (AWQ GEMM), fake (dequantized floats, for "
+        "debugging; the default when quant.method is none).",
+    )
     shard_size: str = Field("2GB", description="Maximum bytes per safetensors shard, e.g. 500MB, 5GB.")
 
     @field_validator("shard_size")
@@ -120,9 +143,30 @@ class ExportConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    backend: Literal["local", "ray"] = Field("local", description="Executor (ray: planned).")
-    address: str | None = Field(None, description="Ray cluster address (planned).")
-    workers: int = Field(1, ge=1, description="Ray workers (planned).")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="Executor: local (one process) or ray (actors on a Ray cluster, data parallel)."
+    )
+    address: str | None = Field(
+        None, description="Ray cluster address (e.g. 'auto', '10.0.0.1:6379'); unset: $RAY_ADDRESS, else a local Ray."
+    )
+    workers: int = Field(1, ge=1, description="Ray workers (actors), each holding a share of the samples.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved per Ray worker (model.device auto uses it).")
+    placement: Literal["spread", "pack"] = Field(
+        "spread", description="Placement-group strategy for the workers: spread over nodes, or pack."
+    )
+    activation_memory: str | None = Field(
+        None, description="Per-worker memory for activations (e.g. 8GB); beyond it they spill to disk. Unset: no cap."
+    )
+    spill_dir: str | None = Field(None, description="Local directory for spilled activations (default: the temp dir).")
+    max_failures: int = Field(3, ge=0, description="Lost Ray workers replaced (and their block redone) before giving up.")
+
+    @field_validator("activation_memory")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
 
 
 class WandbConfig(_Section):
@@ -143,14 +187,15 @@ class RunConfig(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: str = Field("runs/latest", description="Run directory.")
-    resume: bool = Field(False, description="Continue an interrupted run in output (planned).")
+    resume: bool = Field(
+        False,
+        description="Require an interrupted run in output and continue it (a rerun of the same config resumes anyway).",
+    )
 
     @model_validator(mode="after")
-    def _methods(self) -> RunConfig:
-        if self.cluster.backend == "ray":
-            raise ValueError("cluster.backend: 'ray' is not available in this version; use 'local'")
-        if self.resume:
-            raise ValueError("resume: resuming is not available in this version; rerun without it")
+    def _default_export(self) -> RunConfig:
+        if self.quant.method == "none" and "format" not in self.export.model_fields_set:
+            self.export.format = "fake"  # nothing is quantized, so nothing to pack
         return self
 
 
@@ -188,6 +233,8 @@ def _format_error(err: ValidationError) -> str:
         return f"missing required config key '{loc}'"
     given = first.get("input")
     shown = repr(given) if not isinstance(given, dict) else "a mapping"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
     if not loc:
         return f"invalid config: {msg}"
     if msg.startswith(loc + ":"):
@@ -198,7 +245,7 @@ def _format_error(err: ValidationError) -> str:
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: e.g. a date like 2001-13-45
         return text
 
 
@@ -245,11 +292,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file '{p}' does not exist")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise UserError(f"config file '{p}' cannot be read: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:
         line = ""
         mark = getattr(e, "problem_mark", None)
         if mark is not None:
             line = f" at line {mark.line + 1}"
+        elif isinstance(e, RecursionError):
+            line = " (nested too deeply)"
+        elif isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError):
+            line = f" ({e})"  # a scalar YAML cannot construct, e.g. the date 2001-13-45
         raise UserError(f"config file '{p}' is not valid YAML{line}") from None
     if data is None:
         data = {}
@@ -262,7 +315,7 @@ def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) 
     """Validate a config mapping with dotted overrides applied; raise UserError naming the key."""
     tree = _deep_copy(data)
     for key, value in (overrides or {}).items():
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, _deep_copy(value))
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
@@ -276,11 +329,20 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     return build_config(load_yaml(path), overrides)
 
 
-def _deep_copy(tree: Any) -> Any:
+_MAX_DEPTH, _MAX_NODES = 32, 100_000
+
+
+def _deep_copy(tree: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
+    """Copy a YAML tree with string keys; UserError for a recursive alias or an absurd size
+    (YAML aliases can make a short file expand to billions of nodes)."""
+    budget = [_MAX_NODES] if budget is None else budget
+    budget[0] -= 1
+    if depth > _MAX_DEPTH or budget[0] < 0:
+        raise UserError("config is nested too deeply or too large (a recursive or exploding YAML alias?)")
     if isinstance(tree, dict):
-        return {str(k): _deep_copy(v) for k, v in tree.items()}
+        return {str(k): _deep_copy(v, budget, depth + 1) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_deep_copy(v) for v in tree]
+        return [_deep_copy(v, budget, depth + 1) for v in tree]
     return tree
 
 

@@ -201,7 +201,7 @@ def register(cls: type[Exporter]) -> type[Exporter]:
 # The packed formats live in their own modules and register themselves; importing them here
 # (after everything they need is defined) makes the registry complete whichever module is
 # imported first.
-from . import export_compressed, export_gptq  # noqa: E402, F401
+from . import export_awq, export_compressed, export_gptq  # noqa: E402, F401
 
 
 def get_exporter(fmt: str, source: ModelSource, quant: QuantConfig) -> Exporter:

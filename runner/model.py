@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .adapters import Adapter, get_adapter
@@ -136,7 +136,7 @@ class ModelSource:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for n in group:
                         out[n] = f.get_tensor(n)
-            except (OSError, RuntimeError, ValueError) as e:
+            except (OSError, RuntimeError, ValueError, SafetensorError) as e:
                 raise UserError(f"{self.key}: cannot read '{path.name}': {str(e).splitlines()[0]}") from None
         return out
 

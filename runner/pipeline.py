@@ -17,15 +17,17 @@ from typing import Any
 
 import torch
 
-from .calibrate import BlockProfile, quantize_block
+from .calibrate import BlockProfile, calibrate_block
 from .config import RunConfig, config_dict, parse_size
 from .data import load_text, token_windows
 from .errors import UserError
 from .export import Exporter, get_exporter
 from .forward import BlockRunner, embed_batches, window_nll
+from .manifest import write_manifest
 from .model import ModelSource
 from .report import peak_rss_bytes, write_report
-from .shards import ShardWriter, write_json_atomic
+from .shards import plan_shards, shard_names, write_index, write_json_atomic
+from .state import RunState, sha256_file
 from .tracking import make_tracker
 
 
@@ -35,7 +37,7 @@ class Prepared:
 
     cfg: RunConfig
     source: ModelSource
-    exporter: Exporter
+    exporter: Exporter | None  # None for `eval`, which exports nothing
     calib: torch.Tensor | None
     evals: torch.Tensor | None
     output: Path
@@ -76,7 +78,7 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     check_scheme(cfg, source)
-    exporter = get_exporter(cfg.export.format, source, cfg.quant)
+    exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
     tokenizer = source.tokenizer()
     calib = None
     if need_calib and cfg.quant.method != "none":
@@ -129,135 +131,221 @@ def _perplexity(source: ModelSource, streams: dict[str, list[torch.Tensor]], tok
     return out
 
 
+def make_executor(cfg: RunConfig):
+    """The executor of `cluster.backend` (Ray is imported only when asked for)."""
+    if cfg.cluster.backend == "ray":
+        from shardquant.cluster.ray_executor import RayExecutor
+
+        return RayExecutor(cfg)
+    from .executor import LocalExecutor
+
+    return LocalExecutor(cfg)
+
+
+PHASES = ("load_s", "forward_s", "stats_s", "solve_s", "search_s", "eval_s", "export_s")
+
+
+def _block_record(index: int, seconds: float, losses: dict[str, float], prof: BlockProfile,
+                  parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report.json `blocks[]` entry; phase times are the slowest worker's."""
+    rec: dict[str, Any] = {
+        "index": index, "seconds": seconds, "worker": ",".join(p["worker"] for p in parts), "loss": losses,
+    }
+    for key in PHASES:
+        rec[key] = max((p.get(key, 0.0) for p in parts), default=0.0)
+    rec["activation_bytes"] = sum(p.get("activation_bytes", 0) for p in parts)
+    rec["peak_rss_bytes"] = max((p.get("peak_rss_bytes", 0) for p in parts), default=0)
+    if prof.awq:
+        rec["awq"] = prof.awq
+    if prof.notes:
+        rec["notes"] = prof.notes
+    return rec
+
+
+def _run_block(ex, p: Prepared, i: int, state: RunState) -> dict[str, Any]:
+    """Every step of block i on the executor; its tensors land in the block's state file."""
+    src, q = p.source, p.cfg.quant
+    name = f"{src.adapter.blocks}.{i}"
+    t0 = time.perf_counter()
+    ex.begin_block(i)
+    prof = BlockProfile()
+    losses = calibrate_block(ex, name, src.skeleton.get_submodule(name), src.adapter, q, prof)
+    parts = ex.end_block(str(state.block_file(i)))
+    return _block_record(i, time.perf_counter() - t0, losses, prof, parts if isinstance(parts, list) else [parts])
+
+
+def _save_progress(ex, state: RunState, progress: dict[str, Any], done: int, record: dict[str, Any]) -> None:
+    """Record blocks < done as finished: activations saved, checksums, then progress.json
+    (with the block's report record)."""
+    paths = [state.acts_file(done, k) for k in range(ex.world)]
+    ex.save_activations([str(x) for x in paths])
+    progress["activations"] = [{"file": state.rel(x), "sha256": sha256_file(x)} for x in paths]
+    for j in range(progress["done"], done):
+        f = state.block_file(j)
+        progress["files"][state.rel(f)] = sha256_file(f)
+    progress["done"] = done
+    progress["blocks"] = [b for b in progress["blocks"] if b["index"] != record["index"]] + [record]
+    state.write(progress)
+    state.prune_activations([a["file"] for a in progress["activations"]])
+
+
 def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Run calibration, evaluation and export; write report.json; return the report."""
+    """Run calibration, evaluation and export; write report.json; return the report.
+
+    Progress is saved after every block in output/state/, so a run that dies (or is
+    interrupted) continues at the first unfinished block when the same command is rerun.
+    """
     t_start = time.perf_counter()
     p = prepared or prepare(cfg)
-    src, ad, q = p.source, p.source.adapter, cfg.quant
+    src, q = p.source, cfg.quant
+    state = RunState(p.output)
+    workers = cfg.cluster.workers if cfg.cluster.backend == "ray" else 1
+    progress = state.start(config_dict(cfg), resume=cfg.resume, workers=workers)
+    start = progress["done"]
+    if start:
+        print(f"shardquant: resuming '{p.output}' at block {start} of {src.num_blocks}", file=sys.stderr)
     tracker = make_tracker(cfg.tracking.wandb, p.output)
     tracker.start(config_dict(cfg))
-    dev = src.device
-    timing = {"load_s": 0.0, "forward_s": 0.0, "stats_s": 0.0, "solve_s": 0.0, "eval_s": 0.0, "export_s": 0.0}
-
-    staging = p.output / ".model.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    writer = ShardWriter(staging, p.exporter.plan(), parse_size(cfg.export.shard_size))
-
-    runner = BlockRunner(ad, src.skeleton.config, src.rotary())
-    t = time.perf_counter()
-    embedding = src.load(ad.embed)
-    calib = embed_batches(embedding, p.calib, cfg.calib.batch_size, dev) if p.calib is not None else []
-    eval_bs = cfg.eval.batch_size
-    eval_fp = embed_batches(embedding, p.evals, eval_bs, dev) if p.evals is not None else None
-    src.release(embedding)
-    timing["load_s"] += time.perf_counter() - t
-    do_fp = eval_fp is not None and cfg.eval.fp and q.method != "none"
-    eval_q = list(eval_fp) if eval_fp is not None else None
-
-    blocks: list[dict[str, Any]] = []
-    t_loop = time.perf_counter()
-    bar = _progress(src.num_blocks, f"{q.method} {q.bits}-bit") if show_progress else None
-    for i in range(src.num_blocks):
-        t_block = time.perf_counter()
-        name = f"{ad.blocks}.{i}"
+    do_fp = p.evals is not None and cfg.eval.fp and q.method != "none"
+    blocks: list[dict[str, Any]] = list(progress["blocks"])
+    ex = make_executor(cfg)
+    bar = None
+    try:
         t = time.perf_counter()
-        block = src.block(i)
-        timing["load_s"] += time.perf_counter() - t
-
-        t = time.perf_counter()
-        if do_fp:
-            eval_fp = runner.forward_all(block, i, eval_fp)
-        timing["eval_s"] += time.perf_counter() - t
-
-        prof = BlockProfile()
-        fp_next = None
-        if cfg.calib.propagate == "fp" and q.method != "none":
-            t = time.perf_counter()
-            fp_next = runner.forward_all(block, i, calib)
-            prof.forward_s += time.perf_counter() - t
-        results = quantize_block(
-            block, name, ad, q,
-            lambda stop, block=block, i=i, batches=calib: runner.forward_all(block, i, batches, stop_at=stop),
-            prof,
-        )
-        t = time.perf_counter()
-        calib = fp_next if fp_next is not None else runner.forward_all(block, i, calib)
-        prof.forward_s += time.perf_counter() - t
-
-        t = time.perf_counter()
-        if eval_q is not None:
-            eval_q = runner.forward_all(block, i, eval_q)
-        timing["eval_s"] += time.perf_counter() - t
-
-        t = time.perf_counter()
-        for tname, tensor in p.exporter.block_tensors(i, block, {n: r.weight for n, r in results.items()}):
-            writer.add(tname, tensor)
-        src.release(block)
-        timing["export_s"] += time.perf_counter() - t
-        for key in ("forward_s", "stats_s", "solve_s"):
-            timing[key] += getattr(prof, key)
-
-        losses = {n: r.loss for n, r in results.items()}
-        seconds = time.perf_counter() - t_block
-        blocks.append({
-            "index": i, "seconds": seconds, "worker": "local", "loss": losses,
-            "forward_s": prof.forward_s, "stats_s": prof.stats_s, "solve_s": prof.solve_s,
-            "activation_bytes": sum(h.numel() * h.element_size() for h in calib),
-        })
-        if prof.awq:
-            blocks[-1]["awq"] = prof.awq
-        if prof.notes:
-            blocks[-1]["notes"] = prof.notes
-        tracker.log_block(blocks[-1])
+        ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+        if start:
+            ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
+        setup_s = time.perf_counter() - t
+        t_loop = time.perf_counter()
+        bar = _progress(src.num_blocks, f"{q.method} {q.bits}-bit") if show_progress else None
         if bar is not None:
-            worst = max(losses.values()) if losses else 0.0
-            bar.set_postfix_str(f"max loss {worst:.3g}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    loop_s = time.perf_counter() - t_loop
+            bar.update(start)
+        i = start
+        while i < src.num_blocks:
+            try:
+                rec = _run_block(ex, p, i, state)
+                _save_progress(ex, state, progress, i + 1, rec)
+            except Exception as e:  # a lost Ray worker: replace it, redo from the last saved block
+                t_fault = time.perf_counter()
+                if not ex.recover(e):
+                    raise
+                i = progress["done"]
+                if i:
+                    ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
+                else:
+                    ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+                progress["faults"].append({
+                    "block": i, "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
+                    "recovery_s": time.perf_counter() - t_fault,
+                })
+                print(f"shardquant: worker lost ({type(e).__name__}); replaced, redoing from block {i}", file=sys.stderr)
+                continue
+            blocks.append(rec)
+            tracker.log_block(rec)
+            if bar is not None:
+                worst = max(rec["loss"].values()) if rec["loss"] else 0.0
+                bar.set_postfix_str(f"max loss {worst:.3g}")
+                bar.update(1)
+            i += 1
+        if bar is not None:
+            bar.close()
+            bar = None
+        loop_s = time.perf_counter() - t_loop
 
-    ppl: dict[str, float | None] = {"fp": None, "quantized": None}
-    if eval_q is not None:
+        ppl: dict[str, float | None] = {"fp": None, "quantized": None}
         t = time.perf_counter()
-        streams = {"quantized": eval_q}
-        if do_fp:
-            streams["fp"] = eval_fp
-        ppl.update(_perplexity(src, streams, p.evals, eval_bs))
-        if q.method == "none" and cfg.eval.fp:
-            ppl["fp"] = ppl["quantized"]
-        timing["eval_s"] += time.perf_counter() - t
+        if p.evals is not None:
+            sums: dict[str, list[float]] = {}
+            for part in _as_list(ex.nll()):
+                for stream, (total, count) in part.items():
+                    acc = sums.setdefault(stream, [0.0, 0])
+                    acc[0] += total
+                    acc[1] += count
+            ppl["quantized"] = math.exp(sums["eval_q"][0] / sums["eval_q"][1]) if "eval_q" in sums else None
+            if "eval_fp" in sums:
+                ppl["fp"] = math.exp(sums["eval_fp"][0] / sums["eval_fp"][1])
+            if q.method == "none" and cfg.eval.fp:
+                ppl["fp"] = ppl["quantized"]
+        final_eval_s = time.perf_counter() - t
 
-    t = time.perf_counter()
-    export_path = p.output / "model"
-    for tname, tensor in p.exporter.other_tensors():
-        writer.add(tname, tensor)
-    writer.finalize()
-    p.exporter.write_files(staging)
-    _replace_dir(staging, export_path)
-    timing["export_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        export_path, total_bytes = _export(ex, p, state)
+        export_s = time.perf_counter() - t
+        state.finish(progress)
+        worker_peaks = _as_list(ex.peak_rss())
+        driver_peak = peak_rss_bytes()
+        peak = max([driver_peak, *worker_peaks])
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        done = progress["done"]
+        print(
+            f"shardquant: interrupted; {done} of {src.num_blocks} blocks are saved in '{state.dir}'. "
+            "Rerun the same command to continue.",
+            file=sys.stderr,
+        )
+        raise
+    finally:
+        ex.close()
 
-    timing["calibrate_s"] = loop_s - timing["eval_s"]
+    timing = {k: sum(b.get(k, 0.0) for b in blocks) for k in PHASES}
+    timing["load_s"] += setup_s
+    timing["eval_s"] += final_eval_s
+    timing["export_s"] += export_s
+    timing["calibrate_s"] = loop_s - sum(b.get("eval_s", 0.0) for b in blocks[start:])
     timing["total_s"] = time.perf_counter() - t_start
     report = {
         "ppl": ppl,
         "timing": timing,
-        "memory": {"peak_rss_bytes": peak_rss_bytes()},
+        "memory": {"peak_rss_bytes": peak, "driver_peak_rss_bytes": driver_peak},
         "blocks": blocks,
         "config": config_dict(cfg),
-        "export": {"format": cfg.export.format, "path": str(export_path), "bytes": writer.total_bytes},
+        "export": {"format": cfg.export.format, "path": str(export_path), "bytes": total_bytes},
         "calibration": {
             "windows": 0 if p.calib is None else int(p.calib.shape[0]),
             "tokens": 0 if p.calib is None else int(p.calib.numel()),
         },
         "eval": {"windows": 0 if p.evals is None else int(p.evals.shape[0])},
+        "cluster": {"backend": cfg.cluster.backend, "workers": ex.names, "resumed_at": start or None,
+                    "faults": progress["faults"], "peak_rss_bytes": dict(zip(ex.names, worker_peaks, strict=True))},
         "version": _version(),
     }
     files = write_report(p.output, report)
     tracker.finish(report, files)
     return report
+
+
+def _as_list(x: Any) -> list:
+    return x if isinstance(x, list) else [x]
+
+
+def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:
+    """Assemble the planned shards from the block state files (on the workers, in parallel),
+    then index, config and tokenizer; the staging directory becomes output/model at once."""
+    staging = p.output / ".model.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    ex.write_other(str(state.other_file()))
+    src, exporter = p.source, p.exporter
+    origin: dict[str, str] = {}
+    for i in range(src.num_blocks):
+        f = str(state.block_file(i))
+        for spec in exporter.block_plan(i):
+            origin[spec.name] = f
+    shards = plan_shards(exporter.plan(), parse_size(p.cfg.export.shard_size))
+    names = shard_names(len(shards))
+    jobs = [
+        (str(staging / names[k]), specs, [origin.get(s.name, str(state.other_file())) for s in specs])
+        for k, specs in enumerate(shards)
+    ]
+    ex.assemble(jobs)
+    write_index(staging, shards)
+    exporter.write_files(staging)
+    write_manifest(staging)
+    export_path = p.output / "model"
+    _replace_dir(staging, export_path)
+    return export_path, sum(s.nbytes for shard in shards for s in shard)
 
 
 def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:

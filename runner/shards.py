@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +29,27 @@ ST_DTYPES = {
 }
 
 
+def _name_failed_write(e: OSError, path: Path) -> None:
+    """Attach the file to an OSError from a write (write/flush errors carry no name), so a full
+    disk is reported with the file that hit it."""
+    if e.filename is None:
+        e.filename = str(path)
+
+
 def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON under a temp name, fsync, rename."""
+    """Write JSON under a temp name, fsync, rename; a failed write leaves no temp file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _name_failed_write(e, tmp)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -79,14 +92,55 @@ def _header(specs: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def shard_names(n: int) -> list[str]:
+    """The file names of a checkpoint with n shards."""
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _tensor_bytes(spec: TensorSpec, tensor: torch.Tensor) -> bytes:
+    if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        raise ValueError(
+            f"tensor '{spec.name}' is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}"
+        )
+    t = tensor.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+    """Write one planned shard from tensors given in plan order, one in memory at a time
+    (temp name, fsync, rename). Workers call this for their shards in parallel."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(_header(specs))
+            for spec, tensor in zip(specs, tensors, strict=True):
+                f.write(_tensor_bytes(spec, tensor))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the file, give its space back
+        _name_failed_write(e, tmp)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_index(directory: Path, shards: list[list[TensorSpec]]) -> dict[str, str]:
+    """`model.safetensors.index.json` for planned shards; returns the weight map."""
+    names = shard_names(len(shards))
+    weight_map = {s.name: names[k] for k, shard in enumerate(shards) for s in shard}
+    total = sum(s.nbytes for shard in shards for s in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json_atomic(Path(directory) / "model.safetensors.index.json", index)
+    return weight_map
+
+
 class ShardWriter:
     """Streams planned tensors, in plan order, into their shards."""
 
     def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_bytes: int):
         self.dir = Path(directory)
         self.shards = plan_shards(specs, max_shard_bytes)
-        n = len(self.shards)
-        self.names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.names = shard_names(len(self.shards))
         self._order = [(k, s) for k, shard in enumerate(self.shards) for s in shard]
         self._next = 0
         self._file = None

@@ -18,6 +18,7 @@ if ! "$PY" -c "import venv, ensurepip" >/dev/null 2>&1; then
     echo "install.sh: $PY lacks venv; install python3-venv" >&2; exit 1
   fi
 fi
+bash scripts/install-services.sh   # slurm-wlm and munge, as root with apt-get only
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -151,3 +151,15 @@ def run_config(model: Path, texts: dict[str, Path], output: Path, **sections) ->
         else:
             cfg[section] = values
     return cfg
+
+
+# Inputs tried by the hypothesis fuzz tests (tests/test_fuzz.py), by target; printed in the
+# terminal summary so every run shows how much was actually fuzzed.
+FUZZ_COUNTS: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FUZZ_COUNTS:
+        terminalreporter.section("fuzz inputs tried")
+        for name, n in sorted(FUZZ_COUNTS.items()):
+            terminalreporter.write_line(f"{name}: {n}")

@@ -189,7 +189,8 @@ def _check_export(report, out, texts, bits: int = 3):
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 def test_awq_end_to_end_reloads_with_same_perplexity(method, tiny_models, texts, tmp_path):
     out = tmp_path / "out"
-    cfg = build_config(run_config(tiny_models["llama"], texts, out, quant={"method": method, "bits": 3}))
+    cfg = build_config(run_config(tiny_models["llama"], texts, out, quant={"method": method, "bits": 3},
+                                  export={"format": "fake"}))
     report = quantize(cfg, show_progress=False)
     weights = _check_export(report, out, texts)
     on_disk = json.loads((out / "report.json").read_text())
@@ -216,7 +217,8 @@ def test_awq_end_to_end_reloads_with_same_perplexity(method, tiny_models, texts,
 def test_awq_gptq_scales_v_into_o_without_gqa(mha_llama, texts, tmp_path):
     """Without GQA every group is scaled; v_proj, quantized first, takes o_proj's scales in its qparams."""
     out = tmp_path / "out"
-    cfg = build_config(run_config(mha_llama, texts, out, quant={"method": "awq+gptq", "bits": 3}))
+    cfg = build_config(run_config(mha_llama, texts, out, quant={"method": "awq+gptq", "bits": 3},
+                                  export={"format": "fake"}))
     report = quantize(cfg, show_progress=False)
     _check_export(report, out, texts)
     for b in report["blocks"]:
@@ -236,24 +238,33 @@ def test_config_accepts_awq_and_checks_its_options():
         build_config(base, {"quant.awq_clip_max_shrink": 1.0})
 
 
-def test_awq_block_options(tiny_models):
+def test_awq_block_options(tiny_models, tmp_path):
     """Asymmetric per-channel, one observation pass, ignored linears inside scaled groups."""
-    from shardquant.calibrate import BlockProfile, quantize_block
-    from shardquant.config import QuantConfig
+    from shardquant.calibrate import BlockProfile, calibrate_block
+    from shardquant.config import RunConfig
+    from shardquant.executor import LocalExecutor
 
-    src = ModelSource(tiny_models["qwen3"], device="cpu")
+    cfg = RunConfig.model_validate({
+        "model": {"path": str(tiny_models["qwen3"]), "device": "cpu"},
+        "quant": {"method": "awq", "bits": 4, "group_size": -1, "symmetric": False, "true_sequential": False,
+                  "ignore": ["lm_head", "k_proj", "mlp.down_proj"], "awq_grid": 4, "awq_clip_grid": 6},
+        "export": {"format": "fake"},
+        "output": str(tmp_path),
+    })
+    ex = LocalExecutor(cfg)
+    src = ex.worker.source
     runner = BlockRunner(src.adapter, src.skeleton.config, src.rotary())
     gen = torch.Generator().manual_seed(4)
     x = [torch.randn(2, 48, 64, generator=gen) for _ in range(2)]
-    block = src.block(1)
+    ex.worker.store.put("calib", x)
+    ex.begin_block(1)
+    block = ex.worker.block
     before = runner.forward_all(block, 1, x)
     k_before = block.get_submodule("self_attn.k_proj").weight.clone()
-    q = QuantConfig(method="awq", bits=4, group_size=-1, symmetric=False, true_sequential=False,
-                    ignore=["lm_head", "k_proj", "mlp.down_proj"], awq_grid=4, awq_clip_grid=6)
     prof = BlockProfile()
-    res = quantize_block(block, "model.layers.1", src.adapter, q,
-                         lambda stop: runner.forward_all(block, 1, x, stop_at=stop), prof)
+    res = calibrate_block(ex, "model.layers.1", src.skeleton.get_submodule("model.layers.1"), src.adapter, cfg.quant, prof)
     assert set(res) == {"self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"}
+    assert set(ex.worker.results) == set(res)
     assert set(prof.awq) == {"attn_in", "mlp_in"}  # attn_out: GQA; mlp_out: nothing to quantize
     # k_proj stays in full precision but carries the q/k/v scales, if any were chosen.
     k = block.get_submodule("self_attn.k_proj").weight
@@ -261,4 +272,4 @@ def test_awq_block_options(tiny_models):
     after = runner.forward_all(block, 1, x)
     err = sum(float((a - b).pow(2).sum()) for a, b in zip(after, before, strict=True))
     assert 0 < err < 0.05 * sum(float(b.pow(2).sum()) for b in before)
-    src.release(block)
+    ex.close()

@@ -63,7 +63,9 @@ def test_override_lists_and_strings(tmp_path):
         (["quant.bits=3"], r"unexpected argument 'quant\.bits=3'"),
         (["--quant.bits.x=3"], r"^quant\.bits: "),
         (["--model.path.x=3"], r"'model\.path' is not a section"),
-        (["--cluster.backend=ray"], r"cluster\.backend"),
+        (["--cluster.backend=slurm"], r"^cluster\.backend: "),
+        (["--cluster.workers=0"], r"^cluster\.workers: "),
+        (["--cluster.activation_memory=lots"], r"^cluster\.activation_memory: "),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, args, pattern):
@@ -98,3 +100,15 @@ def test_parse_overrides_and_sizes():
     assert parse_size(1234) == 1234
     with pytest.raises(ValueError):
         parse_size("-1GB")
+
+
+def test_export_format_default_is_compressed_tensors():
+    """Packed by default; `fake` when nothing is quantized unless a format is asked for."""
+    base = {"model": {"path": "m"}}
+    assert build_config(base).export.format == "compressed-tensors"
+    assert build_config(base, {"quant.method": "none"}).export.format == "fake"
+    assert build_config(base, {"quant.method": "none", "export.format": "gptq"}).export.format == "gptq"
+    for fmt in ("compressed-tensors", "gptq", "awq", "fake"):
+        assert build_config(base, {"export.format": fmt}).export.format == fmt
+    with pytest.raises(UserError, match=r"^export\.format: "):
+        build_config(base, {"export.format": "exl2"})

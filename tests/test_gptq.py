@@ -13,8 +13,20 @@ from shardquant.algorithms.rtn import quantize_rtn
 OUT, IN = 48, 128
 
 
-def textbook_gptq(W, H, *, bits, group, sym, act_order, static_groups, damp=0.01):
-    """Plain GPTQ in float64: quantize one column, push its error onto all later columns."""
+def gar_order(diag: torch.Tensor, glen: int) -> torch.Tensor:
+    """Group-aware order with Python sorts: groups of consecutive columns by decreasing largest
+    diagonal entry, columns of a group by decreasing diagonal; ties keep column order."""
+    d = diag.tolist()
+    groups = [list(range(g, min(g + glen, len(d)))) for g in range(0, len(d), glen)]
+    ranked = sorted(range(len(groups)), key=lambda k: -max(d[j] for j in groups[k]))
+    return torch.tensor([j for k in ranked for j in sorted(groups[k], key=lambda j: -d[j])])
+
+
+def textbook_gptq(W, H, *, bits, group, sym, act_order, static_groups, damp=0.01, reorder="none"):
+    """Plain GPTQ in float64: quantize one column, push its error onto all later columns.
+
+    ``reorder="group"``: process in ``gar_order``; a group keeps its original columns and gets
+    its qparams when its first column is reached."""
     W, H = W.double().clone(), H.double().clone()
     n, maxq = W.shape[1], 2**bits - 1
     dead = [j for j in range(n) if H[j, j] == 0]
@@ -41,7 +53,12 @@ def textbook_gptq(W, H, *, bits, group, sym, act_order, static_groups, damp=0.01
         scales = torch.zeros(W.shape[0], n_groups, dtype=torch.float64)
         zeros = torch.zeros_like(scales)
 
-    perm = torch.argsort(H.diag(), descending=True, stable=True) if act_order else torch.arange(n)
+    if reorder == "group":
+        perm = gar_order(H.diag(), glen)
+    elif act_order:
+        perm = torch.argsort(H.diag(), descending=True, stable=True)
+    else:
+        perm = torch.arange(n)
     H, W = H[perm][:, perm], W[:, perm]
     H += damp * H.diag().mean() * torch.eye(n, dtype=torch.float64)
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
@@ -53,6 +70,11 @@ def textbook_gptq(W, H, *, bits, group, sym, act_order, static_groups, damp=0.01
         orig = int(perm[i])
         if group == -1 or static_groups:
             g = orig // glen
+        elif reorder == "group":
+            g = orig // glen
+            if i == 0 or int(perm[i - 1]) // glen != g:
+                size = min(glen, n - g * glen)
+                scales[:, g], zeros[:, g] = qparams(W[:, i : i + size])
         else:
             g = i // glen
             if i % glen == 0:
@@ -202,3 +224,98 @@ def test_damping_retries_then_fails_clearly() -> None:
         GPTQSolver(-torch.eye(IN))
     with pytest.raises(ValueError, match="weight must be"):
         solver.quantize(torch.randn(4, IN + 1), QuantSpec())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize(("group", "static"), [(32, False), (48, False), (32, True), (-1, False)])
+def test_group_reorder_matches_textbook(sym: bool, group: int, static: bool) -> None:
+    x = correlated_inputs(512, torch.float64)
+    x[:, 5] = 0
+    H = hessian_of(x)
+    W = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    spec = QuantSpec(bits=4, group_size=group, symmetric=sym)
+    got = gptq_quantize(W, H, spec, block_size=20, reorder="group", static_groups=static)
+    codes, scales, zeros, g_idx, loss = textbook_gptq(
+        W, H, bits=4, group=group, sym=sym, act_order=False, static_groups=static, reorder="group"
+    )
+    qw = got.weight
+    assert torch.equal(qw.codes.long(), codes)
+    assert torch.equal(qw.scales.double(), scales)
+    assert torch.equal(qw.zeros.long(), zeros)
+    assert torch.equal(qw.g_idx.long(), g_idx)
+    assert got.loss == pytest.approx(loss, rel=1e-9)
+
+
+@pytest.mark.parametrize("group", [32, 48])
+def test_group_reorder_needs_no_g_idx(group: int) -> None:
+    x = correlated_inputs(1024, torch.float32)
+    H = hessian_of(x)
+    W = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(7))
+    spec = QuantSpec(bits=4, group_size=group, symmetric=False)
+    solver = GPTQSolver(H, reorder="group", group_size=group)
+    assert not torch.equal(solver.perm, torch.arange(IN))  # it does reorder
+    res = solver.quantize(W, spec, block_size=32)
+    qw = res.weight
+    assert torch.equal(qw.g_idx, torch.arange(IN, dtype=torch.int32) // group)
+    # the codes read with plain consecutive groups (no g_idx) give the solver's weights ...
+    cols = torch.arange(IN) // group
+    plain = (qw.codes.float() - qw.zeros[:, cols].float()) * qw.scales[:, cols]
+    assert torch.equal(plain, qw.dequantize())
+    # ... whose error is the loss the solver reports
+    dW = (W - plain).double()
+    H_damped = H.double() + 0.01 * H.diag().mean().double() * torch.eye(IN, dtype=torch.float64)
+    assert res.loss == pytest.approx(float((dW @ H_damped * dW).sum()) / 2, rel=1e-4)
+
+
+def test_group_reorder_order_and_errors() -> None:
+    from shardquant.algorithms.gptq import group_aware_order
+
+    diag = torch.tensor([1.0, 5.0, 2.0, 0.5, 9.0, 0.1, 3.0])
+    # groups {0,1,2} max 5, {3,4,5} max 9, {6} max 3
+    assert group_aware_order(diag, 3).tolist() == [4, 3, 5, 1, 2, 0, 6]
+    assert torch.equal(group_aware_order(diag, 3), gar_order(diag, 3))
+    H = hessian_of(correlated_inputs(256, torch.float32))
+    with pytest.raises(ValueError, match="exclude each other"):
+        GPTQSolver(H, act_order=True, reorder="group", group_size=32)
+    with pytest.raises(ValueError, match="needs the group_size"):
+        GPTQSolver(H, reorder="group")
+    with pytest.raises(ValueError, match="orders groups of 32"):
+        GPTQSolver(H, reorder="group", group_size=32).quantize(torch.randn(4, IN), QuantSpec(group_size=64))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_many_equals_separate_calls(static: bool) -> None:
+    x = correlated_inputs(256, torch.float64)
+    H = hessian_of(x)
+    gen = torch.Generator().manual_seed(8)
+    ws = [torch.randn(o, IN, generator=gen, dtype=torch.float64) for o in (OUT, 16, 2 * OUT)]
+    spec = QuantSpec(bits=4, group_size=32, symmetric=False)
+    solver = GPTQSolver(H, reorder="group", group_size=32)
+    many = solver.quantize_many(ws, spec, block_size=32, static_groups=static)
+    for w, r in zip(ws, many, strict=True):
+        alone = solver.quantize(w, spec, block_size=32, static_groups=static)
+        assert torch.equal(r.weight.codes, alone.weight.codes)
+        assert torch.equal(r.weight.scales, alone.weight.scales)
+        assert torch.equal(r.weight.zeros, alone.weight.zeros)
+        assert torch.equal(r.weight.g_idx, alone.weight.g_idx)
+        assert r.loss == pytest.approx(alone.loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_mse_search_in_gptq(static: bool) -> None:
+    from shardquant.algorithms.quantizer import MSEGrid
+
+    x = correlated_inputs(1024, torch.float32)
+    H = hessian_of(x)
+    W = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(9))
+    W[:, 3] *= 6  # outliers make shrinking worthwhile in some groups
+    spec = QuantSpec(bits=3, group_size=32, symmetric=False)
+    plain = gptq_quantize(W, H, spec, static_groups=static, block_size=32)
+    searched = gptq_quantize(W, H, spec, static_groups=static, block_size=32, mse=MSEGrid())
+    assert not torch.equal(plain.weight.scales, searched.weight.scales)
+    deq = searched.weight.dequantize()
+    assert torch.isfinite(deq).all()
+    # the reported loss still describes the returned codes
+    dW = (W - deq).double()
+    H_damped = H.double() + 0.01 * H.diag().mean().double() * torch.eye(IN, dtype=torch.float64)
+    assert searched.loss == pytest.approx(float((dW @ H_damped * dW).sum()) / 2, rel=1e-4)

@@ -39,7 +39,8 @@ def eval_windows(model_dir, texts, n=8, seq_len=64) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_method_matches_transformers(family, tiny_models, texts, tmp_path):
     """quant.method=none: blockwise perplexity equals transformers' forward of the whole model."""
-    cfg = build_config(run_config(tiny_models[family], texts, tmp_path / "out", quant={"method": "none"}))
+    cfg = build_config(run_config(tiny_models[family], texts, tmp_path / "out", quant={"method": "none"},
+                                  export={"format": "fake"}))
     report = quantize(cfg, show_progress=False)
     ref = reference_ppl(tiny_models[family], eval_windows(tiny_models[family], texts))
     assert report["ppl"]["quantized"] == pytest.approx(ref, rel=1e-5)
@@ -60,7 +61,8 @@ def test_identity_method_matches_transformers(family, tiny_models, texts, tmp_pa
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_fake_export_reloads_with_same_perplexity(family, method, tiny_models, texts, tmp_path):
     out = tmp_path / "out"
-    cfg = build_config(run_config(tiny_models[family], texts, out, quant={"method": method, "bits": 3}))
+    cfg = build_config(run_config(tiny_models[family], texts, out, quant={"method": method, "bits": 3},
+                                  export={"format": "fake"}))
     report = quantize(cfg, show_progress=False)
     model_dir = out / "model"
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -107,7 +109,7 @@ def test_report_contents(tiny_models, texts, tmp_path):
         assert all(v > 0 and math.isfinite(v) for v in b["loss"].values())
     assert on_disk["config"]["quant"]["method"] == "gptq"
     assert on_disk["config"]["model"]["path"] == str(tiny_models["qwen2"])
-    assert on_disk["export"] == {"format": "fake", "path": str(out / "model"), "bytes": on_disk["export"]["bytes"]}
+    assert on_disk["export"] == {"format": "compressed-tensors", "path": str(out / "model"), "bytes": on_disk["export"]["bytes"]}
     assert (out / "report.md").read_text().startswith("# shardquant run")
 
 
@@ -119,7 +121,8 @@ def test_gptq_beats_rtn_and_propagation_modes(tiny_models, texts, tmp_path):
         ("gptq", {"method": "gptq", "bits": 3}, {}),
         ("gptq-fp", {"method": "gptq", "bits": 3}, {"propagate": "fp"}),
     ]:
-        cfg = build_config(run_config(tiny_models["llama"], texts, tmp_path / name, quant=quant, calib=calib))
+        cfg = build_config(run_config(tiny_models["llama"], texts, tmp_path / name, quant=quant, calib=calib,
+                                      export={"format": "fake"}))
         results[name] = quantize(cfg, show_progress=False)
     fp = results["rtn"]["ppl"]["fp"]
     gap = {k: r["ppl"]["quantized"] / fp - 1 for k, r in results.items()}
@@ -132,7 +135,8 @@ def test_gptq_beats_rtn_and_propagation_modes(tiny_models, texts, tmp_path):
 
 
 def test_ignore_and_true_sequential(tiny_models, texts, tmp_path):
-    base = run_config(tiny_models["llama"], texts, tmp_path / "a", quant={"ignore": ["lm_head", "down_proj"]})
+    base = run_config(tiny_models["llama"], texts, tmp_path / "a", quant={"ignore": ["lm_head", "down_proj"]},
+                      export={"format": "fake"})
     quantize(build_config(base), show_progress=False)
     seq = read_checkpoint(tmp_path / "a" / "model")
     from safetensors.torch import load_file
@@ -156,7 +160,8 @@ def test_ignore_and_true_sequential(tiny_models, texts, tmp_path):
 
 def test_eval_command_matches_quantize_report(tiny_models, texts, tmp_path):
     out = tmp_path / "out"
-    report = quantize(build_config(run_config(tiny_models["mistral"], texts, out)), show_progress=False)
+    report = quantize(build_config(run_config(tiny_models["mistral"], texts, out, export={"format": "fake"})),
+                      show_progress=False)
     ev = evaluate(
         build_config(run_config(out / "model", texts, tmp_path / "ev", quant={"method": "none"})),
         show_progress=False,

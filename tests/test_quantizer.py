@@ -208,3 +208,50 @@ def test_hessian_errors() -> None:
         acc.hessian()
     with pytest.raises(ValueError):
         acc.add(torch.randn(4, 9))
+
+
+def _group_error(w: torch.Tensor, spec: QuantSpec, scale, zero, norm: float) -> torch.Tensor:
+    return (fake_quantize(w, scale, zero, spec.maxq) - w).abs().pow(norm).sum(-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    sym=st.booleans(),
+    norm=st.sampled_from([2.0, 2.4]),
+    outlier=st.floats(1.0, 20.0),
+)
+def test_mse_search_never_worse_than_min_max(seed, bits, sym, norm, outlier) -> None:
+    from shardquant.algorithms.quantizer import MSEGrid, mse_qparams
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 4, 32, generator=gen)
+    w[:, :, 0] *= outlier
+    spec = QuantSpec(bits=bits, group_size=32, symmetric=sym)
+    s0, z0 = compute_qparams(w, spec)
+    grid = MSEGrid(grid=50, max_shrink=0.5, norm=norm)
+    s1, z1 = mse_qparams(w, spec, grid)
+    e0, e1 = _group_error(w, spec, s0, z0, norm), _group_error(w, spec, s1, z1, norm)
+    assert (e1 <= e0).all()
+    assert ((z1 >= 0) & (z1 <= spec.maxq)).all() and (s1 > 0).all()
+    # scales are still stored exactly in the scale dtype
+    assert torch.equal(s1, s1.half().float())
+
+
+def test_mse_search_shrinks_outlier_groups_and_rtn_uses_it() -> None:
+    from shardquant.algorithms.quantizer import MSEGrid
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen)
+    w[:, ::32] *= 10  # one outlier per group of 32: min/max wastes most of the grid
+    spec = QuantSpec(bits=3, group_size=32, symmetric=True)
+    plain = quantize_rtn(w, spec)
+    searched = quantize_rtn(w, spec, mse=MSEGrid(grid=100, max_shrink=0.8, norm=2.0))
+    assert (searched.scales <= plain.scales).all() and (searched.scales < plain.scales).any()
+    e_plain = (w - plain.dequantize()).pow(2).sum()
+    e_searched = (w - searched.dequantize()).pow(2).sum()
+    assert e_searched < e_plain
+    assert MSEGrid(grid=10, max_shrink=0.3).ratios() == pytest.approx([1.0, 0.9, 0.8])
+    with pytest.raises(ValueError, match="max_shrink"):
+        MSEGrid(max_shrink=1.0)

@@ -1,0 +1,113 @@
+"""The Ray executor's cost and memory, measured side by side with the local executor.
+
+Usage:
+  python benchmarks/ray_scaling.py overhead [--calib 32] [--method gptq]
+      SmolLM2-135M, same job with cluster.backend local and ray (1 worker): wall-time ratio.
+  python benchmarks/ray_scaling.py memory [--gb 4] [--workers 2]
+      A random Llama-shaped model of about --gb GB (fp32 on disk), RTN with 2 Ray workers:
+      the peak RSS of every process (driver and each worker) over the model's size.
+Measured, never asserted; paste the printed table into benchmarks/RESULTS.md with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from _common import run_quantize, smollm2_protocol
+
+
+def overhead(args: argparse.Namespace) -> None:
+    out = Path(args.out or tempfile.mkdtemp(prefix="sq-ray-overhead-"))
+    rows = []
+    for name, cluster in (("local", {"backend": "local"}), ("ray, 1 worker", {"backend": "ray", "workers": 1,
+                                                                                "cpus_per_worker": 2})):
+        cfg = smollm2_protocol(calib_n=args.calib, eval_n=4, seq_len=512)
+        cfg["quant"] = {"method": args.method, "bits": 4, "group_size": 64}
+        cfg["export"]["format"] = "fake"
+        cfg["cluster"] = cluster
+        cfg["output"] = str(out / name.split(",")[0])
+        t = time.perf_counter()
+        rep = run_quantize(cfg, out / name.split(",")[0])
+        rows.append((name, time.perf_counter() - t, rep["timing"]["calibrate_s"], rep["ppl"]["quantized"]))
+    base = rows[0][1]
+    print(f"SmolLM2-135M, {args.method} 4-bit g64, {args.calib} x 512 calibration tokens, 4 x 512 eval")
+    print("| executor | wall s (process) | calibrate_s | ppl | wall / local |\n| --- | --- | --- | --- | --- |")
+    for name, wall, cal, ppl in rows:
+        print(f"| {name} | {wall:.1f} | {cal:.1f} | {ppl:.3f} | {wall / base:.2f} |")
+
+
+def _random_model(root: Path, gb: float) -> Path:
+    """A random Llama of about `gb` GB in fp32, saved as sharded safetensors with a tokenizer."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter = 2048, 5632
+    per_block = 4 * hidden * hidden + 3 * hidden * inter
+    layers = max(1, round((gb * 1e9 / 4 - 2 * 320 * hidden) / per_block))
+    cfg = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg)
+    path = root / "model"
+    model.save_pretrained(path, max_shard_size="500MB")
+    build_tokenizer(path)
+    return path
+
+
+def memory(args: argparse.Namespace) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_text
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="sq-ray-memory-"))
+    model = _random_model(out, args.gb)
+    size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    text = out / "calib.txt"
+    text.write_text(make_text(20000, 1))
+    cfg = {
+        "model": {"path": str(model)},
+        "calib": {"path": str(text), "n_samples": 16, "seq_len": 256, "batch_size": 4},
+        "quant": {"method": args.method, "bits": 4, "group_size": 128},
+        "eval": {"enabled": False},
+        "export": {"format": "compressed-tensors"},
+        "cluster": {"backend": "ray", "workers": args.workers, "cpus_per_worker": 1},
+        "output": str(out / "run"),
+    }
+    rep = run_quantize(cfg, out / "run")
+    peaks = {"driver": rep["memory"]["driver_peak_rss_bytes"], **rep["cluster"]["peak_rss_bytes"]}
+    print(f"random Llama, {size / 1e9:.2f} GB fp32 on disk, {args.method} 4-bit g128, {args.workers} Ray workers")
+    print("| process | peak RSS GB | / model size |\n| --- | --- | --- |")
+    for name, peak in peaks.items():
+        print(f"| {name} | {peak / 1e9:.2f} | {peak / size:.3f} |")
+    print(f"| max over all processes (report.json memory.peak_rss_bytes) | {rep['memory']['peak_rss_bytes'] / 1e9:.2f} | "
+          f"{rep['memory']['peak_rss_bytes'] / size:.3f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="what", required=True)
+    o = sub.add_parser("overhead")
+    o.add_argument("--calib", type=int, default=32)
+    o.add_argument("--method", default="gptq")
+    o.add_argument("--out", default=None)
+    m = sub.add_parser("memory")
+    m.add_argument("--gb", type=float, default=4.0)
+    m.add_argument("--workers", type=int, default=2)
+    m.add_argument("--method", default="rtn")
+    m.add_argument("--out", default=None)
+    args = ap.parse_args()
+    overhead(args) if args.what == "overhead" else memory(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The Ray executor: N `BlockWorker` actors, data parallel over the calibration samples.
+
+Each actor holds a contiguous share of the calibration and evaluation windows and loads the
+current block itself (from the model directory, which every node must see). Per observation
+phase every actor accumulates its statistics; the Hessians go, as object refs, straight to the
+actors that solve (each linear on one actor, bin-packed by cost), which sum them exactly
+(sum, count); the quantized weights go, as refs, to every actor, so all hold the same
+quantized block and propagate their own samples. The driver only moves small things (AWQ
+channel means and losses, per-layer losses) and never loads a weight. Block files and the
+final shards are written by the actors, spread over them, in parallel.
+
+A lost actor (killed process, out of memory, dead node) is replaced in the same placement
+bundle; the pipeline then reloads every actor's activations from the last saved block and
+redoes the block.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from shardquant.calibrate import SolveTask
+from shardquant.config import RunConfig, config_dict
+from shardquant.errors import UserError
+from shardquant.worker import BlockWorker
+
+ZERO_COPY = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+
+
+def _lost_worker_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
+             "OutOfMemoryError", "NodeDiedError", "ObjectLostError", "OwnerDiedError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, with one line, when a host:port Ray address does not answer (ray.init would
+    retry for minutes)."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cluster.address: cannot reach Ray at '{address}' ({e.strerror or e}); start the cluster "
+            "(ray start --head) or fix the address"
+        ) from None
+
+
+def assign(costs: list[float], workers: int) -> list[int]:
+    """Greedy bin packing: the worker of each item (largest first onto the least loaded)."""
+    load = [0.0] * workers
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda k: -costs[k]):
+        k = min(range(workers), key=lambda w: (load[w], w))
+        owner[i] = k
+        load[k] += costs[i]
+    return owner
+
+
+class RayExecutor:
+    """The executor interface (see shardquant.executor) on Ray actors."""
+
+    def __init__(self, cfg: RunConfig):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.cfg = cfg
+        c = cfg.cluster
+        os.environ.update(ZERO_COPY)
+        self._own_ray = False
+        if not ray.is_initialized():
+            address = c.address or os.environ.get("RAY_ADDRESS") or None
+            kwargs: dict[str, Any] = {
+                "runtime_env": {"env_vars": dict(ZERO_COPY)},
+                "log_to_driver": False,
+                "configure_logging": False,
+            }
+            if address is not None:
+                _check_reachable(address)
+            if address is None:
+                # A private local Ray, listening on loopback only.
+                kwargs.update(include_dashboard=False, _node_ip_address="127.0.0.1")
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise UserError(f"cluster.address: cannot connect to Ray at '{address}': {str(e).splitlines()[0]}") from None
+            self._own_ray = True
+        bundle: dict[str, float] = {"CPU": c.cpus_per_worker}
+        if c.gpus_per_worker:
+            bundle["GPU"] = c.gpus_per_worker
+        total = ray.cluster_resources()
+        for res, need in bundle.items():
+            if need * c.workers > total.get(res, 0):
+                self._shutdown()
+                raise UserError(
+                    f"cluster.workers: cannot place {c.workers} workers of {bundle} on the Ray cluster "
+                    f"(it has CPU={total.get('CPU', 0):g}, GPU={total.get('GPU', 0):g}); lower cluster.workers, "
+                    "cluster.cpus_per_worker or cluster.gpus_per_worker"
+                )
+        self._pg = placement_group([dict(bundle) for _ in range(c.workers)], strategy=c.placement.upper())
+        ready, _ = ray.wait([self._pg.ready()], timeout=60)
+        if not ready:
+            ray.util.remove_placement_group(self._pg)
+            self._shutdown()
+            raise UserError(
+                f"cluster.workers: cannot place {c.workers} workers of {bundle} on the Ray cluster "
+                f"(it has CPU={total.get('CPU', 0):g}, GPU={total.get('GPU', 0):g}); lower cluster.workers, "
+                "cluster.cpus_per_worker or cluster.gpus_per_worker"
+            )
+        self._cfg_dict = config_dict(cfg)
+        self.actors = [self._spawn(k) for k in range(c.workers)]
+        self.names = [f"w{k}" for k in range(c.workers)]
+        self.failures = 0
+        self._stats: list = []
+        self._pending: list = []
+        self._index = -1
+        self._setup_args: tuple | None = None
+        self._shapes = None
+        self.hosts = ray.get([a.info.remote() for a in self.actors])
+
+    @property
+    def world(self) -> int:
+        return len(self.actors)
+
+    def _spawn(self, k: int):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        c = self.cfg.cluster
+        actor_cls = ray.remote(BlockWorker)
+        return actor_cls.options(
+            num_cpus=c.cpus_per_worker,
+            num_gpus=c.gpus_per_worker,
+            max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=k),
+        ).remote(self._cfg_dict, k, c.workers, name=f"w{k}")
+
+    def _all(self, method: str, *args, **kwargs) -> list:
+        import ray
+
+        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    # --- run lifecycle --------------------------------------------------------------------
+
+    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
+        import ray
+
+        self._setup_args = (ray.put(calib), ray.put(evals), do_fp_eval)
+        self._windows = ray.get(
+            [a.setup.remote(self._setup_args[0], self._setup_args[1], do_fp_eval=do_fp_eval) for a in self.actors]
+        )
+
+    def begin_block(self, index: int) -> None:
+        self._index = index
+        self._all("begin_block", index)
+
+    def end_block(self, block_file: str) -> list[dict[str, Any]]:
+        import ray
+
+        writer = self._index % self.world
+        return ray.get([a.end_block.remote(block_file if k == writer else None) for k, a in enumerate(self.actors)])
+
+    def save_activations(self, paths: list[str]) -> None:
+        import ray
+
+        ray.get([a.save_activations.remote(p) for a, p in zip(self.actors, paths, strict=True)])
+
+    def load_activations(self, paths: list[str]) -> None:
+        import ray
+
+        ray.get([a.load_activations.remote(p) for a, p in zip(self.actors, paths, strict=True)])
+
+    def write_other(self, path: str) -> None:
+        import ray
+
+        ray.get(self.actors[-1].write_other.remote(path))
+
+    def assemble(self, jobs: list) -> None:
+        """Shards written in parallel: job k on actor k mod N."""
+        import ray
+
+        parts: list[list] = [[] for _ in self.actors]
+        for k, job in enumerate(jobs):
+            parts[k % self.world].append(job)
+        ray.get([a.assemble.remote(p) for a, p in zip(self.actors, parts, strict=True) if p])
+
+    def nll(self) -> list[dict[str, tuple[float, int]]]:
+        return self._all("nll")
+
+    def peak_rss(self) -> list[int]:
+        """Each worker's peak RSS (report.json: cluster.peak_rss_bytes)."""
+        return self._all("peak_rss")
+
+    def recover(self, error: BaseException) -> bool:
+        """Replace dead actors when `error` is a lost worker and failures remain; True if so."""
+        import ray
+
+        if not isinstance(error, _lost_worker_errors()) or self.failures >= self.cfg.cluster.max_failures:
+            return False
+        self.failures += 1
+        for k, a in enumerate(self.actors):
+            try:
+                ray.get(a.info.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - any failure to answer means the actor is gone
+                ray.kill(a, no_restart=True)
+                self.actors[k] = self._spawn(k)
+                if self._setup_args is not None:
+                    calib, evals, do_fp = self._setup_args
+                    ray.get(self.actors[k].setup.remote(calib, evals, do_fp_eval=do_fp))
+        self._stats, self._pending = [], []
+        return True
+
+    def close(self) -> None:
+        import ray
+
+        for a in getattr(self, "actors", []):
+            try:
+                a.close.remote()
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        try:
+            ray.util.remove_placement_group(self._pg)
+        except Exception:  # noqa: BLE001
+            pass
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        import ray
+
+        if self._own_ray:
+            ray.shutdown()
+            self._own_ray = False
+
+    # --- block steps (see calibrate.BlockSteps) --------------------------------------------
+
+    def observe(self, groups, *, hessian, channel, capture):
+        import ray
+
+        refs = [
+            a.observe_parts.options(num_returns=2).remote(groups, hessian=hessian, channel=channel, capture=capture)
+            for a in self.actors
+        ]
+        self._stats = [r[0] for r in refs]
+        means = {}
+        for part in ray.get([r[1] for r in refs]):
+            for g, (total, count) in part.items():
+                acc = means.setdefault(g, [0, 0])
+                acc[0] = acc[0] + total
+                acc[1] += count
+        return {g: total / count for g, (total, count) in means.items()}
+
+    def awq_losses(self, group, linears, quantized, consumer, x_mean):
+        parts = self._all("awq_losses", group, linears, quantized, consumer, x_mean)
+        totals = [sum(p[0][i] for p in parts) for i in range(len(parts[0][0]))]
+        count = sum(p[1] for p in parts)
+        return [t / count for t in totals]
+
+    def fold(self, group, choice, prev, linears):
+        self._all("fold", group, choice, prev, linears)
+
+    def sample_rows(self, group, n):
+        """The rows a single process would sample: each worker sends those in its range."""
+        import ray
+
+        tokens = self.cfg.calib.seq_len
+        total = sum(self._windows) * tokens
+        offsets = [sum(self._windows[:k]) * tokens for k in range(self.world)]
+        parts = ray.get([a.sample_rows.remote(group, n, off, total) for a, off in zip(self.actors, offsets, strict=True)])
+        return torch.cat([p.cpu() for p in parts])
+
+    def _shape(self, name: str) -> tuple[int, int]:
+        if self._shapes is None:
+            from shardquant.model import ModelSource
+
+            self._shapes = ModelSource(self.cfg.model.path, dtype=self.cfg.model.dtype, device="cpu").linear_shapes()
+        return self._shapes[name]
+
+    def solve(self, tasks: list[SolveTask]) -> dict[str, float]:
+        """Each linear on one actor (bin-packed by its solve cost), from every actor's stats."""
+        import ray
+
+        if self.world == 1:
+            units = tasks
+        else:
+            units = [SolveTask(t.group, (n,), t.kind, t.clip, t.clip_skip, t.clip_rows) for t in tasks for n in t.linears]
+        costs = []
+        for u in units:
+            out_f, in_f = self._shape(u.linears[0])
+            costs.append(sum(self._shape(n)[0] for n in u.linears) * in_f * in_f + in_f**3)
+        owner = assign(costs, self.world)
+        weights, losses = [], []
+        for k, a in enumerate(self.actors):
+            mine = [u for u, o in zip(units, owner, strict=True) if o == k]
+            if not mine:
+                continue
+            # Refs inside a list are not resolved by Ray: the solver fetches them one at a time.
+            w_ref, l_ref = a.solve.options(num_returns=2).remote(mine, self._stats)
+            weights.append(w_ref)
+            losses.append(l_ref)
+        self._pending = weights
+        out: dict[str, float] = {}
+        for part in ray.get(losses):
+            out.update(part)
+        return out
+
+    def apply(self) -> None:
+        self._all("apply", *self._pending)
+        self._pending = []
+
+    def end_group(self, group: str) -> None:
+        self._all("end_group", group)
+
+
+__all__ = ["RayExecutor", "assign"]

@@ -1,0 +1,98 @@
+"""The executor interface and its in-process implementation.
+
+The pipeline is the only loop over blocks; it drives an executor, which runs each step on
+its workers and returns reduced results. `LocalExecutor` has one in-process `BlockWorker`;
+`shardquant.cluster.ray_executor.RayExecutor` has N Ray actors of the same class, with the
+calibration samples split between them (data parallel), statistics reduced as exact
+(sum, count) pairs, and each linear solved on one of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .calibrate import GroupStats, SolveTask
+from .config import RunConfig
+from .worker import BlockWorker
+
+
+class LocalExecutor:
+    """Every step on one in-process worker that holds all the samples."""
+
+    def __init__(self, cfg: RunConfig):
+        self.worker = BlockWorker(cfg, 0, 1, name="local")
+        self.names = ["local"]
+        self.faults: list[dict[str, Any]] = []
+        self._stats: dict[str, GroupStats] = {}
+        self._pending: dict = {}
+
+    @property
+    def world(self) -> int:
+        return 1
+
+    # --- run lifecycle --------------------------------------------------------------------
+
+    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
+        self.worker.setup(calib, evals, do_fp_eval=do_fp_eval)
+
+    def begin_block(self, index: int) -> None:
+        self.worker.begin_block(index)
+
+    def end_block(self, block_file: str) -> dict[str, Any]:
+        return self.worker.end_block(block_file)
+
+    def save_activations(self, paths: list[str]) -> None:
+        self.worker.save_activations(paths[0])
+
+    def load_activations(self, paths: list[str]) -> None:
+        self.worker.load_activations(paths[0])
+
+    def write_other(self, path: str) -> None:
+        self.worker.write_other(path)
+
+    def nll(self) -> dict[str, tuple[float, int]]:
+        return self.worker.nll()
+
+    def assemble(self, jobs: list[tuple[str, list, list[str]]]) -> None:
+        self.worker.assemble(jobs)
+
+    def peak_rss(self) -> int:
+        return self.worker.peak_rss()
+
+    def recover(self, error: BaseException) -> bool:
+        """A local failure is not recoverable in-process."""
+        return False
+
+    def close(self) -> None:
+        self.worker.close()
+
+    # --- block steps (see calibrate.BlockSteps) --------------------------------------------
+
+    def observe(self, groups, *, hessian, channel, capture):
+        self._stats = self.worker.observe(groups, hessian=hessian, channel=channel, capture=capture)
+        return {g: st.channel.mean() for g, st in self._stats.items() if st.channel is not None}
+
+    def awq_losses(self, group, linears, quantized, consumer, x_mean):
+        totals, count = self.worker.awq_losses(group, linears, quantized, consumer, x_mean)
+        return [t / count for t in totals]
+
+    def fold(self, group, choice, prev, linears):
+        self.worker.fold(group, choice, prev, linears)
+
+    def sample_rows(self, group, n):
+        return self.worker.sample_rows(group, n)
+
+    def solve(self, tasks: list[SolveTask]) -> dict[str, float]:
+        weights, losses = self.worker.solve(tasks, self._stats)
+        self._pending = weights
+        return losses
+
+    def apply(self) -> None:
+        self.worker.apply(self._pending)
+        self._pending = {}
+
+    def end_group(self, group: str) -> None:
+        self.worker.end_group(group)
+        self._stats.pop(group, None)

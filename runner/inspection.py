@@ -1,0 +1,329 @@
+"""`shardquant inspect DIR`: what a checkpoint directory holds, read from its config.json and
+safetensors headers only (plus the few bytes of compressed-tensors' `weight_shape` tensors).
+
+Formats: `compressed-tensors`, `gptq`, `awq` (from `quantization_config` and the tensors),
+`fake` (float weights on a quantization grid: the run's report.json beside the checkpoint
+says so, or every sampled (row, group) of a block linear holds at most 2**bits distinct values)
+and `unquantized`. Headers are validated by `checkpoint.CheckpointIndex`, so a missing,
+truncated or corrupt shard is one UserError line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .checkpoint import CheckpointIndex, TensorInfo
+from .errors import UserError
+
+KEY = "inspect"
+# The tensor that marks a quantized linear in each packed format, and its siblings.
+MARKERS = {"compressed-tensors": "weight_packed", "gptq": "qweight", "awq": "qweight"}
+SIBLINGS = {
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "awq": ("qweight", "qzeros", "scales"),
+}
+FLOAT_DTYPES = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """The weight scheme a checkpoint declares (None where it does not say)."""
+
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    act_order: bool | None = None
+
+    def describe(self) -> str:
+        if self.bits is None:
+            return "-"
+        group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
+        sym = {True: "symmetric", False: "asymmetric", None: "symmetry unknown"}[self.symmetric]
+        order = {True: "act-order", False: "no act-order", None: "act-order unknown"}[self.act_order]
+        return f"{self.bits}-bit, {group}, {sym}, {order}"
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of the checkpoint: its shape, how it is stored, its bytes."""
+
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    bits: int  # bits per weight as stored (16 or 32 for float weights)
+    group_size: int | None
+    bytes: int
+
+
+@dataclass
+class Summary:
+    """What `shardquant inspect` prints."""
+
+    path: str
+    format: str
+    scheme: Scheme
+    bytes_on_disk: int
+    safetensors_bytes: int
+    shards: int
+    tensors: int
+    linears: list[Linear] = field(default_factory=list)
+    not_quantized: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["linears"] = [asdict(lin) | {"shape": list(lin.shape)} for lin in self.linears]
+        out["layer_types"] = [asdict(t) for t in layer_types(self.linears)]
+        return out
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """Linears that differ only in their block index, aggregated."""
+
+    name: str
+    count: int
+    shape: tuple[int, int]
+    bits: int
+    group_size: int | None
+    bytes: int
+
+
+def layer_types(linears: list[Linear]) -> list[LayerType]:
+    """Aggregate linears by name with the block index replaced by `*` (first-seen order);
+    linears of one type that differ in shape or scheme stay apart."""
+    groups: dict[tuple, list[Linear]] = {}
+    for lin in linears:
+        key = (_BLOCK_INDEX.sub(".*.", lin.name, count=1), lin.shape, lin.bits, lin.group_size)
+        groups.setdefault(key, []).append(lin)
+    return [
+        LayerType(name, len(ls), shape, bits, group, sum(x.bytes for x in ls))
+        for (name, shape, bits, group), ls in groups.items()
+    ]
+
+
+def resolve_dir(path: str | Path) -> Path:
+    """The checkpoint directory: DIR itself, or DIR/model for a run directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{KEY}: '{p}' is not a directory")
+    if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
+        p = p / "model"
+    if not (p / "config.json").is_file():
+        raise UserError(f"{KEY}: '{p}' has no config.json (not a checkpoint or run directory)")
+    return p
+
+
+def read_config(root: Path) -> dict:
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise UserError(f"{KEY}: '{root / 'config.json'}' is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{KEY}: '{root / 'config.json'}' is not a JSON object")
+    return config
+
+
+def declared_format(qc: object) -> str | None:
+    """The packed format a `quantization_config` declares (None: none or unknown)."""
+    if not isinstance(qc, dict):
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    return method if method in MARKERS else None
+
+
+def declared_scheme(fmt: str, qc: dict) -> Scheme:
+    """The scheme in a packed format's `quantization_config`."""
+    if fmt == "compressed-tensors":
+        groups = qc.get("config_groups")
+        first = next(iter(groups.values()), None) if isinstance(groups, dict) and groups else None
+        w = first.get("weights") if isinstance(first, dict) else None
+        w = w if isinstance(w, dict) else {}
+        group = -1 if w.get("strategy") == "channel" else w.get("group_size")
+        return Scheme(w.get("num_bits"), group, w.get("symmetric"), bool(w.get("actorder")))
+    if fmt == "gptq":
+        return Scheme(qc.get("bits"), qc.get("group_size"), qc.get("sym"), qc.get("desc_act"))
+    # awq: zero points are always stored (a symmetric scheme is written as zero point 8).
+    return Scheme(qc.get("bits"), qc.get("group_size"), not qc.get("zero_point", True), False)
+
+
+def packed_linear(fmt: str, prefix: str, index: CheckpointIndex, scheme: Scheme) -> Linear:
+    """Shape, bits, group and bytes of the packed linear `prefix` from its tensors' headers."""
+    infos = {s: index.infos[f"{prefix}.{s}"] for s in SIBLINGS[fmt] if f"{prefix}.{s}" in index.infos}
+    bits = scheme.bits or 4
+    marker = infos[MARKERS[fmt]].shape
+    if len(marker) != 2:
+        raise UserError(f"{KEY}: tensor '{prefix}.{MARKERS[fmt]}' is not 2-D")
+    if fmt == "compressed-tensors":
+        out_f, in_f = _weight_shape(index, f"{prefix}.weight_shape") or (marker[0], marker[1] * 32 // bits)
+    elif fmt == "gptq":
+        out_f, in_f = marker[1], marker[0] * 32 // bits
+    else:
+        out_f, in_f = marker[1] * 32 // bits, marker[0]
+    scales = infos.get("weight_scale" if fmt == "compressed-tensors" else "scales")
+    n_groups = None if scales is None or len(scales.shape) != 2 else (
+        scales.shape[1] if fmt == "compressed-tensors" else scales.shape[0])
+    group = -1 if n_groups == 1 else (math.ceil(in_f / n_groups) if n_groups else scheme.group_size)
+    return Linear(prefix, (out_f, in_f), bits, group, sum(i.end - i.start for i in infos.values()))
+
+
+def _weight_shape(index: CheckpointIndex, name: str) -> tuple[int, int] | None:
+    """compressed-tensors' int64 [2] `weight_shape` (the 16 bytes read from the shard)."""
+    info = index.infos.get(name)
+    if info is None or info.dtype != "I64" or info.shape != (2,):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(index.files[name]), framework="pt") as f:
+            out_f, in_f = (int(v) for v in f.get_tensor(name).tolist())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{KEY}: cannot read '{index.files[name].name}': {str(e).splitlines()[0]}") from None
+    return out_f, in_f
+
+
+def float_linears(index: CheckpointIndex) -> list[str]:
+    """Names (without `.weight`) of the 2-D float weights inside numbered blocks."""
+    return [
+        n.removesuffix(".weight") for n in index.names()
+        if n.endswith(".weight") and _BLOCK_INDEX.search(n) and len(index.infos[n].shape) == 2
+        and index.infos[n].dtype in FLOAT_DTYPES
+    ]
+
+
+def float_linear(name: str, info: TensorInfo, scheme: Scheme) -> Linear:
+    bits = FLOAT_DTYPES[info.dtype]
+    return Linear(name, (info.shape[0], info.shape[1]), bits, scheme.group_size, info.end - info.start)
+
+
+def grid_scheme(index: CheckpointIndex, name: str, max_rows: int = 64) -> Scheme | None:
+    """The (bits, group) a float weight sits on, if any: the fewest bits b such that, for some
+    group size g with 2**b <= g / 2 (so random floats could not pass), every sampled
+    (row, group) holds at most 2**b distinct values. None when the weight is not on a grid."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(index.files[name]), framework="pt") as f:
+            w = f.get_slice(name)[:max_rows].float()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{KEY}: cannot read '{index.files[name].name}': {str(e).splitlines()[0]}") from None
+    in_f = w.shape[1]
+    best: Scheme | None = None
+    for g in sorted({in_f, *(2**k for k in range(4, 12))}, reverse=True):
+        if g > in_f or in_f % g:
+            continue
+        groups = w.reshape(w.shape[0], in_f // g, g)
+        distinct = max(len(set(row.tolist())) for row in groups.reshape(-1, g))
+        bits = max(1, math.ceil(math.log2(max(distinct, 2))))
+        if 2 <= bits <= 8 and 2**bits <= g // 2 and (best is None or bits < best.bits):
+            best = Scheme(bits, -1 if g == in_f else g, None, None)
+    return best
+
+
+def _run_report(root: Path) -> dict | None:
+    """report.json of the run whose export `root` is, if it is one."""
+    path = root.parent / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if Path(report["export"]["path"]).resolve() == root.resolve():
+            return report
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        pass
+    return None
+
+
+def inspect_checkpoint(path: str | Path) -> Summary:
+    """Read a checkpoint directory (or a run directory holding model/) and summarize it."""
+    root = resolve_dir(path)
+    config = read_config(root)
+    index = CheckpointIndex(root, key=KEY)
+    files = [p for p in root.iterdir() if p.is_file()]
+    shards = sorted({p.name for p in index.files.values()})
+    summary = Summary(
+        path=str(root), format="unquantized", scheme=Scheme(),
+        bytes_on_disk=sum(p.stat().st_size for p in files),
+        safetensors_bytes=sum((root / s).stat().st_size for s in shards),
+        shards=len(shards), tensors=len(index.infos),
+    )
+    qc = config.get("quantization_config")
+    fmt = declared_format(qc)
+    if fmt is not None:
+        summary.format, summary.scheme = fmt, declared_scheme(fmt, qc)
+        marker = MARKERS[fmt]
+        prefixes = [n.removesuffix(f".{marker}") for n in index.names() if n.endswith(f".{marker}")]
+        if not prefixes:
+            raise UserError(f"{KEY}: config.json declares '{fmt}' but no tensor ends in '.{marker}'")
+        summary.linears = [packed_linear(fmt, p, index, summary.scheme) for p in prefixes]
+        quantized = set(prefixes)
+        summary.not_quantized = [n for n in float_linears(index) if n not in quantized]
+        if "lm_head.weight" in index.infos:
+            summary.not_quantized.append("lm_head")
+        return summary
+    if isinstance(qc, dict):
+        summary.note = f"unknown quantization_config (quant_method {qc.get('quant_method')!r}): listed as float"
+    names = float_linears(index)
+    report = _run_report(root)
+    if report is not None and report.get("export", {}).get("format") == "fake":
+        q = report.get("config", {}).get("quant", {})
+        if q.get("method", "none") != "none":
+            summary.format = "fake"
+            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), q.get("act_order"))
+            summary.note = "scheme from the run's report.json"
+    elif names and not isinstance(qc, dict):
+        grid = grid_scheme(index, f"{names[0]}.weight")
+        if grid is not None:
+            summary.format, summary.scheme = "fake", grid
+            summary.note = f"float weights on a {grid.bits}-bit grid (estimated from {names[0]})"
+    summary.linears = [float_linear(n, index.infos[f"{n}.weight"], summary.scheme) for n in names]
+    return summary
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def render(summary: Summary, *, all_layers: bool = False) -> str:
+    """The human-readable report: header lines, then a table of layer types (or of every
+    linear with `all_layers`)."""
+    s = summary
+    fmt = "fake (float)" if s.format == "fake" else s.format
+    lines = [
+        f"checkpoint: {s.path}",
+        f"format:     {fmt}",
+        f"scheme:     {s.scheme.describe()}",
+        f"size:       {_size(s.bytes_on_disk)} on disk ({s.bytes_on_disk} bytes; safetensors "
+        f"{s.safetensors_bytes}) in {s.shards} shard{'s' if s.shards != 1 else ''}, {s.tensors} tensors",
+    ]
+    if s.note:
+        lines.append(f"note:       {s.note}")
+    if s.not_quantized:
+        shown = ", ".join(s.not_quantized[:6]) + (f", ... ({len(s.not_quantized)})" if len(s.not_quantized) > 6 else "")
+        lines.append(f"float:      {shown}")
+    title = "quantized linears" if s.format in MARKERS else "linears"
+    lines.append(f"{title}: {len(s.linears)}, {_size(sum(x.bytes for x in s.linears))}")
+    if not s.linears:
+        return "\n".join(lines)
+    if all_layers:
+        rows = [(x.name, "", x.shape, x.bits, x.group_size, x.bytes) for x in s.linears]
+        header = ("linear", "", "out x in", "bits", "group", "bytes")
+    else:
+        rows = [(t.name, str(t.count), t.shape, t.bits, t.group_size, t.bytes) for t in layer_types(s.linears)]
+        header = ("layer type", "count", "out x in", "bits", "group", "bytes")
+    cells = [header] + [
+        (n, c, f"{shape[0]} x {shape[1]}", str(b), "-" if g is None else str(g), str(nb))
+        for n, c, shape, b, g, nb in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(6)]
+    lines.append("")
+    for r in cells:
+        parts = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, 6) if widths[i]]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,515 @@
+"""`shardquant plan`: size a run from the model's config.json and the run config alone.
+
+No weight is read and torch is not imported: the numbers are arithmetic over the
+config.json values (num_hidden_layers, hidden_size, intermediate_size, num_attention_heads,
+num_key_value_heads, head_dim, vocab_size, tie_word_embeddings, and the family's bias and
+q/k-norm rules) and the run config. All sizes are bytes; ``d`` is the byte size of
+``model.dtype`` (float32 4, bfloat16/float16 2).
+
+Samples. ``world`` is ``cluster.workers`` with ``cluster.backend: ray``, else 1. The
+calibration windows (``calib.n_samples``; none when ``quant.method: none``) and evaluation
+windows (``eval.n_samples`` when ``eval.path`` is set and ``eval.enabled``) are split over
+the workers in contiguous shares exactly as ``worker.split_range`` does: rank r of w gets
+``n // w`` windows, plus one for the first ``n % w`` ranks. Per-worker figures are those of
+rank 0, the largest share.
+
+Activations per worker, one stream each (``windows × seq_len × hidden × d``):
+``calib`` (calibration), ``calib_next`` (``calib.propagate: fp``: the fp outputs kept beside
+the inputs), ``eval_q`` (evaluation through the quantized blocks) and ``eval_fp``
+(``eval.fp``: through the original blocks). ``calib_next`` and ``eval_fp`` exist only when
+something is quantized. Streams are held in memory up to ``cluster.activation_memory``; the
+rest spills to disk (``resident = min(total, cap)``).
+
+Memory per worker while one block is worked on (``block phase``), a deliberately
+conservative sum of terms that can be alive together:
+
+- ``weights``: the block's tensors in the compute dtype (its linears, norms, biases).
+- ``activations``: the resident activations above.
+- ``solved_codes``: solved weights are kept until the block is written, every linear's
+  int32 codes, float32 scales and int32 zeros per group and int32 g_idx:
+  ``sum(out·in·4 + out·groups·8 + in·4)`` over the block's quantized linears.
+- ``fp32_copies``: rtn/gptq: the linear being solved in float32 and its working or
+  dequantized copy, ``2 · max(out·in) · 4``; awq/awq+gptq add the float32 originals kept for
+  every quantized linear of the block (``sum(out·in) · 4``).
+- ``hessians`` (gptq, awq+gptq): a phase is one input group with ``quant.true_sequential``,
+  otherwise all groups at once. The solving worker fetches the workers' ``in × in`` float32
+  accumulators one at a time into a running sum (two sets of the phase's groups), plus 7 more ``in × in`` matrices of the widest
+  group while solving (the reduced sum, H = 2·sum/n, the solver's copy, the damped copy, the
+  Cholesky factor, its inverse and the upper factor of the inverse):
+  ``max over phases of (2 · Σ in_g² + 7 · max in_g²) · 4``.
+- ``awq_captures`` (awq, awq+gptq): the captured inputs of the phase's groups and the
+  consumer's reference outputs: ``tokens · (Σ in_g + hidden) · d`` with
+  ``tokens = calib windows of the share × calib.seq_len``.
+- ``workspace``: one forward batch (B = the stream's batch size, capped by its windows,
+  T = its seq_len): ``max(B · heads · T² · 4, 2 · B · T · intermediate · d) + B · T · hidden · d``
+  (fp32 attention scores of the sdpa math fallback, or the MLP's gate and up outputs; plus
+  the batch being produced); the larger of the calibration and evaluation streams.
+
+``block phase = weights + activations + solved_codes + fp32_copies + hessians +
+awq_captures + workspace``. Outside the blocks (embedding at setup, final norm and lm_head
+for perplexity) ``outside phase = activations + vocab · hidden · d + 2 · eval.seq_len ·
+vocab · 4`` (one window's float32 logits and their log-softmax). ``peak = max(block phase,
+outside phase)``. The estimate ignores the framework's own footprint (CUDA context,
+allocator caching, Python), so leave a margin.
+
+Checkpoint: the sum of the exported tensors' bytes (safetensors data, without headers,
+config or tokenizer), what ``report.json``'s ``export.bytes`` counts. Quantized linears (every
+block linear not matched by ``quant.ignore``) take the format's packed tensors:
+
+- ``fake``: ``out · in · d`` (dequantized floats).
+- ``compressed-tensors``: int32 ``out · ceil(in / (32/bits))``, scales ``out · groups · d``,
+  shape int64[2], and when asymmetric int32 zero points ``ceil(out / (32/bits)) · groups``.
+- ``gptq``: g_idx int32 ``in``, qweight int32 ``in·bits/32 · out``, qzeros int32
+  ``groups · out·bits/32``, float16 scales ``groups · out``.
+- ``awq``: qweight int32 ``in · out/8``, qzeros int32 ``in/group · out/8``, float16 scales
+  ``in/group · out``.
+
+``groups = ceil(in / group_size)``, 1 per channel. Everything else (norms, biases, ignored
+linears, embedding, lm_head unless tied) is stored in the compute dtype.
+
+``shardquant plan --worker-memory 80GB`` compares the peak with that capacity and prints
+FITS or DOES NOT FIT with the margin; the command exits 0 either way (the verdict is data,
+``--json`` has it as ``capacity.fits``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapters import Adapter, get_adapter
+from .config import RunConfig, parse_size
+from .errors import UserError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SOLVE_COPIES = 7  # in×in float32 matrices beyond the accumulators while a Hessian is solved
+
+
+def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The contiguous share [start, end) of n items that worker `rank` of `world` owns
+    (the split of `worker.split_range`, here without torch)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    """`quant.ignore` matching (as `calibrate.is_ignored`): exact, dotted suffix or 're:REGEX'."""
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.fullmatch(pat[3:], name):
+                return True
+        elif name == pat or name.endswith("." + pat):
+            return True
+    return False
+
+
+# --- the model, from config.json ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sizing needs from a config.json of a supported family."""
+
+    family: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attn_bias: tuple[bool, bool, bool, bool] = (False, False, False, False)  # q, k, v, o
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+    @property
+    def adapter(self) -> Adapter:
+        return get_adapter(self.family)
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each quantizable linear of a block, by block-relative name."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
+        }
+
+    def block_other_numel(self) -> int:
+        """Elements of a block's tensors other than the linears' weights: norms and biases."""
+        n = 2 * self.hidden
+        if self.qk_norm:
+            n += 2 * self.head_dim
+        outs = [out for out, _ in self.linears().values()]
+        n += sum(o for o, b in zip(outs[:4], self.attn_bias, strict=True) if b)
+        if self.mlp_bias:
+            n += sum(outs[4:])
+        return n
+
+    def block_numel(self) -> int:
+        return sum(o * i for o, i in self.linears().values()) + self.block_other_numel()
+
+    def outside_numel(self) -> int:
+        """Embedding, final norm, and lm_head unless tied."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+def read_model_config(model_path: str | Path) -> dict[str, Any]:
+    """model.path/config.json as a dict; UserError (one line) when missing or invalid."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise UserError(f"model.path: '{path}' does not exist (plan needs the model's config.json)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        detail = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise UserError(f"model.path: '{path}' is not valid JSON ({detail})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"model.path: '{path}' must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
+def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShape:
+    """The sizes of a llama/mistral/qwen2/qwen3 config.json; UserError naming a bad key."""
+    family = raw.get("model_type")
+    get_adapter(family, key=f"{where}: model_type")
+
+    def num(key: str, default: int | None = None) -> int:
+        v = raw.get(key, default)
+        if v is None:
+            raise UserError(f"{where}: '{key}' is missing")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{where}: '{key}' must be a positive integer (got {v!r})")
+        return v
+
+    heads = num("num_attention_heads")
+    hidden = num("hidden_size")
+    head_dim = raw.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise UserError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+        head_dim = hidden // heads
+    shape = dict(
+        family=family, layers=num("num_hidden_layers"), hidden=hidden, intermediate=num("intermediate_size"),
+        heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=num("head_dim", head_dim),
+        vocab=num("vocab_size"), tied=bool(raw.get("tie_word_embeddings", False)),
+    )
+    attention_bias = bool(raw.get("attention_bias", False))
+    if family == "llama":
+        extra = dict(attn_bias=(attention_bias,) * 4, mlp_bias=bool(raw.get("mlp_bias", False)))
+    elif family == "qwen2":
+        extra = dict(attn_bias=(True, True, True, False))
+    elif family == "qwen3":
+        extra = dict(attn_bias=(attention_bias,) * 4, qk_norm=True)
+    else:
+        extra = {}
+    return ModelShape(**shape, **extra)
+
+
+# --- the plan -----------------------------------------------------------------------------
+
+
+def _groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def packed_linear_bytes(fmt: str, out_f: int, in_f: int, cfg: RunConfig) -> int:
+    """Bytes of one quantized linear's tensors in export format `fmt`."""
+    q, d = cfg.quant, DTYPE_BYTES[cfg.model.dtype]
+    if fmt == "fake":
+        return out_f * in_f * d
+    groups = _groups(in_f, q.group_size)
+    per = max(1, 32 // q.bits)
+    if fmt == "compressed-tensors":
+        n = out_f * -(-in_f // per) * 4 + out_f * groups * d + 2 * 8
+        if not q.symmetric:
+            n += -(-out_f // per) * groups * 4
+        return n
+    if fmt == "gptq":
+        return in_f * 4 + (in_f * q.bits // 32) * out_f * 4 + groups * (out_f * q.bits // 32) * 4 + groups * out_f * 2
+    if fmt == "awq":
+        g = in_f // q.group_size if q.group_size > 0 else 1
+        return in_f * (out_f // 8) * 4 + g * (out_f // 8) * 4 + g * out_f * 2
+    raise ValueError(f"unknown export format {fmt!r}")
+
+
+def _format_notes(cfg: RunConfig) -> list[str]:
+    """Schemes the export format cannot hold (the run refuses them before calibration)."""
+    q, fmt = cfg.quant, cfg.export.format
+    if q.method == "none" and fmt != "fake":
+        return [f"export.format '{fmt}' needs quantized weights; quant.method none exports fake"]
+    if fmt in ("compressed-tensors", "gptq") and q.bits not in (2, 4, 8):
+        return [f"export.format '{fmt}' cannot hold quant.bits={q.bits} (2, 4 or 8); the run will refuse it"]
+    if fmt == "awq" and (q.bits != 4 or q.group_size == -1):
+        return ["export.format 'awq' holds 4 bits with a positive group size only; the run will refuse it"]
+    return []
+
+
+@dataclass
+class Plan:
+    """Every number `shardquant plan` prints (bytes unless named otherwise)."""
+
+    model_path: str
+    shape: ModelShape
+    cfg: RunConfig
+    world: int
+    calib_windows: list[int]
+    eval_windows: list[int]
+    streams: dict[str, int]
+    resident: int
+    spilled: int
+    block_bytes: int
+    hessian_group: str | None
+    hessian_in: int
+    memory: dict[str, int]
+    checkpoint_bytes: int
+    notes: list[str]
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(self.streams.values())
+
+    @property
+    def hessian_bytes(self) -> int:
+        return self.hessian_in * self.hessian_in * 4
+
+    @property
+    def peak(self) -> int:
+        return self.memory["peak"]
+
+    def verdict(self, capacity: int) -> dict[str, Any]:
+        """{'bytes', 'fits', 'margin'} against a per-worker memory capacity."""
+        return {"bytes": capacity, "fits": self.peak <= capacity, "margin": capacity - self.peak}
+
+    def to_json(self, capacity: int | None = None) -> dict[str, Any]:
+        s, c = self.shape, self.cfg
+        return {
+            "model": {
+                "path": self.model_path, "family": s.family, "blocks": s.layers, "hidden_size": s.hidden,
+                "intermediate_size": s.intermediate, "num_attention_heads": s.heads,
+                "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim, "vocab_size": s.vocab,
+                "tie_word_embeddings": s.tied,
+            },
+            "run": {
+                "method": c.quant.method, "bits": c.quant.bits, "group_size": c.quant.group_size,
+                "dtype": c.model.dtype, "export_format": c.export.format, "propagate": c.calib.propagate,
+                "backend": c.cluster.backend, "workers": self.world,
+            },
+            "samples": {
+                "calib": {"total": sum(self.calib_windows), "per_worker": self.calib_windows,
+                          "seq_len": c.calib.seq_len},
+                "eval": {"total": sum(self.eval_windows), "per_worker": self.eval_windows,
+                         "seq_len": c.eval.seq_len},
+            },
+            "activations": {
+                "streams": dict(self.streams), "total": self.activation_bytes, "resident": self.resident,
+                "spilled": self.spilled,
+                "cap": None if c.cluster.activation_memory is None else parse_size(c.cluster.activation_memory),
+            },
+            "block_bytes": self.block_bytes,
+            "hessian": None if self.hessian_group is None else {
+                "group": self.hessian_group, "in_features": self.hessian_in, "bytes": self.hessian_bytes,
+            },
+            "memory": dict(self.memory),
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "capacity": None if capacity is None else self.verdict(capacity),
+            "notes": list(self.notes),
+        }
+
+
+def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
+    """Bytes of the exported checkpoint's tensors (what report.json's export.bytes counts)."""
+    q, d, fmt = cfg.quant, DTYPE_BYTES[cfg.model.dtype], cfg.export.format
+    lins = shape.linears()
+    blocks = shape.adapter.blocks
+    total = 0
+    for i in range(shape.layers):
+        for name, (out_f, in_f) in lins.items():
+            quantized = q.method != "none" and not is_ignored(f"{blocks}.{i}.{name}", q.ignore)
+            total += packed_linear_bytes(fmt, out_f, in_f, cfg) if quantized else out_f * in_f * d
+        total += shape.block_other_numel() * d
+    return total + shape.outside_numel() * d
+
+
+def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, world: int, tokens: int) -> dict[str, Any]:
+    """Solve-time memory terms of block `index` (see the module docstring)."""
+    q, d, lins, blocks = cfg.quant, DTYPE_BYTES[cfg.model.dtype], shape.linears(), shape.adapter.blocks
+    work = []  # (group, in_features, [(out, in) of its quantized linears])
+    for g in shape.adapter.groups:
+        quantized = [lins[n] for n in g.linears if not is_ignored(f"{blocks}.{index}.{n}", q.ignore)]
+        if quantized and q.method != "none":
+            work.append((g.name, lins[g.linears[0]][1], quantized))
+    phases = [[w] for w in work] if q.true_sequential else [work] if work else []
+    quantized = [lin for _, _, qs in work for lin in qs]
+    terms: dict[str, Any] = {
+        "solved_codes": sum(o * i * 4 + o * _groups(i, q.group_size) * 8 + i * 4 for o, i in quantized),
+        "fp32_copies": 2 * max((o * i for o, i in quantized), default=0) * 4,
+        "hessians": 0, "awq_captures": 0, "hessian_group": None, "hessian_in": 0,
+    }
+    if q.method in ("awq", "awq+gptq"):
+        terms["fp32_copies"] += sum(o * i for o, i in quantized) * 4
+        terms["awq_captures"] = max(
+            (tokens * (sum(i for _, i, _ in p) + shape.hidden) * d for p in phases), default=0
+        )
+    if q.method in ("gptq", "awq+gptq"):
+        for phase in phases:
+            ins = [i for _, i, _ in phase]
+            terms["hessians"] = max(terms["hessians"], (2 * sum(i * i for i in ins) + SOLVE_COPIES * max(ins) ** 2) * 4)
+        for g, i, _ in work:
+            if i > terms["hessian_in"]:
+                terms["hessian_group"], terms["hessian_in"] = g, i
+    terms["sum"] = terms["solved_codes"] + terms["fp32_copies"] + terms["hessians"] + terms["awq_captures"]
+    return terms
+
+
+def plan_run(raw: dict[str, Any], cfg: RunConfig) -> Plan:
+    """The plan of `cfg` for the model described by config.json values `raw`."""
+    shape = model_shape(raw, where=f"{cfg.model.path}/config.json")
+    q, d = cfg.quant, DTYPE_BYTES[cfg.model.dtype]
+    world = cfg.cluster.workers if cfg.cluster.backend == "ray" else 1
+    notes = _format_notes(cfg)
+    if cfg.cluster.backend != "ray" and cfg.cluster.workers > 1:
+        notes.append("cluster.backend local runs one worker (cluster.workers applies to ray)")
+    quantizing = q.method != "none"
+    n_calib = cfg.calib.n_samples if quantizing else 0
+    eval_on = cfg.eval.enabled and cfg.eval.path is not None
+    n_eval = 0
+    if eval_on:
+        if cfg.eval.n_samples is None:
+            notes.append("eval.n_samples is null (every window of the text): evaluation streams not counted")
+        else:
+            n_eval = cfg.eval.n_samples
+    calib_w = [b - a for a, b in (split_range(n_calib, world, r) for r in range(world))]
+    eval_w = [b - a for a, b in (split_range(n_eval, world, r) for r in range(world))]
+    nc, ne = calib_w[0], eval_w[0]
+    h = shape.hidden
+    calib_bytes = nc * cfg.calib.seq_len * h * d
+    eval_bytes = ne * cfg.eval.seq_len * h * d
+    streams: dict[str, int] = {}
+    if quantizing:
+        streams["calib"] = calib_bytes
+        if cfg.calib.propagate == "fp":
+            streams["calib_next"] = calib_bytes
+    if ne:
+        streams["eval_q"] = eval_bytes
+        if cfg.eval.fp and quantizing:
+            streams["eval_fp"] = eval_bytes
+    total = sum(streams.values())
+    cap = None if cfg.cluster.activation_memory is None else parse_size(cfg.cluster.activation_memory)
+    resident = total if cap is None else min(total, cap)
+
+    tokens = nc * cfg.calib.seq_len
+    terms = max((_block_terms(shape, cfg, i, world, tokens) for i in range(shape.layers)), key=lambda t: t["sum"])
+
+    def work(b: int, t: int, windows: int) -> int:
+        b = min(b, windows)
+        if not b:
+            return 0
+        return max(b * shape.heads * t * t * 4, 2 * b * t * shape.intermediate * d) + b * t * h * d
+
+    workspace = max(
+        work(cfg.calib.batch_size, cfg.calib.seq_len, nc) if quantizing else 0,
+        work(cfg.eval.batch_size, cfg.eval.seq_len, ne),
+    )
+    block_bytes = shape.block_numel() * d
+    memory = {"weights": block_bytes, "activations": resident}
+    memory.update({k: terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures")})
+    memory["workspace"] = workspace
+    memory["block_phase"] = sum(memory.values())
+    memory["outside_phase"] = resident + shape.vocab * h * d + (2 * cfg.eval.seq_len * shape.vocab * 4 if ne else 0)
+    memory["peak"] = max(memory["block_phase"], memory["outside_phase"])
+    return Plan(
+        model_path=cfg.model.path, shape=shape, cfg=cfg, world=world, calib_windows=calib_w, eval_windows=eval_w,
+        streams=streams, resident=resident, spilled=total - resident, block_bytes=block_bytes,
+        hessian_group=terms["hessian_group"], hessian_in=terms["hessian_in"], memory=memory,
+        checkpoint_bytes=checkpoint_bytes(shape, cfg), notes=notes,
+    )
+
+
+def plan_from_config(cfg: RunConfig) -> Plan:
+    """Read model.path/config.json and plan `cfg` (UserError when it is missing or invalid)."""
+    return plan_run(read_model_config(cfg.model.path), cfg)
+
+
+# --- text ---------------------------------------------------------------------------------
+
+
+def human(n: int | float) -> str:
+    """Bytes as GiB/MiB/KiB/B with two decimals (negative allowed)."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+def _share(windows: list[int]) -> str:
+    counts: dict[int, int] = {}
+    for w in windows:
+        counts[w] = counts.get(w, 0) + 1
+    return ", ".join(f"{n} on {k} worker{'s' if k > 1 else ''}" for n, k in sorted(counts.items(), reverse=True))
+
+
+def render(plan: Plan, capacity: int | None = None) -> str:
+    """The plan as text for a person."""
+    s, c, m = plan.shape, plan.cfg, plan.memory
+    q = c.quant
+    scheme = "none" if q.method == "none" else f"{q.method} {q.bits}-bit group {q.group_size}"
+    lines = [
+        f"model      {plan.model_path}: {s.family}, {s.layers} blocks, hidden {s.hidden}, intermediate "
+        f"{s.intermediate}, {s.heads} heads / {s.kv_heads} kv heads (head_dim {s.head_dim}), vocab {s.vocab}"
+        f"{', tied embeddings' if s.tied else ''}",
+        f"run        {scheme}, {c.model.dtype}, export {c.export.format}, propagate {c.calib.propagate}, "
+        f"{plan.world} {c.cluster.backend} worker{'s' if plan.world > 1 else ''}",
+        "",
+        "per worker (rank 0, the largest share)",
+        f"  calibration windows  {plan.calib_windows[0]} of {sum(plan.calib_windows)} × {c.calib.seq_len} tokens"
+        f" ({_share(plan.calib_windows)})",
+        f"  evaluation windows   {plan.eval_windows[0]} of {sum(plan.eval_windows)} × {c.eval.seq_len} tokens"
+        f" ({_share(plan.eval_windows)})",
+    ]
+    for name, n in plan.streams.items():
+        lines.append(f"  activations {name:<9}{human(n):>12}  ({n} B)")
+    act = f"  activations total    {human(plan.activation_bytes):>12}"
+    if plan.spilled:
+        act += f"  ({human(plan.resident)} in memory, {human(plan.spilled)} spilled to disk)"
+    lines.append(act)
+    lines.append(f"  block weights        {human(plan.block_bytes):>12}  ({c.model.dtype})")
+    if plan.hessian_group is not None:
+        lines.append(f"  largest Hessian      {human(plan.hessian_bytes):>12}  ({plan.hessian_group}: "
+                     f"{plan.hessian_in}×{plan.hessian_in} fp32)")
+    elif q.method != "none":
+        lines.append(f"  largest Hessian      {'none':>12}  ({q.method} needs none)")
+    if m["awq_captures"]:
+        lines.append(f"  AWQ captures         {human(m['awq_captures']):>12}")
+    lines.append("")
+    lines.append("peak memory per worker (estimate)")
+    for key in ("weights", "activations", "solved_codes", "fp32_copies", "hessians", "awq_captures", "workspace"):
+        if m[key]:
+            lines.append(f"  {key:<20}{human(m[key]):>12}")
+    lines.append(f"  = block phase        {human(m['block_phase']):>12}")
+    lines.append(f"  outside the blocks   {human(m['outside_phase']):>12}")
+    lines.append(f"  peak                 {human(m['peak']):>12}  ({m['peak']} B)")
+    lines.append("")
+    lines.append(f"checkpoint {human(plan.checkpoint_bytes)} ({plan.checkpoint_bytes} B of tensors, {c.export.format})")
+    if capacity is not None:
+        v = plan.verdict(capacity)
+        mem = f"worker memory {human(capacity)} ({capacity} B)"
+        if v["fits"]:
+            lines.append(f"{mem}: FITS, margin {human(v['margin'])} ({v['margin']} B)")
+        else:
+            lines.append(f"{mem}: DOES NOT FIT, short by {human(-v['margin'])} ({-v['margin']} B)")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def parse_capacity(text: str) -> int:
+    """`--worker-memory` ('80GB', '96GiB', bytes) as bytes; UserError when malformed."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UserError(f"--worker-memory: {e}") from None

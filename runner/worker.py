@@ -1,0 +1,442 @@
+"""One process's share of a blockwise run.
+
+A `BlockWorker` owns a contiguous share of the calibration and evaluation windows (their
+activations, kept in an `ActivationStore`) and, one at a time, a materialized block. The
+driver (see `calibrate.calibrate_block` and `pipeline.quantize`) calls its steps in order:
+`begin_block`, then per observation phase `observe` (statistics as exact (sum, count)
+accumulators, reduced by the executor), the AWQ steps, `solve` on the worker that owns a
+linear, `apply` everywhere, and `end_block` (propagate, evaluate, write the block's tensors).
+
+The local executor runs one worker in-process; the Ray executor wraps the same class in
+actors, so both go through exactly this code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from shardquant.algorithms import awq
+from shardquant.algorithms.gptq import GPTQSolver
+from shardquant.algorithms.hessian import HessianAccumulator
+from shardquant.algorithms.quantizer import QuantizedWeight
+from shardquant.algorithms.rtn import quantize_rtn
+
+from .activations import ActivationStore
+from .calibrate import (
+    BlockProfile,
+    GroupStats,
+    LayerResult,
+    SolveTask,
+    _first,
+    _output_error,
+    fold_scales,
+    merge_stats,
+    quant_spec,
+)
+from .config import RunConfig
+from .export import get_exporter
+from .forward import BlockRunner, embed_batches, window_nll
+from .model import ModelSource
+from .report import peak_rss_bytes
+from .state import assemble_shard, load_tensors, save_tensors
+
+
+@dataclass
+class _Capture:
+    inputs: list[Tensor] = field(default_factory=list)
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)
+
+
+def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The contiguous share [start, end) of n items that worker `rank` of `world` owns."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _fetch_each(parts) -> Iterator[dict[str, GroupStats]]:
+    """Per-worker statistics one at a time: a Ray object ref is fetched only when its turn
+    comes, so the solving worker holds the running sum and one part, never all of them."""
+    for part in parts:
+        if isinstance(part, list | tuple):
+            yield from _fetch_each(part)
+            continue
+        if type(part).__name__ == "ObjectRef":
+            import ray
+
+            part = ray.get(part)
+        yield part
+
+
+class BlockWorker:
+    """A share of the samples, the current block, and the steps that work on them."""
+
+    def __init__(self, cfg: RunConfig | dict, rank: int = 0, world: int = 1, *, name: str = "local"):
+        self.cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.model_validate(cfg)
+        self.rank, self.world, self.name = rank, world, name
+        c = self.cfg
+        self.source = ModelSource(
+            c.model.path, dtype=c.model.dtype, device=c.model.device, trust_remote_code=c.model.trust_remote_code
+        )
+        self.adapter = self.source.adapter
+        self.exporter = get_exporter(c.export.format, self.source, c.quant)
+        self.runner = BlockRunner(self.adapter, self.source.skeleton.config, self.source.rotary())
+        self.spec = quant_spec(c.quant)
+        budget = c.cluster.activation_memory
+        self.store = ActivationStore(budget, c.cluster.spill_dir, tag=f"{name}")
+        self.block: nn.Module | None = None
+        self.index = -1
+        self.results: dict[str, LayerResult] = {}
+        self.captures: dict[str, _Capture] = {}
+        self.originals: dict[str, Tensor] = {}
+        self.candidates: dict[str, list[Tensor]] = {}
+        self.scales: dict[str, Tensor] = {}
+        self.profile = BlockProfile()
+        self.eval_tokens: Tensor | None = None
+        self.do_fp_eval = False
+
+    # --- samples -------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        import os
+        import socket
+
+        return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "device": str(self.source.device)}
+
+    def setup(self, calib: Tensor | None, evals: Tensor | None, *, do_fp_eval: bool) -> int:
+        """Embed this worker's share of the calibration and evaluation windows; return its
+        number of calibration windows."""
+        dev = self.source.device
+        emb = self.source.load(self.adapter.embed)
+        n_calib = 0
+        if calib is not None:
+            a, b = split_range(len(calib), self.world, self.rank)
+            n_calib = b - a
+            self.store.put("calib", embed_batches(emb, calib[a:b], self.cfg.calib.batch_size, dev))
+        if evals is not None:
+            a, b = split_range(len(evals), self.world, self.rank)
+            self.eval_tokens = evals[a:b]
+            batches = embed_batches(emb, self.eval_tokens, self.cfg.eval.batch_size, dev)
+            self.store.put("eval_q", batches)
+            if do_fp_eval:
+                self.store.put("eval_fp", [b.clone() for b in batches])
+        self.do_fp_eval = do_fp_eval
+        self.source.release(emb)
+        return n_calib
+
+    def activation_bytes(self) -> int:
+        return self.store.nbytes("calib")
+
+    # --- one block -----------------------------------------------------------------------
+
+    def begin_block(self, index: int) -> None:
+        """Load block `index`; run the fp evaluation stream (and the fp calibration stream
+        when propagating fp) through the original weights."""
+        self.profile = BlockProfile()
+        t = time.perf_counter()
+        self.block = self.source.block(index)
+        self.index = index
+        self.profile.extra["load_s"] = time.perf_counter() - t
+        self.results, self.captures, self.originals, self.candidates, self.scales = {}, {}, {}, {}, {}
+        t = time.perf_counter()
+        if self.do_fp_eval and self.store.has("eval_fp"):
+            self.store.map("eval_fp", lambda h: self.runner.forward(self.block, index, h))
+        self.profile.extra["eval_s"] = time.perf_counter() - t
+        if self.cfg.calib.propagate == "fp" and self.cfg.quant.method != "none":
+            t = time.perf_counter()
+            self.store.put("calib_next", [self.runner.forward(self.block, index, h) for h in self.store.iter("calib")])
+            self.profile.forward_s += time.perf_counter() - t
+
+    def _lin(self, name: str) -> nn.Linear:
+        return self.block.get_submodule(name)
+
+    def observe(
+        self, groups: list[tuple[str, str]], *, hessian: bool, channel: bool, capture: dict[str, str | None]
+    ) -> dict[str, GroupStats]:
+        """Run the calibration share through the block up to the last group's input and
+        accumulate each group's statistics. `groups` is [(group name, first linear)];
+        `capture` maps a group to its consumer module when its inputs (and the consumer's
+        calls) must be kept for the AWQ search."""
+        stats: dict[str, GroupStats] = {}
+        handles = []
+        stats_time = [0.0]
+        for gname, first_name in groups:
+            first = self._lin(first_name)
+            st = stats[gname] = GroupStats(
+                HessianAccumulator(first.in_features, device=first.weight.device) if hessian else None,
+                awq.ChannelStats(first.in_features, device=first.weight.device) if channel else None,
+            )
+            cap = None
+            if gname in capture:
+                cap = self.captures[gname] = _Capture()
+                consumer = capture[gname]
+                if consumer:
+
+                    def call_hook(_mod, args, kwargs, cap=cap):
+                        cap.calls.append((args, kwargs))
+
+                    handles.append(self._lin(consumer).register_forward_pre_hook(call_hook, with_kwargs=True))
+
+            def hook(_mod, args, st=st, cap=cap):
+                t0 = time.perf_counter()
+                x = args[0].detach()
+                if cap is not None:
+                    cap.inputs.append(x)
+                if st.hessian is not None:
+                    st.hessian.add(x)
+                if st.channel is not None:
+                    st.channel.add(x)
+                stats_time[0] += time.perf_counter() - t0
+
+            handles.append(first.register_forward_pre_hook(hook))
+        t = time.perf_counter()
+        try:
+            self.runner.forward_all(
+                self.block, self.index, self.store.iter("calib"), stop_at=self._lin(groups[-1][1])
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        self.profile.forward_s += time.perf_counter() - t - stats_time[0]
+        self.profile.stats_s += stats_time[0]
+        return stats
+
+    def observe_parts(
+        self, groups: list[tuple[str, str]], *, hessian: bool, channel: bool, capture: dict[str, str | None]
+    ) -> tuple[dict[str, GroupStats], dict[str, tuple[Tensor, int]]]:
+        """`observe`, plus each group's channel (sum, count) apart: the small part a driver
+        fetches (for AWQ) while the Hessians go straight to the workers that solve."""
+        stats = self.observe(groups, hessian=hessian, channel=channel, capture=capture)
+        return stats, {g: (st.channel.sum, st.channel.count) for g, st in stats.items() if st.channel is not None}
+
+    # --- AWQ -----------------------------------------------------------------------------
+
+    def awq_losses(
+        self, group: str, linears: tuple[str, ...], quantized: tuple[str, ...], consumer: str, x_mean: Tensor
+    ) -> tuple[list[float], int]:
+        """Summed squared error of the consumer's output on this worker's captured calls for
+        each candidate scale (weights restored after), and the element count."""
+        t = time.perf_counter()
+        q = self.cfg.quant
+        lins = {n: self._lin(n) for n in linears}
+        originals = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+        self.originals.update({n: originals[n].float().clone() for n in quantized})
+        w_mean = awq.weight_mean([originals[n] for n in quantized], self.spec) if q.awq_duo_scaling else None
+        candidates = awq.candidate_scales(x_mean.to(originals[quantized[0]].device), grid=q.awq_grid, w_mean=w_mean)
+        self.candidates[group] = candidates
+        cap = self.captures[group]
+        module = self.block.get_submodule(consumer)
+        with torch.no_grad():
+            refs = [_first(module(*a, **kw)) for a, kw in cap.calls]
+        totals, count = [], 0
+        try:
+            with torch.no_grad():
+                for s in candidates:
+                    for n, lin in lins.items():
+                        if n in quantized:
+                            lin.weight.copy_(awq.scaled_fake_quantize(originals[n], s, self.spec).to(lin.weight.dtype))
+                        else:
+                            lin.weight.copy_(originals[n])
+                    total, count = 0.0, 0
+                    for (a, kw), ref in zip(cap.calls, refs, strict=True):
+                        y = _first(module(*a, **kw))
+                        total += float((y.float() - ref.float()).pow(2).sum())
+                        count += y.numel()
+                    totals.append(total)
+        finally:
+            with torch.no_grad():
+                for n, lin in lins.items():
+                    lin.weight.copy_(originals[n])
+        self.profile.extra["search_s"] = self.profile.extra.get("search_s", 0.0) + time.perf_counter() - t
+        return totals, count
+
+    def fold(self, group: str, choice: int | None, prev: str, linears: tuple[str, ...]) -> None:
+        """Apply candidate `choice` of the last search (None: leave unscaled) to the group."""
+        from .adapters import InputGroup
+
+        if choice is None:
+            self.candidates.pop(group, None)
+            return
+        s = self.candidates.pop(group)[choice].to(self._lin(linears[0]).weight.device)
+        self.scales[group] = s
+        fold_scales(self.block, InputGroup(group, prev, linears), s, self.results)
+
+    def sample_rows(self, group: str, n: int, offset: int = 0, total: int | None = None) -> Tensor:
+        """This worker's part of n rows evenly spaced over all workers' captured inputs of
+        `group` (its rows are [offset, offset + own) of `total`; None: this worker alone),
+        divided by the group's scales when it was scaled."""
+        inputs = self.captures[group].inputs
+        if total is None:
+            rows = awq.subsample_rows(inputs, n)
+        else:
+            idx = awq.even_indices(total, n)
+            own = sum(x.reshape(-1, x.shape[-1]).shape[0] for x in inputs)
+            rows = awq.take_rows(inputs, idx[(idx >= offset) & (idx < offset + own)] - offset)
+        s = self.scales.get(group)
+        return rows if s is None else rows / s.to(rows.device)
+
+    # --- solving -------------------------------------------------------------------------
+
+    def solve(self, tasks: list[SolveTask], *stats: dict[str, GroupStats]) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+        """Quantize the tasks' linears from the (per-worker) statistics; weights are not
+        changed here (see `apply`). Returns the quantized weights and losses by linear."""
+        t = time.perf_counter()
+        q = self.cfg.quant
+        merged = merge_stats(_fetch_each(stats)) if stats else {}
+        weights: dict[str, QuantizedWeight] = {}
+        losses: dict[str, float] = {}
+        for task in tasks:
+            s = self.scales.get(task.group)
+            if task.kind == "rtn":
+                for name in task.linears:
+                    w = self._lin(name).weight.float()
+                    qw = quantize_rtn(w, self.spec)
+                    weights[name] = qw
+                    losses[name] = float((w - qw.dequantize().to(w.device)).pow(2).sum())
+                continue
+            if task.kind in ("gptq", "awq+gptq"):
+                H = merged[task.group].hessian.hessian()
+                if s is not None:
+                    H = awq.scaled_hessian(H, s)
+                solver = GPTQSolver(H, damp=q.damp, act_order=q.act_order)
+                for name in task.linears:
+                    w = self._weight(name, s)
+                    res = solver.quantize(w, self.spec, block_size=q.block_size, static_groups=q.static_groups)
+                    weights[name], losses[name] = res.weight, float(res.loss)
+                del solver
+                continue
+            # awq: RTN on the scaled weights, with a clip search on the sampled rows.
+            clip_x = task.clip_rows
+            for name in task.linears:
+                w = self._weight(name, s)
+                target = w
+                if task.clip and name not in task.clip_skip and clip_x is not None:
+                    found = awq.search_clip(
+                        w, clip_x.to(w.device), self.spec, grid=q.awq_clip_grid, max_shrink=q.awq_clip_max_shrink
+                    )
+                    target = awq.apply_clip(w, self.spec, found.ratio)
+                qw = quantize_rtn(target, self.spec)
+                weights[name] = qw
+                cap = self.captures.get(task.group)
+                losses[name] = _output_error(cap.inputs if cap else [], s, w - qw.dequantize().to(w.device))
+        self.profile.solve_s += time.perf_counter() - t
+        return weights, losses
+
+    def _weight(self, name: str, s: Tensor | None) -> Tensor:
+        """The float32 weight to quantize: the original times the group's scales, if any."""
+        if s is not None and name in self.originals:
+            return self.originals[name] * s
+        return self._lin(name).weight.float()
+
+    def apply(self, *parts: dict[str, QuantizedWeight]) -> None:
+        """Set the solved linears' weights to their dequantized codes (every worker)."""
+        for part in parts:
+            for name, qw in part.items():
+                lin = self._lin(name)
+                with torch.no_grad():
+                    lin.weight.copy_(qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype))
+                self.results[name] = LayerResult(qw, 0.0)
+
+    def end_group(self, group: str) -> None:
+        """Drop what was kept for a group's AWQ search."""
+        self.captures.pop(group, None)
+        self.scales.pop(group, None)
+
+    def end_block(self, block_file: str | None) -> dict[str, Any]:
+        """Propagate calibration and evaluation streams, write the block's exported tensors
+        (when `block_file` is given: this worker writes this block), free the block."""
+        t = time.perf_counter()
+        if self.store.has("calib_next"):
+            self.store.rename("calib_next", "calib")
+        elif self.store.has("calib"):
+            self.store.map("calib", lambda h: self.runner.forward(self.block, self.index, h))
+        self.profile.forward_s += time.perf_counter() - t
+        t = time.perf_counter()
+        if self.store.has("eval_q"):
+            self.store.map("eval_q", lambda h: self.runner.forward(self.block, self.index, h))
+        self.profile.extra["eval_s"] = self.profile.extra.get("eval_s", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        if block_file is not None:
+            tensors = dict(
+                self.exporter.block_tensors(self.index, self.block, {n: r.weight for n, r in self.results.items()})
+            )
+            save_tensors(Path(block_file), tensors)
+        self.profile.extra["export_s"] = time.perf_counter() - t
+        self.source.release(self.block)
+        self.block = None
+        self.captures, self.originals, self.scales = {}, {}, {}
+        p = self.profile
+        return {
+            "worker": self.name, "forward_s": p.forward_s, "stats_s": p.stats_s, "solve_s": p.solve_s,
+            **{k: v for k, v in p.extra.items()}, "activation_bytes": self.store.nbytes("calib"),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+
+    # --- outside the blocks --------------------------------------------------------------
+
+    def write_other(self, path: str) -> None:
+        """The tensors outside the blocks (embedding, final norm, lm_head) as one state file."""
+        save_tensors(Path(path), dict(self.exporter.other_tensors()))
+
+    def assemble(self, jobs: list[tuple[str, list, list[str]]]) -> int:
+        """Write final shards (path, tensor specs, the state file of each); return bytes."""
+        total = 0
+        for path, specs, files in jobs:
+            assemble_shard(path, specs, files)
+            total += sum(s.nbytes for s in specs)
+        return total
+
+    def nll(self) -> dict[str, tuple[float, int]]:
+        """Summed next-token NLL and token count of each evaluation stream on this share."""
+        out: dict[str, tuple[float, int]] = {}
+        if self.eval_tokens is None or len(self.eval_tokens) == 0:
+            return out
+        norm = self.source.load(self.adapter.final_norm)
+        head = self.source.load(self.adapter.lm_head)
+        bs = self.cfg.eval.batch_size
+        for stream in ("eval_q", "eval_fp"):
+            if not self.store.has(stream):
+                continue
+            total, count = 0.0, 0
+            for i, h in enumerate(self.store.iter(stream)):
+                s, c = window_nll(norm, head.weight, h, self.eval_tokens[i * bs : i * bs + len(h)])
+                total += s
+                count += c
+            out[stream] = (total, count)
+        self.source.release(norm)
+        self.source.release(head)
+        return out
+
+    # --- resumable state ------------------------------------------------------------------
+
+    def save_activations(self, path: str) -> None:
+        """Every stream of this worker's share, exactly, in one file (atomic)."""
+        tensors = {}
+        for stream in self.store.streams():
+            for i, h in enumerate(self.store.iter(stream)):
+                tensors[f"{stream}.{i:06d}"] = h
+        save_tensors(Path(path), tensors)
+
+    def load_activations(self, path: str) -> None:
+        """Replace this worker's streams with those saved by `save_activations`."""
+        tensors = load_tensors(Path(path), device=self.source.device)
+        streams: dict[str, list[tuple[int, Tensor]]] = {}
+        for key, t in tensors.items():
+            stream, i = key.rsplit(".", 1)
+            streams.setdefault(stream, []).append((int(i), t))
+        self.store.clear()
+        for stream, items in streams.items():
+            self.store.put(stream, [t for _, t in sorted(items, key=lambda x: x[0])])
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+    def close(self) -> None:
+        self.store.clear()

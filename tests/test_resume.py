@@ -1,0 +1,137 @@
+"""Resume after a crash: real processes killed with SIGKILL or stopped with SIGINT, rerun with
+the same command, and the checkpoint compared byte for byte with an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_config, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("resume") / "llama", "llama", layers=6, shard="200KB")
+
+
+def _write_cfg(model: Path, texts, out: Path, path: Path, **kw) -> Path:
+    cfg = run_config(model, texts, out, **kw)
+    cfg["calib"]["n_samples"] = 32
+    cfg.setdefault("export", {"format": "gptq"})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cmd(cfg: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "shardquant", "quantize", str(cfg), "--quiet", *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(cfg: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(cfg, *extra), capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def _stop_at(cfg: Path, out: Path, done: int, sig: int) -> subprocess.CompletedProcess:
+    """Start a run, send `sig` once `done` blocks are saved; return the finished process."""
+    proc = subprocess.Popen(_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    progress = out / "state" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(progress.read_text())["done"] >= done:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before block {done}: {proc.stderr.read()}"
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _same_checkpoint(a: Path, b: Path) -> None:
+    files = sorted(p.name for p in a.iterdir() if p.suffix in (".safetensors", ".json"))
+    assert files and files == sorted(p.name for p in b.iterdir() if p.suffix in (".safetensors", ".json"))
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def clean_run(deep_model, texts, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clean")
+    cfg = _write_cfg(deep_model, texts, root / "out", root / "run.yaml")
+    r = _run(cfg)
+    assert r.returncode == 0, r.stderr
+    return root / "out" / "model"
+
+
+@pytest.mark.parametrize("block", [1, 3, 5])
+def test_kill9_then_rerun_gives_identical_bytes(deep_model, texts, tmp_path, clean_run, block):
+    out = tmp_path / "out"
+    cfg = _write_cfg(deep_model, texts, out, tmp_path / "run.yaml")
+    killed = _stop_at(cfg, out, block, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "model").exists()
+    saved = json.loads((out / "state" / "progress.json").read_text())["done"]
+    assert block <= saved < 6
+    r = _run(cfg)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming '{out}' at block {saved} of 6" in r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["cluster"]["resumed_at"] == saved
+    assert [b["index"] for b in report["blocks"]] == list(range(6))
+    _same_checkpoint(clean_run, out / "model")
+
+
+def test_sigint_stops_cleanly_and_resumes(deep_model, texts, tmp_path, clean_run):
+    out = tmp_path / "out"
+    cfg = _write_cfg(deep_model, texts, out, tmp_path / "run.yaml")
+    stopped = _stop_at(cfg, out, 2, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Rerun the same command to continue" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    r = _run(cfg, "--resume=true")
+    assert r.returncode == 0, r.stderr
+    _same_checkpoint(clean_run, out / "model")
+
+
+def test_sigterm_is_a_clean_stop(deep_model, texts, tmp_path):
+    out = tmp_path / "out"
+    cfg = _write_cfg(deep_model, texts, out, tmp_path / "run.yaml")
+    stopped = _stop_at(cfg, out, 1, signal.SIGTERM)
+    assert stopped.returncode == 130 and "Rerun the same command" in stopped.stderr
+
+
+def test_other_config_is_refused_with_a_diff(deep_model, texts, tmp_path):
+    out = tmp_path / "out"
+    cfg = _write_cfg(deep_model, texts, out, tmp_path / "run.yaml")
+    _stop_at(cfg, out, 1, signal.SIGKILL)
+    r = _run(cfg, "--quant.bits=8", "--calib.seed=3")
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert "unfinished run with another config" in line
+    assert "calib.seed: 0 -> 3" in line and "quant.bits: 4 -> 8" in line
+
+
+def test_resume_without_state_and_corrupt_state(deep_model, texts, tmp_path):
+    out = tmp_path / "out"
+    cfg = _write_cfg(deep_model, texts, out, tmp_path / "run.yaml")
+    r = _run(cfg, "--resume=true")
+    assert r.returncode == 2 and "no unfinished run to resume" in r.stderr
+    _stop_at(cfg, out, 2, signal.SIGKILL)
+    block0 = out / "state" / "blocks" / "block-00000.safetensors"
+    data = bytearray(block0.read_bytes())
+    data[-1] ^= 0xFF
+    block0.write_bytes(bytes(data))
+    r = _run(cfg)
+    assert r.returncode == 2
+    assert f"state file '{block0}' is corrupt" in r.stderr.strip().splitlines()[-1]
