@@ -24,12 +24,12 @@ import tempfile
 from pathlib import Path
 
 SETTINGS: dict[str, dict[str, object]] = {
-    "base": {"damp": 0.01},
-    "d05": {"damp": 0.05},
+    "base": {"damp": 0.01, "reorder": "none"},
+    "d05": {"damp": 0.05, "reorder": "none"},
     "d05-gar": {"damp": 0.05, "reorder": "group"},
     "d05-gar-mse": {"damp": 0.05, "reorder": "group", "mse": True},
     "d01-gar": {"damp": 0.01, "reorder": "group"},
-    "d05-mse": {"damp": 0.05, "mse": True},
+    "d05-mse": {"damp": 0.05, "reorder": "none", "mse": True},
 }
 
 

@@ -113,8 +113,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}")
-    print("| layer (in->out) | scheme | old s | new s | new/old | codes differing |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| layer (in->out) | scheme | old s | new s | new/old | codes differing | loss new/old |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     hess = {n: random_hessian(n, gen) for n in (576, 1536)}
     totals = [0.0, 0.0]
     for n_in, n_out in ((576, 576), (576, 1536), (1536, 576)):
@@ -133,8 +133,8 @@ def main() -> None:
             totals[1] += new
             diff = int((ref[0] != res.weight.codes).sum())
             print(f"| {n_in}->{n_out} | w4g64 {'sym' if sym else 'asym'} | {old:.3f} | {new:.3f} | "
-                  f"{new / old:.2f} | {diff} of {ref[0].numel()} |", flush=True)
-    print(f"| all | | {totals[0]:.3f} | {totals[1]:.3f} | {totals[1] / totals[0]:.2f} | |")
+                  f"{new / old:.2f} | {diff} of {ref[0].numel()} | {res.loss / ref[3]:.6f} |", flush=True)
+    print(f"| all | | {totals[0]:.3f} | {totals[1]:.3f} | {totals[1] / totals[0]:.2f} | | |")
 
     # One block's shared-input stacks: q/k/v (576 -> 576 + 192 + 192), gate/up (576 -> 2 x 1536).
     print("\n| stack | separate quantize s | quantize_many s | many/separate |")

@@ -217,14 +217,16 @@ print("RSS " + json.dumps({"rss": ru.ru_maxrss * 1024, "rc": os.waitstatus_to_ex
 
 
 def measured(cmd: list[str], env: dict[str, str] | None, log: Path) -> tuple[int, float, int, str]:
-    """Run ``cmd`` (stderr to ``log``) under a tiny wrapper that reads its peak RSS with wait4.
+    """Run ``cmd`` (stderr to ``log``, in ``log``'s folder: peers write log folders into their
+    working directory) under a tiny wrapper that reads its peak RSS with wait4.
 
     Returns (exit code, wall s, peak RSS bytes of the process and its reaped children, stdout).
     """
     t = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.run(
-            [sys.executable, "-c", _WRAPPER, *cmd], stdout=subprocess.PIPE, stderr=err, text=True, env=env
+            [sys.executable, "-c", _WRAPPER, *cmd], stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+            cwd=log.parent,
         )
     wall = time.perf_counter() - t
     rc, rss = proc.returncode, 0
@@ -300,8 +302,15 @@ def run_ours(method: str, scheme: dict[str, Any], protocol: dict[str, Any], sets
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(yaml.safe_dump(cfg))
     overrides = [f"--{s}" for s in sets]
-    cmd = [sys.executable, "-m", "shardquant", "quantize", str(out / "run.yaml"), "--quiet", *overrides]
-    rc, wall, rss, _ = measured(cmd, None, out / "log.txt")
+    from shardquant.config import build_config, parse_overrides
+
+    quant = build_config(cfg, parse_overrides(overrides)).quant.model_dump()
+    # ablation.py's --cli passes quant.reorder / quant.mse* to the solver even where the runner
+    # does not yet; explicit arguments from the runner win.
+    cmd = [sys.executable, str(Path(__file__).with_name("ablation.py")), "--cli", "quantize",
+           str(out / "run.yaml"), "--quiet", *overrides]
+    env = {**os.environ, "SQ_SOLVER_OPTS": json.dumps(quant)}
+    rc, wall, rss, _ = measured(cmd, env, out / "log.txt")
     if rc != 0:
         raise RuntimeError(f"shardquant failed ({rc}):\n{(out / 'log.txt').read_text()[-3000:]}")
     report = json.loads((out / "run" / "report.json").read_text())

@@ -37,6 +37,19 @@ def _lost_worker_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
 
 
+def _loopback_only() -> None:
+    """Make a private local Ray listen on 127.0.0.1 only. Ray otherwise swaps 127.0.0.1 for the
+    machine's LAN address and its GCS and raylet listen on every interface; the switch is read
+    from the environment when Ray is imported, and from its constants module at start."""
+    import sys
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False")
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast, with one line, when a host:port Ray address does not answer (ray.init would
     retry for minutes)."""
@@ -71,6 +84,8 @@ class RayExecutor:
     """The executor interface (see shardquant.executor) on Ray actors."""
 
     def __init__(self, cfg: RunConfig):
+        if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+            _loopback_only()
         import ray
         from ray.util.placement_group import placement_group
 

@@ -217,17 +217,23 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (Slurm's scancel, a Ray job stop) stops like Ctrl-C: state kept, resumable."""
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM (Slurm's scancel, a Ray job stop) stop the run: state kept, resumable.
+    The stop is recorded first, so an error a library raises because it was interrupted is
+    reported as the interrupt."""
     import signal
     import threading
+
+    from .errors import request_stop
 
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, frame):
+        request_stop()
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -243,10 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    _stop_on_sigterm()
+    _stop_on_signals()
     try:
         return _run(args, extra)
     except UserError as e:
+        from .errors import stop_requested
+
+        if stop_requested():
+            print("shardquant: interrupted", file=sys.stderr)
+            return 130
         print(f"shardquant: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

@@ -1,4 +1,19 @@
-"""The one exception type for bad user input (exit code 2)."""
+"""The one exception type for bad user input (exit code 2), and the stop request of a signal."""
+
+import threading
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Record that the user asked the run to stop (SIGINT / SIGTERM)."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    """True once a stop was requested: an error raised while a library was interrupted is the
+    interrupt, not bad input."""
+    return _STOP.is_set()
 
 
 class UserError(Exception):

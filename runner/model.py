@@ -18,7 +18,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .checkpoint import CheckpointIndex
-from .errors import UserError
+from .errors import UserError, stop_requested
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 SIDE_FILES = (
@@ -137,6 +137,8 @@ class ModelSource:
                     for n in group:
                         out[n] = f.get_tensor(n)
             except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+                if stop_requested():  # a signal landed inside the reader
+                    raise KeyboardInterrupt from None
                 raise UserError(f"{self.key}: cannot read '{path.name}': {str(e).splitlines()[0]}") from None
         return out
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from shardquant.algorithms import awq
 from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.hessian import HessianAccumulator
-from shardquant.algorithms.quantizer import QuantizedWeight
+from shardquant.algorithms.quantizer import MSEGrid, QuantizedWeight
 from shardquant.algorithms.rtn import quantize_rtn
 
 from .activations import ActivationStore
@@ -290,6 +290,7 @@ class BlockWorker:
         t = time.perf_counter()
         q = self.cfg.quant
         merged = merge_stats(_fetch_each(stats)) if stats else {}
+        mse = MSEGrid(grid=q.mse_grid, max_shrink=q.mse_max_shrink, norm=q.mse_norm) if q.mse else None
         weights: dict[str, QuantizedWeight] = {}
         losses: dict[str, float] = {}
         for task in tasks:
@@ -297,7 +298,7 @@ class BlockWorker:
             if task.kind == "rtn":
                 for name in task.linears:
                     w = self._lin(name).weight.float()
-                    qw = quantize_rtn(w, self.spec)
+                    qw = quantize_rtn(w, self.spec, mse=mse)
                     weights[name] = qw
                     losses[name] = float((w - qw.dequantize().to(w.device)).pow(2).sum())
                 continue
@@ -305,12 +306,14 @@ class BlockWorker:
                 H = merged[task.group].hessian.hessian()
                 if s is not None:
                     H = awq.scaled_hessian(H, s)
-                solver = GPTQSolver(H, damp=q.damp, act_order=q.act_order)
-                for name in task.linears:
-                    w = self._weight(name, s)
-                    res = solver.quantize(w, self.spec, block_size=q.block_size, static_groups=q.static_groups)
+                solver = GPTQSolver(H, damp=q.damp, act_order=q.act_order, reorder=q.reorder,
+                                    group_size=q.group_size)
+                ws = [self._weight(name, s) for name in task.linears]
+                solved = solver.quantize_many(ws, self.spec, block_size=q.block_size,
+                                              static_groups=q.static_groups, mse=mse)
+                for name, res in zip(task.linears, solved, strict=True):
                     weights[name], losses[name] = res.weight, float(res.loss)
-                del solver
+                del solver, ws, solved
                 continue
             # awq: RTN on the scaled weights, with a clip search on the sampled rows.
             clip_x = task.clip_rows

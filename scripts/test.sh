@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 ruff check .
-python -m pytest -q -ra "$@"
+python -m pytest -q -ra --durations=25 "$@"

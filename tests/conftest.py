@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# Every Ray the tests start (in this process or in a child) listens on 127.0.0.1 only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 WORDS = (
     "the king queen castle night storm sword crown river forest bread wine letter horse ghost "

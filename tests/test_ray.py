@@ -195,3 +195,43 @@ def test_unreachable_address_is_a_clear_error_fast(tiny_models, texts, tmp_path)
     assert time.time() - t < 30
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith(f"shardquant: error: cluster.address: cannot reach Ray at '127.0.0.1:{port}'")
+
+
+def test_driver_killed_then_rerun_finishes_with_same_bytes(ray_local, deep_llama, texts, tmp_path, one_thread):
+    """kill -9 of the driver process of a Ray run; the same command resumes and matches an
+    uninterrupted Ray run byte for byte."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    address = ray_local.get_runtime_context().gcs_address
+    clean = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "clean", cluster=TWO), show_progress=False)
+    assert clean["cluster"]["workers"] == ["w0", "w1"]
+    out = tmp_path / "out"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run_config(deep_llama, texts, out, export={"format": "fake"},
+                                             cluster=TWO | {"address": address})))
+    argv = [sys.executable, "-m", "shardquant", "quantize", str(cfg), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    progress = out / "state" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(progress.read_text())["done"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    for f in sorted((tmp_path / "clean" / "model").glob("*.safetensors")):
+        assert f.read_bytes() == (out / "model" / f.name).read_bytes(), f.name

@@ -72,3 +72,29 @@ def test_gptq_beats_rtn_on_the_real_model(quickstart_run, tmp_path):
                                                               "eval": cfg.eval.model_dump() | {"fp": False}}),
                    show_progress=False)
     assert gptq["ppl"]["quantized"] < 0.97 * rtn["ppl"]["quantized"], (gptq["ppl"], rtn["ppl"])
+
+
+def test_compressed_tensors_export_of_smollm2_loads_with_fake_logits(tmp_path):
+    """The same RTN run exported as compressed-tensors and as fake: transformers (with the
+    compressed-tensors package) loads both, and the logits agree."""
+    from transformers import AutoModelForCausalLM
+
+    base = quickstart_config(tmp_path / "unused").model_dump(mode="json")
+    outs = {}
+    for fmt in ("fake", "compressed-tensors"):
+        data = base | {"quant": base["quant"] | {"method": "rtn"}, "eval": base["eval"] | {"enabled": False},
+                       "calib": base["calib"] | {"n_samples": 1}, "export": base["export"] | {"format": fmt},
+                       "output": str(tmp_path / fmt)}
+        quantize(build_config(data), show_progress=False)
+        outs[fmt] = tmp_path / fmt / "model"
+    config = json.loads((outs["compressed-tensors"] / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    windows = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for fmt, path in outs.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            logits[fmt] = model(windows).logits.float()
+        del model
+    err = (logits["fake"] - logits["compressed-tensors"]).abs().max().item()
+    assert err < 1e-3 * logits["fake"].abs().max().item(), err
