@@ -12,7 +12,6 @@ search, or GPTQ with the Hessian of the scaled inputs).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,7 +24,7 @@ from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec
 
 from .adapters import Adapter, InputGroup
-from .config import QuantConfig
+from .config import QuantConfig, is_ignored
 
 
 @dataclass
@@ -51,17 +50,6 @@ class BlockProfile:
 def quant_spec(q: QuantConfig) -> QuantSpec:
     """The algorithm-level scheme of a config."""
     return QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
-
-
-def is_ignored(name: str, patterns: list[str]) -> bool:
-    """True when a module name matches `quant.ignore`: exact, dotted suffix, or 're:REGEX'."""
-    for pat in patterns:
-        if pat.startswith("re:"):
-            if re.fullmatch(pat[3:], name):
-                return True
-        elif name == pat or name.endswith("." + pat):
-            return True
-    return False
 
 
 def _set_weight(linear: nn.Linear, qw: QuantizedWeight) -> None:

@@ -6,6 +6,7 @@ back resolved into report.json. Unknown keys and wrong types are errors that nam
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 
 Method = Literal["none", "rtn", "gptq", "awq", "awq+gptq"]
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    """True when a module name matches `quant.ignore`: exact, dotted suffix, or 're:REGEX'."""
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.fullmatch(pat[3:], name):
+                return True
+        elif name == pat or name.endswith("." + pat):
+            return True
+    return False
 
 
 class _Section(BaseModel):

@@ -19,8 +19,7 @@ from torch import nn
 
 from shardquant.algorithms.quantizer import QuantizedWeight
 
-from .calibrate import is_ignored
-from .config import QuantConfig
+from .config import QuantConfig, is_ignored
 from .errors import UserError
 from .model import SIDE_FILES, ModelSource
 from .shards import ST_DTYPES, TensorSpec, write_json_atomic

@@ -75,13 +75,12 @@ FITS or DOES NOT FIT with the margin; the command exits 0 either way (the verdic
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .adapters import Adapter, get_adapter
-from .config import RunConfig, parse_size
+from .config import RunConfig, is_ignored, parse_size
 from .errors import UserError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -94,17 +93,6 @@ def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-def is_ignored(name: str, patterns: list[str]) -> bool:
-    """`quant.ignore` matching (as `calibrate.is_ignored`): exact, dotted suffix or 're:REGEX'."""
-    for pat in patterns:
-        if pat.startswith("re:"):
-            if re.fullmatch(pat[3:], name):
-                return True
-        elif name == pat or name.endswith("." + pat):
-            return True
-    return False
 
 
 # --- the model, from config.json ----------------------------------------------------------

@@ -44,6 +44,7 @@ from .config import RunConfig
 from .export import get_exporter
 from .forward import BlockRunner, embed_batches, window_nll
 from .model import ModelSource
+from .plan import split_range
 from .report import peak_rss_bytes
 from .state import assemble_shard, load_tensors, save_tensors
 
@@ -52,13 +53,6 @@ from .state import assemble_shard, load_tensors, save_tensors
 class _Capture:
     inputs: list[Tensor] = field(default_factory=list)
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
-
-
-def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
-    """The contiguous share [start, end) of n items that worker `rank` of `world` owns."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def _fetch_each(parts) -> Iterator[dict[str, GroupStats]]:

@@ -13,7 +13,7 @@ from conftest import FAMILIES, run_config
 
 from shardquant.cli import main
 from shardquant.config import build_config
-from shardquant.plan import packed_linear_bytes, plan_from_config, split_range
+from shardquant.plan import packed_linear_bytes, plan_from_config
 
 LLAMA2_70B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
@@ -124,7 +124,7 @@ def test_llama31_405b_by_hand(tmp_path):
         "cluster": {"backend": "ray", "workers": 16, "activation_memory": "1GB"},
     })
     plan = plan_from_config(cfg)
-    # 130 = 16·8 + 2: ranks 0 and 1 get 9 windows, the others 8 (worker.split_range).
+    # 130 = 16·8 + 2: ranks 0 and 1 get 9 windows, the others 8 (plan.split_range).
     assert plan.calib_windows == [9, 9] + [8] * 14
     assert plan.eval_windows == [0] * 16
     stream = 9 * 2048 * 16384 * 2  # 576 MiB
@@ -166,22 +166,6 @@ def test_packed_linear_bytes_by_format(tmp_path):
     assert size("compressed-tensors", bits=8) == o * (i // 4) * 4 + o * g * 2 + 16
     assert size("gptq") == i * 4 + (i // 8) * o * 4 + g * (o // 8) * 4 + g * o * 2
     assert size("awq") == i * (o // 8) * 4 + g * (o // 8) * 4 + g * o * 2
-
-
-def test_split_and_ignore_match_the_runner():
-    from shardquant.calibrate import is_ignored
-    from shardquant.plan import is_ignored as plan_ignored
-    from shardquant.worker import split_range as worker_split
-
-    for n in range(0, 40):
-        for world in range(1, 10):
-            for rank in range(world):
-                assert split_range(n, world, rank) == worker_split(n, world, rank)
-    pats = ["lm_head", "down_proj", "model.layers.3.mlp.up_proj", r"re:model\.layers\.[01]\..*"]
-    for name in ("lm_head", "model.layers.0.self_attn.q_proj", "model.layers.3.mlp.up_proj",
-                 "model.layers.5.mlp.down_proj", "model.layers.12.self_attn.o_proj"):
-        for k in range(len(pats) + 1):
-            assert plan_ignored(name, pats[:k]) == is_ignored(name, pats[:k])
 
 
 def test_ignored_linears_stay_in_dtype(tmp_path):
