@@ -25,7 +25,7 @@ from .export import Exporter, get_exporter
 from .forward import BlockRunner, embed_batches, window_nll
 from .manifest import write_manifest
 from .model import ModelSource
-from .report import peak_rss_bytes, write_report
+from .report import own_peak_rss_bytes, peak_rss_bytes, write_report
 from .shards import plan_shards, shard_names, write_index, write_json_atomic
 from .state import RunState, sha256_file
 from .tracking import make_tracker
@@ -273,8 +273,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         export_s = time.perf_counter() - t
         state.finish(progress)
         worker_peaks = _as_list(ex.peak_rss())
-        driver_peak = peak_rss_bytes()
-        peak = max([driver_peak, *worker_peaks])
+        driver_peak = own_peak_rss_bytes()
+        peak = max([peak_rss_bytes(), *worker_peaks])
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()

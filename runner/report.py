@@ -16,6 +16,11 @@ def peak_rss_bytes() -> int:
     return max(own, kids) * 1024
 
 
+def own_peak_rss_bytes() -> int:
+    """Peak resident memory of this process alone (Linux), without its children."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None:
         return "—"
