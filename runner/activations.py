@@ -106,6 +106,10 @@ class ActivationStore:
             self._drop(item, n)
         self._devices.pop(name, None)
 
+    def count(self, name: str) -> int:
+        """Number of batches in a stream (0 when absent)."""
+        return len(self._streams.get(name, []))
+
     def nbytes(self, name: str) -> int:
         return sum(self._sizes.get(name, []))
 

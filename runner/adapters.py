@@ -31,6 +31,19 @@ class InputGroup:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A submodule of a block whose output is its last linear's output (`tail`), e.g. the
+    attention (o_proj) or the MLP (down_proj); `returns_tuple` when it returns (output, extra).
+
+    Once its linears are quantized its output is fixed, so true-sequential calibration reuses
+    it instead of rerunning the block from its input (see `stage_cache`)."""
+
+    module: str
+    tail: str
+    returns_tuple: bool = False
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Where things are in a decoder-only family (names relative to the model or a block)."""
 
@@ -41,6 +54,7 @@ class Adapter:
     rotary: str = "model.rotary_emb"
     lm_head: str = "lm_head"
     groups: tuple[InputGroup, ...] = ()  # in execution order: a forward reaches them in this order
+    stages: tuple[Stage, ...] = ()  # submodules ending in one linear, in execution order
     # "full": causal everywhere; "sliding_if_configured": config.sliding_window for every layer
     # when set; "layer_types": per layer from config.layer_types.
     mask_rule: Literal["full", "sliding_if_configured", "layer_types"] = "full"
@@ -75,11 +89,18 @@ _LLAMA_LIKE_GROUPS = (
     InputGroup("mlp_out", "mlp.up_proj", ("mlp.down_proj",), consumer="mlp.down_proj"),
 )
 
+_LLAMA_LIKE_STAGES = (
+    Stage("self_attn", "self_attn.o_proj", returns_tuple=True),
+    Stage("mlp", "mlp.down_proj"),
+)
+
 ADAPTERS: dict[str, Adapter] = {
-    "llama": Adapter("llama", groups=_LLAMA_LIKE_GROUPS),
-    "mistral": Adapter("mistral", groups=_LLAMA_LIKE_GROUPS, mask_rule="sliding_if_configured"),
-    "qwen2": Adapter("qwen2", groups=_LLAMA_LIKE_GROUPS, mask_rule="layer_types"),
-    "qwen3": Adapter("qwen3", groups=_LLAMA_LIKE_GROUPS, mask_rule="layer_types"),
+    "llama": Adapter("llama", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES),
+    "mistral": Adapter(
+        "mistral", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="sliding_if_configured"
+    ),
+    "qwen2": Adapter("qwen2", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="layer_types"),
+    "qwen3": Adapter("qwen3", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="layer_types"),
 }
 
 

@@ -154,6 +154,7 @@ def _block_record(index: int, seconds: float, losses: dict[str, float], prof: Bl
     for key in PHASES:
         rec[key] = max((p.get(key, 0.0) for p in parts), default=0.0)
     rec["activation_bytes"] = sum(p.get("activation_bytes", 0) for p in parts)
+    rec["stage_cache_bytes"] = sum(p.get("stage_cache_bytes", 0) for p in parts)
     rec["peak_rss_bytes"] = max((p.get("peak_rss_bytes", 0) for p in parts), default=0)
     if prof.awq:
         rec["awq"] = prof.awq

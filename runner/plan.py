@@ -40,13 +40,17 @@ conservative sum of terms that can be alive together:
 - ``awq_captures`` (awq, awq+gptq): the captured inputs of the phase's groups and the
   consumer's reference outputs: ``tokens · (Σ in_g + hidden) · d`` with
   ``tokens = calib windows of the share × calib.seq_len``.
+- ``stage_cache`` (gptq, awq, awq+gptq with ``quant.true_sequential`` and
+  ``calib.reuse_stages``): a block's finished attention outputs and the inputs of its
+  o_proj or down_proj, kept between the observation passes so a block costs one forward
+  pass: ``tokens · (hidden + max(heads · head_dim, intermediate)) · d``.
 - ``workspace``: one forward batch (B = the stream's batch size, capped by its windows,
   T = its seq_len): ``max(B · heads · T² · 4, 2 · B · T · intermediate · d) + B · T · hidden · d``
   (fp32 attention scores of the sdpa math fallback, or the MLP's gate and up outputs; plus
   the batch being produced); the larger of the calibration and evaluation streams.
 
 ``block phase = weights + activations + solved_codes + fp32_copies + hessians +
-awq_captures + workspace``. Outside the blocks (embedding at setup, final norm and lm_head
+awq_captures + stage_cache + workspace``. Outside the blocks (embedding at setup, final norm and lm_head
 for perplexity) ``outside phase = activations + vocab · hidden · d + 2 · eval.seq_len ·
 vocab · 4`` (one window's float32 logits and their log-softmax). ``peak = max(block phase,
 outside phase)``. The estimate ignores the framework's own footprint (CUDA context,
@@ -336,8 +340,10 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, world: int, toke
     terms: dict[str, Any] = {
         "solved_codes": sum(o * i * 4 + o * _groups(i, q.group_size) * 8 + i * 4 for o, i in quantized),
         "fp32_copies": 2 * max((o * i for o, i in quantized), default=0) * 4,
-        "hessians": 0, "awq_captures": 0, "hessian_group": None, "hessian_in": 0,
+        "hessians": 0, "awq_captures": 0, "stage_cache": 0, "hessian_group": None, "hessian_in": 0,
     }
+    if work and q.method in ("gptq", "awq", "awq+gptq") and q.true_sequential and cfg.calib.reuse_stages:
+        terms["stage_cache"] = tokens * (shape.hidden + max(shape.heads * shape.head_dim, shape.intermediate)) * d
     if q.method in ("awq", "awq+gptq"):
         terms["fp32_copies"] += sum(o * i for o, i in quantized) * 4
         terms["awq_captures"] = max(
@@ -350,7 +356,7 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, world: int, toke
         for g, i, _ in work:
             if i > terms["hessian_in"]:
                 terms["hessian_group"], terms["hessian_in"] = g, i
-    terms["sum"] = terms["solved_codes"] + terms["fp32_copies"] + terms["hessians"] + terms["awq_captures"]
+    terms["sum"] = sum(terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache"))
     return terms
 
 
@@ -405,7 +411,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig) -> Plan:
     )
     block_bytes = shape.block_numel() * d
     memory = {"weights": block_bytes, "activations": resident}
-    memory.update({k: terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures")})
+    memory.update({k: terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache")})
     memory["workspace"] = workspace
     memory["block_phase"] = sum(memory.values())
     memory["outside_phase"] = resident + shape.vocab * h * d + (2 * cfg.eval.seq_len * shape.vocab * 4 if ne else 0)
@@ -476,7 +482,8 @@ def render(plan: Plan, capacity: int | None = None) -> str:
         lines.append(f"  AWQ captures         {human(m['awq_captures']):>12}")
     lines.append("")
     lines.append("peak memory per worker (estimate)")
-    for key in ("weights", "activations", "solved_codes", "fp32_copies", "hessians", "awq_captures", "workspace"):
+    for key in ("weights", "activations", "solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache",
+                "workspace"):
         if m[key]:
             lines.append(f"  {key:<20}{human(m[key]):>12}")
     lines.append(f"  = block phase        {human(m['block_phase']):>12}")

@@ -36,6 +36,7 @@ from .calibrate import (
     SolveTask,
     _first,
     _output_error,
+    block_work,
     fold_scales,
     merge_stats,
     quant_spec,
@@ -46,6 +47,7 @@ from .forward import BlockRunner, embed_batches, window_nll
 from .model import ModelSource
 from .plan import split_range
 from .report import peak_rss_bytes
+from .stage_cache import StageCache
 from .state import assemble_shard, load_tensors, save_tensors
 
 
@@ -93,6 +95,8 @@ class BlockWorker:
         self.candidates: dict[str, list[Tensor]] = {}
         self.scales: dict[str, Tensor] = {}
         self.profile = BlockProfile()
+        self.stage_cache: StageCache | None = None
+        self.groups = {g.name: g for g in self.adapter.groups}
         self.eval_tokens: Tensor | None = None
         self.do_fp_eval = False
 
@@ -139,6 +143,14 @@ class BlockWorker:
         self.index = index
         self.profile.extra["load_s"] = time.perf_counter() - t
         self.results, self.captures, self.originals, self.candidates, self.scales = {}, {}, {}, {}, {}
+        self.stage_cache = None
+        if self.cfg.calib.reuse_stages and self.cfg.quant.true_sequential:
+            block_name = self.adapter.block_prefix(index).rstrip(".")
+            quantized = {n for _, names in block_work(self.adapter, block_name, self.cfg.quant) for n in names}
+            linears = self.adapter.linears()
+            self.stage_cache = StageCache(
+                self.block, self.adapter.stages, linears, [n for n in linears if n not in quantized]
+            )
         t = time.perf_counter()
         if self.do_fp_eval and self.store.has("eval_fp"):
             self.store.map("eval_fp", lambda h: self.runner.forward(self.block, index, h))
@@ -161,6 +173,7 @@ class BlockWorker:
         stats: dict[str, GroupStats] = {}
         handles = []
         stats_time = [0.0]
+        stop_inputs: list[Tensor] = []
         for gname, first_name in groups:
             first = self._lin(first_name)
             st = stats[gname] = GroupStats(
@@ -178,11 +191,15 @@ class BlockWorker:
 
                     handles.append(self._lin(consumer).register_forward_pre_hook(call_hook, with_kwargs=True))
 
-            def hook(_mod, args, st=st, cap=cap):
+            keep = stop_inputs if (gname, first_name) == groups[-1] else None
+
+            def hook(_mod, args, st=st, cap=cap, keep=keep):
                 t0 = time.perf_counter()
                 x = args[0].detach()
                 if cap is not None:
                     cap.inputs.append(x)
+                if keep is not None:
+                    keep.append(x)
                 if st.hessian is not None:
                     st.hessian.add(x)
                 if st.channel is not None:
@@ -192,15 +209,39 @@ class BlockWorker:
             handles.append(first.register_forward_pre_hook(hook))
         t = time.perf_counter()
         try:
-            self.runner.forward_all(
-                self.block, self.index, self.store.iter("calib"), stop_at=self._lin(groups[-1][1])
-            )
+            self._forward_calib(stop_at=self._lin(groups[-1][1]))
         finally:
             for h in handles:
                 h.remove()
+        if self.stage_cache is not None:
+            last, first = groups[-1]
+            self.stage_cache.offer_tail(first, self.groups[last].linears, stop_inputs)
         self.profile.forward_s += time.perf_counter() - t - stats_time[0]
         self.profile.stats_s += stats_time[0]
         return stats
+
+    def _forward_calib(self, *, stop_at: nn.Module | None = None) -> list[Tensor]:
+        """The calibration share through the current block (reusing finished stages)."""
+        batches = self.store.iter("calib")
+        if self.stage_cache is None:
+            return self.runner.forward_all(self.block, self.index, batches, stop_at=stop_at)
+        with self.stage_cache.active(self.store.count("calib")):
+            return self.runner.forward_all(self.block, self.index, self.stage_cache.batches(batches), stop_at=stop_at)
+
+    def _propagate_calib(self) -> None:
+        """Replace the calibration share by the current block's output, batch by batch."""
+        cache = self.stage_cache
+        if cache is None:
+            self.store.map("calib", lambda h: self.runner.forward(self.block, self.index, h))
+            return
+        order = iter(range(self.store.count("calib")))
+
+        def step(h: Tensor) -> Tensor:
+            cache.batch = next(order)
+            return self.runner.forward(self.block, self.index, h)
+
+        with cache.active(self.store.count("calib"), record=False):
+            self.store.map("calib", step)
 
     def observe_parts(
         self, groups: list[tuple[str, str]], *, hessian: bool, channel: bool, capture: dict[str, str | None]
@@ -261,6 +302,8 @@ class BlockWorker:
         s = self.candidates.pop(group)[choice].to(self._lin(linears[0]).weight.device)
         self.scales[group] = s
         fold_scales(self.block, InputGroup(group, prev, linears), s, self.results)
+        if self.stage_cache is not None:
+            self.stage_cache.invalidate(prev, linears)
 
     def sample_rows(self, group: str, n: int, offset: int = 0, total: int | None = None) -> Tensor:
         """This worker's part of n rows evenly spaced over all workers' captured inputs of
@@ -340,6 +383,8 @@ class BlockWorker:
                 with torch.no_grad():
                     lin.weight.copy_(qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype))
                 self.results[name] = LayerResult(qw, 0.0)
+                if self.stage_cache is not None:
+                    self.stage_cache.mark_final([name])
 
     def end_group(self, group: str) -> None:
         """Drop what was kept for a group's AWQ search."""
@@ -350,10 +395,15 @@ class BlockWorker:
         """Propagate calibration and evaluation streams, write the block's exported tensors
         (when `block_file` is given: this worker writes this block), free the block."""
         t = time.perf_counter()
+        cache_bytes = 0
         if self.store.has("calib_next"):
             self.store.rename("calib_next", "calib")
         elif self.store.has("calib"):
-            self.store.map("calib", lambda h: self.runner.forward(self.block, self.index, h))
+            self._propagate_calib()
+        if self.stage_cache is not None:
+            cache_bytes = self.stage_cache.nbytes()
+            self.stage_cache.clear()
+            self.stage_cache = None
         self.profile.forward_s += time.perf_counter() - t
         t = time.perf_counter()
         if self.store.has("eval_q"):
@@ -373,6 +423,7 @@ class BlockWorker:
         return {
             "worker": self.name, "forward_s": p.forward_s, "stats_s": p.stats_s, "solve_s": p.solve_s,
             **{k: v for k, v in p.extra.items()}, "activation_bytes": self.store.nbytes("calib"),
+            "stage_cache_bytes": cache_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
         }
 

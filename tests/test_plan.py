@@ -86,11 +86,14 @@ def test_llama2_70b_by_hand(tmp_path):
     # + 7 solve-time copies of the widest.
     assert m["hessians"] == (2 + 7) * 28672 * 28672 * 4
     assert m["awq_captures"] == 0
+    # Kept between true-sequential passes: 16·2048 tokens × (attention output 8192 + down_proj's
+    # input 28672) in bf16.
+    assert m["stage_cache"] == 16 * 2048 * (8192 + 28672) * 2
     # Forward workspace, B=8, T=2048: fp32 attention scores 8·64·2048²·4 (8 GiB) beat the MLP's
     # 2·8·2048·28672·2; plus the batch being produced 8·2048·8192·2.
     assert m["workspace"] == 8 * 64 * 2048 * 2048 * 4 + 8 * 2048 * 8192 * 2
     assert m["block_phase"] == sum(m[k] for k in ("weights", "activations", "solved_codes", "fp32_copies",
-                                                   "hessians", "awq_captures", "workspace"))
+                                                   "hessians", "awq_captures", "stage_cache", "workspace"))
     # Outside the blocks: activations + the lm_head 32000·8192·2 + one window's fp32 logits, twice.
     assert m["outside_phase"] == m["activations"] + 32000 * 8192 * 2 + 2 * 2048 * 32000 * 4
     assert m["peak"] == m["block_phase"]
@@ -139,6 +142,7 @@ def test_llama31_405b_by_hand(tmp_path):
     assert m["hessians"] == (2 + 7) * 53248 * 53248 * 4
     # down_proj's captured inputs (9·2048 tokens × 53248) and the consumer's outputs (× 16384).
     assert m["awq_captures"] == 9 * 2048 * (53248 + 16384) * 2
+    assert m["stage_cache"] == 9 * 2048 * (16384 + 53248) * 2
     assert m["fp32_copies"] == 2 * 53248 * 16384 * 4 + params * 4
     assert m["workspace"] == 8 * 128 * 2048 * 2048 * 4 + 8 * 2048 * 16384 * 2
     assert m["activations"] == 10**9

@@ -191,6 +191,10 @@ def test_hessian_matches_direct_and_merges_exactly() -> None:
     assert torch.equal(a.sum, whole.sum)
     rows = x.reshape(-1, 24)
     assert torch.equal(whole.hessian(), 2 * rows.T @ rows / 35)
+    for panel in (5, 8, 24, 100):  # the triangle in panels that do and don't divide 24
+        acc = HessianAccumulator(24, dtype=torch.float64, panel=panel)
+        acc.add(x)
+        assert torch.equal(acc.hessian(), 2 * rows.T @ rows / 35), panel
 
     xf = torch.randn(3, 50, 16, generator=gen, dtype=torch.bfloat16)
     acc = HessianAccumulator(16)
