@@ -53,6 +53,7 @@ class GPTQResult:
 
 
 Reorder = Literal["none", "group"]
+GroupRange = Literal["current", "block_start"]
 
 
 class GPTQSolver:
@@ -127,16 +128,21 @@ class GPTQSolver:
         block_size: int = 128,
         static_groups: bool = False,
         mse: MSEGrid | None = None,
+        group_range: GroupRange = "current",
     ) -> GPTQResult:
         """Quantize ``weight`` [out, in]; codes and ``g_idx`` come back in original column order.
 
         Per-channel qparams, and with ``static_groups`` all group qparams, are computed from
         the original weight before any error update; otherwise a group's qparams come from
         its current (updated) weights when its first column, in processing order, is reached.
-        ``mse`` searches each group's range shrink instead of taking min/max.
+        ``mse`` searches each group's range shrink instead of taking min/max. With
+        ``group_range="block_start"`` a dynamic group's range comes from its weights as they
+        were when its lazy block (``block_size`` columns) began, as in the reference GPTQ
+        implementations (AutoGPTQ, GPTQModel): the error updates of the block's earlier
+        columns move the values but not the range.
         """
         return self.quantize_many(
-            [weight], spec, block_size=block_size, static_groups=static_groups, mse=mse
+            [weight], spec, block_size=block_size, static_groups=static_groups, mse=mse, group_range=group_range
         )[0]
 
     def quantize_many(
@@ -147,6 +153,7 @@ class GPTQSolver:
         block_size: int = 128,
         static_groups: bool = False,
         mse: MSEGrid | None = None,
+        group_range: GroupRange = "current",
     ) -> list[GPTQResult]:
         """``quantize`` each of ``weights`` (linears sharing this input) in one pass.
 
@@ -160,6 +167,8 @@ class GPTQSolver:
                 raise ValueError(f"weight must be [out, {n}], got shape {tuple(w.shape)}")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if group_range not in ("current", "block_start"):
+            raise ValueError(f"group_range must be 'current' or 'block_start', got {group_range!r}")
         if self.reorder == "group" and spec.group_size != self.group_size:
             raise ValueError(
                 f"this solver orders groups of {self.group_size} columns, the spec has {spec.group_size}"
@@ -197,6 +206,7 @@ class GPTQSolver:
                 block_size=block_size,
                 dynamic=dynamic,
                 mse=mse,
+                block_start=group_range == "block_start",
             )
         if self.invperm is not None:
             codes = codes[:, self.invperm]
@@ -243,6 +253,7 @@ def _solve(
     block_size: int,
     dynamic: bool,
     mse: MSEGrid | None,
+    block_start: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """GPTQ's column loop on ``Wt`` [n, rows] (transposed, in processing order, updated in place).
 
@@ -275,12 +286,16 @@ def _solve(
         i2 = min(i1 + block_size, n)
         E1 = torch.zeros_like(Wt[i1:i2])  # scaled errors of the block's columns
         e_rows = E1.unbind(0)
+        W0 = Wt[i1:i2].clone() if block_start and dynamic else None
         for j1 in range(i1, i2, _SUB):
             j2 = min(j1 + _SUB, i2)
             for c in range(j1, j2):
                 g = col_group[c]
                 if c in ends:
-                    cur = _current_rows(Wt, E1, U, c, ends[c], (j1, j2), (i1, i2))
+                    if W0 is not None:  # rows past the block are still as they were at its start
+                        cur = torch.cat([W0[c - i1 : min(ends[c], i2) - i1], Wt[i2 : ends[c]]])
+                    else:
+                        cur = _current_rows(Wt, E1, U, c, ends[c], (j1, j2), (i1, i2))
                     s, z = search_qparams(cur.T, spec, mse)
                     s_rows[g].copy_(s[:, 0])
                     z_rows[g].copy_(z[:, 0])
@@ -324,12 +339,14 @@ def gptq_quantize(
     static_groups: bool = False,
     reorder: Reorder = "none",
     mse: MSEGrid | None = None,
+    group_range: GroupRange = "current",
 ) -> GPTQResult:
     """One-shot GPTQ of one weight; computes in float64 if ``weight`` or ``H`` is float64."""
     if weight.dtype == torch.float64:
         H = H.to(torch.float64)
     solver = GPTQSolver(H, damp=damp, act_order=act_order, reorder=reorder, group_size=spec.group_size)
-    return solver.quantize(weight, spec, block_size=block_size, static_groups=static_groups, mse=mse)
+    return solver.quantize(weight, spec, block_size=block_size, static_groups=static_groups, mse=mse,
+                           group_range=group_range)
 
 
 def _damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:

@@ -1,24 +1,20 @@
-"""GPTQ quality options on SmolLM2-135M: damping, group-aware reordering, MSE range search.
+"""GPTQ quality options on SmolLM2-135M: damping, reordering, range update, MSE range search.
 
 Each setting is one `shardquant quantize` process (64 x 512 calibration windows of the four
 calibration plays, perplexity on 32 x 512 of Macbeth, as benchmarks/peers.py). Usage:
 
     python benchmarks/ablation.py [--schemes sym,asym] [--only NAME,...] [--calib 64] [--out DIR]
 
-Settings (name: overrides): base: damp 0.01; d05: damp 0.05; d05-gar: + reorder group;
-d05-gar-mse: + mse; d01-gar: damp 0.01 + reorder group; d05-mse: damp 0.05 + mse.
-
-The options are passed as config keys (`quant.reorder`, `quant.mse`, ...). Until the runner
-passes them to the solver, this script's child process also sets them as the solver's
-defaults (`--cli` mode below), so the measurement does not depend on that wiring; explicit
-arguments from the runner win. Measured, never asserted.
+Settings (name: quant overrides) are listed in SETTINGS below: damping (`damp`), group-aware
+reordering (`reorder: group`), act-order with static groups (llm-compressor's `actorder:
+static`), group ranges from the block-start weights (`group_range: block_start`, as
+AutoGPTQ/GPTQModel) and the MSE range search (`mse`). Measured, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,42 +23,13 @@ SETTINGS: dict[str, dict[str, object]] = {
     "base": {"damp": 0.01, "reorder": "none"},
     "d05": {"damp": 0.05, "reorder": "none"},
     "d05-gar": {"damp": 0.05, "reorder": "group"},
+    "d05-gar-bs": {"damp": 0.05, "reorder": "group", "group_range": "block_start"},
     "d05-gar-mse": {"damp": 0.05, "reorder": "group", "mse": True},
     "d01-gar": {"damp": 0.01, "reorder": "group"},
     "d05-mse": {"damp": 0.05, "reorder": "none", "mse": True},
+    "d01-act-static": {"damp": 0.01, "reorder": "none", "act_order": True, "static_groups": True},
+    "d05-act-static": {"damp": 0.05, "reorder": "none", "act_order": True, "static_groups": True},
 }
-
-
-def _cli_with_solver_defaults(argv: list[str]) -> int:
-    """Run the shardquant CLI with quant.reorder / quant.mse* (from SQ_SOLVER_OPTS) as the
-    GPTQ solver's defaults, for runners that do not pass them yet."""
-    from shardquant.algorithms import gptq
-    from shardquant.algorithms.quantizer import MSEGrid
-    from shardquant.cli import main as cli_main
-
-    opts = json.loads(os.environ.get("SQ_SOLVER_OPTS", "{}"))
-    mse = MSEGrid(opts.get("mse_grid", 100), opts.get("mse_max_shrink", 0.2), opts.get("mse_norm", 2.4)) if opts.get("mse") else None
-    cls = gptq.GPTQSolver
-    init, quantize, many = cls.__init__, cls.quantize, cls.quantize_many
-
-    def patched_init(self, H, **kw):
-        if opts.get("reorder", "none") != "none" and not kw.get("act_order"):
-            kw.setdefault("reorder", opts["reorder"])
-            kw.setdefault("group_size", opts["group_size"])
-        init(self, H, **kw)
-
-    def patched_quantize(self, weight, spec, **kw):
-        if kw.get("mse") is None:
-            kw["mse"] = mse
-        return quantize(self, weight, spec, **kw)
-
-    def patched_many(self, weights, spec, **kw):
-        if kw.get("mse") is None:
-            kw["mse"] = mse
-        return many(self, weights, spec, **kw)
-
-    cls.__init__, cls.quantize, cls.quantize_many = patched_init, patched_quantize, patched_many
-    return cli_main(argv)
 
 
 def main() -> None:
@@ -92,10 +59,9 @@ def main() -> None:
             cfg["output"] = str(out / tag)
             (out / f"{tag}.yaml").parent.mkdir(parents=True, exist_ok=True)
             (out / f"{tag}.yaml").write_text(yaml.safe_dump(cfg))
-            env = {**os.environ, "SQ_SOLVER_OPTS": json.dumps({**quant, "group_size": 64})}
             proc = subprocess.run(
-                [sys.executable, __file__, "--cli", "quantize", str(out / f"{tag}.yaml"), "--quiet"],
-                env=env, capture_output=True, text=True,
+                [sys.executable, "-m", "shardquant", "quantize", str(out / f"{tag}.yaml"), "--quiet"],
+                capture_output=True, text=True,
             )
             if proc.returncode != 0:
                 raise SystemExit(f"{tag} failed:\n{proc.stderr[-3000:]}")
@@ -114,7 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--cli":
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        sys.exit(_cli_with_solver_defaults(sys.argv[2:]))
     main()

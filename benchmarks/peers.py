@@ -302,15 +302,8 @@ def run_ours(method: str, scheme: dict[str, Any], protocol: dict[str, Any], sets
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(yaml.safe_dump(cfg))
     overrides = [f"--{s}" for s in sets]
-    from shardquant.config import build_config, parse_overrides
-
-    quant = build_config(cfg, parse_overrides(overrides)).quant.model_dump()
-    # ablation.py's --cli passes quant.reorder / quant.mse* to the solver even where the runner
-    # does not yet; explicit arguments from the runner win.
-    cmd = [sys.executable, str(Path(__file__).with_name("ablation.py")), "--cli", "quantize",
-           str(out / "run.yaml"), "--quiet", *overrides]
-    env = {**os.environ, "SQ_SOLVER_OPTS": json.dumps(quant)}
-    rc, wall, rss, _ = measured(cmd, env, out / "log.txt")
+    cmd = [sys.executable, "-m", "shardquant", "quantize", str(out / "run.yaml"), "--quiet", *overrides]
+    rc, wall, rss, _ = measured(cmd, None, out / "log.txt")
     if rc != 0:
         raise RuntimeError(f"shardquant failed ({rc}):\n{(out / 'log.txt').read_text()[-3000:]}")
     report = json.loads((out / "run" / "report.json").read_text())

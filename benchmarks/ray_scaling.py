@@ -12,11 +12,57 @@ Measured, never asserted; paste the printed table into benchmarks/RESULTS.md wit
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import yaml
 from _common import run_quantize, smollm2_protocol
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in bytes: Rss, Anonymous, Shmem and file-backed pages."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            key, rest = line.split(":", 1)
+            out[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def run_sampled(cfg: dict, workdir: Path, every: float = 0.2) -> tuple[dict, dict[str, float]]:
+    """`shardquant quantize` in a fresh process, its RSS sampled from /proc: the report and the
+    driver's peak RSS with what made it up (anonymous vs. file-backed/shared pages) and when."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "run.yaml").write_text(yaml.safe_dump(cfg))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "shardquant", "quantize", str(workdir / "run.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak: dict[str, float] = {"Rss": 0}
+    lines: list[tuple[float, str]] = []
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append((time.perf_counter() - t0, line.strip()[-120:]))
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        r = _rollup(proc.pid)
+        if r.get("Rss", 0) > peak["Rss"]:
+            peak = {**r, "at_s": time.perf_counter() - t0, "last_line": lines[-1][1] if lines else ""}
+        time.sleep(every)
+    reader.join(timeout=5)
+    if proc.returncode != 0:
+        raise SystemExit(f"shardquant failed ({proc.returncode}):\n" + "\n".join(x for _, x in lines[-30:]))
+    peak["total_s"] = time.perf_counter() - t0
+    return json.loads((Path(cfg["output"]) / "report.json").read_text()), peak
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -83,7 +129,7 @@ def memory(args: argparse.Namespace) -> None:
         "cluster": {"backend": "ray", "workers": args.workers, "cpus_per_worker": 1},
         "output": str(out / "run"),
     }
-    rep = run_quantize(cfg, out / "run")
+    rep, sampled = run_sampled(cfg, out / "run")
     peaks = {"driver": rep["memory"]["driver_peak_rss_bytes"], **rep["cluster"]["peak_rss_bytes"]}
     print(f"random Llama, {size / 1e9:.2f} GB fp32 on disk, {args.method} 4-bit g128, {args.workers} Ray workers")
     print("| process | peak RSS GB | / model size |\n| --- | --- | --- |")
@@ -91,6 +137,11 @@ def memory(args: argparse.Namespace) -> None:
         print(f"| {name} | {peak / 1e9:.2f} | {peak / size:.3f} |")
     print(f"| max over all processes (report.json memory.peak_rss_bytes) | {rep['memory']['peak_rss_bytes'] / 1e9:.2f} | "
           f"{rep['memory']['peak_rss_bytes'] / size:.3f} |")
+    anon = sampled.get("Anonymous", 0)
+    print(f"\ndriver sampled from /proc every 0.2 s: peak Rss {sampled['Rss'] / 1e9:.2f} GB at "
+          f"{sampled.get('at_s', 0):.0f} s of {sampled['total_s']:.0f} s (anonymous {anon / 1e9:.2f} GB, "
+          f"shared/file-backed {(sampled['Rss'] - anon) / 1e9:.2f} GB); last progress line: "
+          f"{sampled.get('last_line', '')!r}")
 
 
 def main() -> None:

@@ -1,13 +1,15 @@
-"""Perplexity of RTN vs GPTQ on the real SmolLM2-135M (the foundation's protocol).
+"""Perplexity of RTN, GPTQ, AWQ and AWQ+GPTQ on the real SmolLM2-135M (the foundation's protocol).
 
 Calibration: 128 windows x 512 tokens of four Shakespeare plays; perplexity: 32 x 512 of a
 disjoint play (Macbeth). Usage:
 
-    python benchmarks/real_model.py [--grid core|full] [--calib 128] [--out DIR]
+    python benchmarks/real_model.py [--grid core|full] [--awq] [--calib 128] [--out DIR]
 
 `core`: 3 and 4 bits, group 64, symmetric (RTN and GPTQ). `full`: 3/4 bits x groups 32, 64,
-per-channel x symmetric/asymmetric. Prints a markdown table (ratios to fp side by side from
-one run) and GPTQ's speed profile.
+per-channel x symmetric/asymmetric, the group-64 symmetric rows first. `--awq` adds AWQ and
+AWQ+GPTQ to the group-64 symmetric rows. Prints one line per run as it finishes (perplexity,
+calibration seconds and GPTQ's speed profile), then a markdown table (ratios to fp side by
+side from one run) and the calibration time of every method.
 """
 
 from __future__ import annotations
@@ -19,47 +21,62 @@ from pathlib import Path
 
 from _common import run_quantize, smollm2_protocol
 
+LABEL = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq+gptq": "AWQ+GPTQ"}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", choices=["core", "full"], default="core")
+    ap.add_argument("--awq", action="store_true", help="also awq and awq+gptq on the group-64 symmetric rows")
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="sq-real-"))
-    if args.grid == "core":
-        grid = [(b, 64, True) for b in (4, 3)]
-    else:
-        grid = list(itertools.product((4, 3), (32, 64, -1), (True, False)))
+    first = [(4, 64, True), (3, 64, True)]
+    grid = first if args.grid == "core" else first + [
+        g for g in itertools.product((4, 3), (32, 64, -1), (True, False)) if g not in first
+    ]
     rows = []
     fp = None
+    seconds: dict[str, list[float]] = {}
     for bits, group, sym in grid:
+        methods = ["rtn", "gptq"] + (["awq", "awq+gptq"] if args.awq and group == 64 and sym else [])
         ppl = {}
-        for method in ("rtn", "gptq"):
+        for method in methods:
             cfg = smollm2_protocol(calib_n=args.calib)
             cfg["quant"] = {"method": method, "bits": bits, "group_size": group, "symmetric": sym}
             cfg["eval"]["fp"] = fp is None
+            if bits == 3:
+                cfg["export"]["format"] = "fake"  # compressed-tensors holds 2, 4 and 8 bits
             name = f"{method}-w{bits}g{group}{'s' if sym else 'a'}"
             cfg["output"] = str(out / name)
             r = run_quantize(cfg, out / f"cfg-{name}")
             fp = fp if fp is not None else r["ppl"]["fp"]
             ppl[method] = r["ppl"]["quantized"]
-            if method == "gptq":
-                t = r["timing"]
-                nb = len(r["blocks"])
-                print(f"[{name}] calibrate {t['calibrate_s']:.0f}s, {t['calibrate_s'] / nb:.1f}s/block, "
-                      f"{r['calibration']['tokens'] * nb / t['calibrate_s']:.0f} token-blocks/s, "
-                      f"forward {t['forward_s']:.0f}s stats {t['stats_s']:.0f}s solve {t['solve_s']:.0f}s, "
-                      f"peak RSS {r['memory']['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-        rows.append((bits, group, sym, ppl["rtn"], ppl["gptq"]))
-        print(f"w{bits} g{group} {'sym' if sym else 'asym'}: rtn {ppl['rtn']:.3f} gptq {ppl['gptq']:.3f}", flush=True)
+            t = r["timing"]
+            seconds.setdefault(method, []).append(t["calibrate_s"])
+            nb = len(r["blocks"])
+            print(f"[{name}] ppl {ppl[method]:.3f}; calibrate {t['calibrate_s']:.0f}s, "
+                  f"{t['calibrate_s'] / nb:.1f}s/block, "
+                  f"{r['calibration']['tokens'] * nb / t['calibrate_s']:.0f} token-blocks/s, "
+                  f"forward {t['forward_s']:.0f}s stats {t['stats_s']:.0f}s solve {t['solve_s']:.0f}s "
+                  f"search {t.get('search_s', 0):.0f}s, peak RSS {r['memory']['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  flush=True)
+        rows.append((bits, group, sym, ppl))
     print(f"\nfp perplexity: {fp:.3f}\n")
-    print("| bits | group | scheme | RTN ppl | GPTQ ppl | RTN/fp | GPTQ/fp | GPTQ vs RTN |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for bits, group, sym, rtn, gptq in rows:
+    used = [m for m in LABEL if any(m in p for *_, p in rows)]
+    print("| bits | group | scheme | " + " | ".join(f"{LABEL[m]} ppl" for m in used) + " | "
+          + " | ".join(f"{LABEL[m]}/fp" for m in used) + " | GPTQ vs RTN |")
+    print("| --- " * (3 + 2 * len(used) + 1) + "|")
+    for bits, group, sym, ppl in rows:
         g = "per-channel" if group == -1 else str(group)
-        print(f"| {bits} | {g} | {'sym' if sym else 'asym'} | {rtn:.3f} | {gptq:.3f} | {rtn / fp:.3f} | "
-              f"{gptq / fp:.3f} | {gptq / rtn - 1:+.1%} |")
+        vals = " | ".join(f"{ppl[m]:.3f}" if m in ppl else "—" for m in used)
+        ratios = " | ".join(f"{ppl[m] / fp:.3f}" if m in ppl else "—" for m in used)
+        print(f"| {bits} | {g} | {'sym' if sym else 'asym'} | {vals} | {ratios} | "
+              f"{ppl['gptq'] / ppl['rtn'] - 1:+.1%} |")
+    print("\n| method | runs | mean calibrate_s |\n| --- | --- | --- |")
+    for m in used:
+        print(f"| {LABEL[m]} | {len(seconds[m])} | {sum(seconds[m]) / len(seconds[m]):.0f} |")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,11 @@ def assign(costs: list[float], workers: int) -> list[int]:
 class RayExecutor:
     """The executor interface (see shardquant.executor) on Ray actors."""
 
-    def __init__(self, cfg: RunConfig):
+    worker_cls: type = BlockWorker
+
+    def __init__(self, cfg: RunConfig, linear_shapes: dict[str, tuple[int, int]]):
+        """`linear_shapes`: (out, in) of each block linear (ModelSource.linear_shapes), to
+        balance the solves."""
         if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
             _loopback_only()
         import ray
@@ -140,7 +144,7 @@ class RayExecutor:
         self._pending: list = []
         self._index = -1
         self._setup_args: tuple | None = None
-        self._shapes = None
+        self._shapes = dict(linear_shapes)
         self.hosts = ray.get([a.info.remote() for a in self.actors])
 
     @property
@@ -152,7 +156,7 @@ class RayExecutor:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         c = self.cfg.cluster
-        actor_cls = ray.remote(BlockWorker)
+        actor_cls = ray.remote(self.worker_cls)
         return actor_cls.options(
             num_cpus=c.cpus_per_worker,
             num_gpus=c.gpus_per_worker,
@@ -294,13 +298,6 @@ class RayExecutor:
         parts = ray.get([a.sample_rows.remote(group, n, off, total) for a, off in zip(self.actors, offsets, strict=True)])
         return torch.cat([p.cpu() for p in parts])
 
-    def _shape(self, name: str) -> tuple[int, int]:
-        if self._shapes is None:
-            from shardquant.model import ModelSource
-
-            self._shapes = ModelSource(self.cfg.model.path, dtype=self.cfg.model.dtype, device="cpu").linear_shapes()
-        return self._shapes[name]
-
     def solve(self, tasks: list[SolveTask]) -> dict[str, float]:
         """Each linear on one actor (bin-packed by its solve cost), from every actor's stats."""
         import ray
@@ -311,8 +308,8 @@ class RayExecutor:
             units = [SolveTask(t.group, (n,), t.kind, t.clip, t.clip_skip, t.clip_rows) for t in tasks for n in t.linears]
         costs = []
         for u in units:
-            out_f, in_f = self._shape(u.linears[0])
-            costs.append(sum(self._shape(n)[0] for n in u.linears) * in_f * in_f + in_f**3)
+            in_f = self._shapes[u.linears[0]][1]
+            costs.append(sum(self._shapes[n][0] for n in u.linears) * in_f * in_f + in_f**3)
         owner = assign(costs, self.world)
         weights, losses = [], []
         for k, a in enumerate(self.actors):

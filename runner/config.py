@@ -72,17 +72,30 @@ class QuantConfig(_Section):
     bits: int = Field(4, description="Bits per weight, 2..8.")
     group_size: int = Field(128, description="Columns per quantization group; -1 = per output channel.")
     symmetric: bool = Field(True, description="Symmetric (zero point fixed mid-range) or asymmetric.")
-    act_order: bool = Field(False, description="GPTQ: process columns by decreasing Hessian diagonal.")
-    static_groups: bool = Field(False, description="GPTQ: fix group qparams before act-order.")
+    act_order: bool = Field(
+        True,
+        description="GPTQ: process columns by decreasing Hessian diagonal (default with static_groups: measured "
+        "best, benchmarks/RESULTS.md). reorder: group turns the default off.",
+    )
+    static_groups: bool = Field(
+        True,
+        description="GPTQ: fix group qparams from the original weights before act-order, so groups stay consecutive "
+        "columns (no g_idx); defaults to false when act_order is off.",
+    )
     damp: float = Field(
-        0.05, gt=0, lt=1, description="GPTQ damping, fraction of mean(diag(H)) (0.05: measured, benchmarks/RESULTS.md)."
+        0.01, gt=0, lt=1, description="GPTQ damping, fraction of mean(diag(H)) (0.01: measured, benchmarks/RESULTS.md)."
     )
     block_size: int = Field(128, ge=1, description="GPTQ lazy-batch width.")
     reorder: Literal["none", "group"] = Field(
-        "group",
-        description="GPTQ: 'group' = group-aware reordering: groups by decreasing largest Hessian diagonal, "
-        "columns within a group by decreasing diagonal; groups stay consecutive columns (no g_idx). "
-        "act_order: true turns the default off; setting both is an error.",
+        "none",
+        description="GPTQ: 'group' = group-aware reordering (GPTQModel's default): groups by decreasing largest "
+        "Hessian diagonal, columns within a group by decreasing diagonal; groups stay consecutive columns (no "
+        "g_idx). Turns the act_order default off; setting it with act_order: true is an error.",
+    )
+    group_range: Literal["current", "block_start"] = Field(
+        "current",
+        description="GPTQ: a group's range from its weights with every error update so far ('current'), or as at "
+        "the start of its lazy block of block_size columns ('block_start', as AutoGPTQ/GPTQModel do).",
     )
     mse: bool = Field(
         False, description="Search each group's range shrink minimizing sum abs(fake_quant(w) - w)^mse_norm (GPTQ, RTN)."
@@ -128,10 +141,13 @@ class QuantConfig(_Section):
 
     @model_validator(mode="after")
     def _orders(self) -> QuantConfig:
+        given = self.model_fields_set
         if self.reorder == "group" and self.act_order:
-            if "reorder" in self.model_fields_set:
+            if "act_order" in given:
                 raise ValueError("quant: reorder 'group' and act_order true exclude each other; pick one")
-            self.__dict__["reorder"] = "none"  # the default yields to an explicit act_order
+            self.__dict__["act_order"] = False  # the default yields to an explicit reorder
+        if not self.act_order and self.static_groups and "static_groups" not in given:
+            self.__dict__["static_groups"] = False  # the static default belongs to act-order
         return self
 
 

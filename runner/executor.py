@@ -21,8 +21,8 @@ from .worker import BlockWorker
 class LocalExecutor:
     """Every step on one in-process worker that holds all the samples."""
 
-    def __init__(self, cfg: RunConfig):
-        self.worker = BlockWorker(cfg, 0, 1, name="local")
+    def __init__(self, cfg: RunConfig, worker: BlockWorker | None = None):
+        self.worker = worker or BlockWorker(cfg, 0, 1, name="local")
         self.names = ["local"]
         self.faults: list[dict[str, Any]] = []
         self._stats: dict[str, GroupStats] = {}
@@ -40,8 +40,9 @@ class LocalExecutor:
     def begin_block(self, index: int) -> None:
         self.worker.begin_block(index)
 
-    def end_block(self, block_file: str) -> dict[str, Any]:
-        return self.worker.end_block(block_file)
+    def end_block(self, block_file: str) -> list[dict[str, Any]]:
+        """Per-worker block records (one here), like every executor."""
+        return [self.worker.end_block(block_file)]
 
     def save_activations(self, paths: list[str]) -> None:
         self.worker.save_activations(paths[0])
@@ -52,14 +53,14 @@ class LocalExecutor:
     def write_other(self, path: str) -> None:
         self.worker.write_other(path)
 
-    def nll(self) -> dict[str, tuple[float, int]]:
-        return self.worker.nll()
+    def nll(self) -> list[dict[str, tuple[float, int]]]:
+        return [self.worker.nll()]
 
     def assemble(self, jobs: list[tuple[str, list, list[str]]]) -> None:
         self.worker.assemble(jobs)
 
-    def peak_rss(self) -> int:
-        return self.worker.peak_rss()
+    def peak_rss(self) -> list[int]:
+        return [self.worker.peak_rss()]
 
     def recover(self, error: BaseException) -> bool:
         """A local failure is not recoverable in-process."""

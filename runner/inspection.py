@@ -272,7 +272,8 @@ def inspect_checkpoint(path: str | Path) -> Summary:
         q = report.get("config", {}).get("quant", {})
         if q.get("method", "none") != "none":
             summary.format = "fake"
-            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), q.get("act_order"))
+            act = bool(q.get("act_order")) and q.get("method") in ("gptq", "awq+gptq")  # RTN/AWQ: no order
+            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), act)
             summary.note = "scheme from the run's report.json"
     elif names and not isinstance(qc, dict):
         grid = grid_scheme(index, f"{names[0]}.weight")

@@ -131,12 +131,21 @@ def _perplexity(source: ModelSource, streams: dict[str, list[torch.Tensor]], tok
     return out
 
 
-def make_executor(cfg: RunConfig):
+def stage_mode(cfg: RunConfig) -> bool:
+    """Ray with `calib.propagate: fp` runs pipeline stages (block ranges), not data parallel."""
+    return cfg.cluster.backend == "ray" and cfg.calib.propagate == "fp" and cfg.quant.method != "none"
+
+
+def make_executor(cfg: RunConfig, source: ModelSource):
     """The executor of `cluster.backend` (Ray is imported only when asked for)."""
+    if stage_mode(cfg):
+        from shardquant.cluster.stage_executor import StageExecutor
+
+        return StageExecutor(cfg, source.linear_shapes())
     if cfg.cluster.backend == "ray":
         from shardquant.cluster.ray_executor import RayExecutor
 
-        return RayExecutor(cfg)
+        return RayExecutor(cfg, source.linear_shapes())
     from .executor import LocalExecutor
 
     return LocalExecutor(cfg)
@@ -153,6 +162,8 @@ def _block_record(index: int, seconds: float, losses: dict[str, float], prof: Bl
     }
     for key in PHASES:
         rec[key] = max((p.get(key, 0.0) for p in parts), default=0.0)
+    # Wall time no phase accounts for: waiting on other workers, transfers, the driver's steps.
+    rec["idle_s"] = max(0.0, seconds - sum(rec[k] for k in PHASES))
     rec["activation_bytes"] = sum(p.get("activation_bytes", 0) for p in parts)
     rec["stage_cache_bytes"] = sum(p.get("stage_cache_bytes", 0) for p in parts)
     rec["peak_rss_bytes"] = max((p.get("peak_rss_bytes", 0) for p in parts), default=0)
@@ -172,7 +183,7 @@ def _run_block(ex, p: Prepared, i: int, state: RunState) -> dict[str, Any]:
     prof = BlockProfile()
     losses = calibrate_block(ex, name, src.skeleton.get_submodule(name), src.adapter, q, prof)
     parts = ex.end_block(str(state.block_file(i)))
-    return _block_record(i, time.perf_counter() - t0, losses, prof, parts if isinstance(parts, list) else [parts])
+    return _block_record(i, time.perf_counter() - t0, losses, prof, parts)
 
 
 def _save_progress(ex, state: RunState, progress: dict[str, Any], done: int, record: dict[str, Any]) -> None:
@@ -188,6 +199,51 @@ def _save_progress(ex, state: RunState, progress: dict[str, Any], done: int, rec
     progress["blocks"] = [b for b in progress["blocks"] if b["index"] != record["index"]] + [record]
     state.write(progress)
     state.prune_activations([a["file"] for a in progress["activations"]])
+
+
+def _run_stages(ex, p: Prepared, state: RunState, progress: dict[str, Any], on_record) -> float:
+    """Every block through pipeline stages (see cluster/stage_executor.py); each finished block
+    is recorded in progress.json as it arrives. Returns the fp streaming pass's seconds."""
+    done = set(progress.setdefault("stage_done", []))
+    evaluating = p.evals is not None
+    ex.qblock_files = {i: str(state.qblock_file(i)) for i in range(p.source.num_blocks)} if evaluating else {}
+
+    def on_block(res: dict[str, Any]) -> None:
+        i = res["index"]
+        rec = _block_record(i, res["seconds"], res["losses"], res["profile"], [res["part"]])
+        rec["start"], rec["end"] = res["start"], res["end"]
+        for f in (state.block_file(i), *([state.qblock_file(i)] if evaluating else [])):
+            progress["files"][state.rel(f)] = sha256_file(f)
+        done.add(i)
+        progress["stage_done"] = sorted(done)
+        while progress["done"] in done:
+            progress["done"] += 1
+        progress["blocks"] = [b for b in progress["blocks"] if b["index"] != i] + [rec]
+        state.write(progress)
+        on_record(rec)
+
+    return ex.run(lambda i: str(state.block_file(i)), (lambda i: str(state.qblock_file(i))) if evaluating else None,
+                  set(done), on_block)
+
+
+def stage_overlap(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """From block records with start/end times and a worker: the share of the calibration
+    wall time during which at least two stages were busy, and each stage's busy share."""
+    timed = [b for b in blocks if "start" in b]
+    if not timed:
+        return {}
+    t0, t1 = min(b["start"] for b in timed), max(b["end"] for b in timed)
+    span = max(t1 - t0, 1e-9)
+    events = sorted([(b["start"], 1) for b in timed] + [(b["end"], -1) for b in timed])
+    both, busy, last = 0.0, 0, t0
+    for t, step in events:
+        if busy >= 2:
+            both += t - last
+        busy, last = busy + step, t
+    per: dict[str, float] = {}
+    for b in timed:
+        per[b["worker"]] = per.get(b["worker"], 0.0) + (b["end"] - b["start"]) / span
+    return {"wall_s": span, "two_or_more_busy": both / span, "busy": per}
 
 
 def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress: bool = True) -> dict[str, Any]:
@@ -209,19 +265,48 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     tracker.start(config_dict(cfg))
     do_fp = p.evals is not None and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
-    ex = make_executor(cfg)
+    ex = make_executor(cfg, src)
     bar = None
     try:
         t = time.perf_counter()
         ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
-        if start:
+        staged = stage_mode(cfg)
+        if staged:  # finished blocks need not be a prefix: the stages run side by side
+            start = len(progress.get("stage_done", []))
+        if start and not staged:
             ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
         setup_s = time.perf_counter() - t
         t_loop = time.perf_counter()
         bar = _progress(src.num_blocks, f"{q.method} {q.bits}-bit") if show_progress else None
         if bar is not None:
             bar.update(start)
-        i = start
+        i = src.num_blocks if staged else start
+        stream_s = None
+
+        def on_record(rec: dict[str, Any]) -> None:
+            blocks.append(rec)
+            tracker.log_block(rec)
+            if bar is not None:
+                bar.update(1)
+
+        fresh = True
+        while staged:
+            try:
+                if not fresh:  # stage 0 starts again from the embedded windows
+                    ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+                fresh = False
+                stream_s = _run_stages(ex, p, state, progress, on_record)
+                break
+            except Exception as e:  # a lost Ray worker: replace it, redo the unfinished blocks
+                t_fault = time.perf_counter()
+                if not ex.recover(e):
+                    raise
+                progress["faults"].append({
+                    "block": progress["done"], "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
+                    "recovery_s": time.perf_counter() - t_fault,
+                })
+                print(f"shardquant: worker lost ({type(e).__name__}); replaced, redoing the unfinished blocks",
+                      file=sys.stderr)
         while i < src.num_blocks:
             try:
                 rec = _run_block(ex, p, i, state)
@@ -257,7 +342,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         t = time.perf_counter()
         if p.evals is not None:
             sums: dict[str, list[float]] = {}
-            for part in _as_list(ex.nll()):
+            for part in ex.nll():
                 for stream, (total, count) in part.items():
                     acc = sums.setdefault(stream, [0.0, 0])
                     acc[0] += total
@@ -273,7 +358,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         export_path, total_bytes = _export(ex, p, state)
         export_s = time.perf_counter() - t
         state.finish(progress)
-        worker_peaks = _as_list(ex.peak_rss())
+        worker_peaks = ex.peak_rss()
         driver_peak = own_peak_rss_bytes()
         peak = max([peak_rss_bytes(), *worker_peaks])
     except KeyboardInterrupt:
@@ -289,7 +374,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     finally:
         ex.close()
 
-    timing = {k: sum(b.get(k, 0.0) for b in blocks) for k in PHASES}
+    timing = {k: sum(b.get(k, 0.0) for b in blocks) for k in (*PHASES, "idle_s")}
     timing["load_s"] += setup_s
     timing["eval_s"] += final_eval_s
     timing["export_s"] += export_s
@@ -299,7 +384,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         "ppl": ppl,
         "timing": timing,
         "memory": {"peak_rss_bytes": peak, "driver_peak_rss_bytes": driver_peak},
-        "blocks": blocks,
+        "blocks": sorted(blocks, key=lambda b: b["index"]),
         "config": config_dict(cfg),
         "export": {"format": cfg.export.format, "path": str(export_path), "bytes": total_bytes},
         "calibration": {
@@ -308,16 +393,14 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         },
         "eval": {"windows": 0 if p.evals is None else int(p.evals.shape[0])},
         "cluster": {"backend": cfg.cluster.backend, "workers": ex.names, "resumed_at": start or None,
+                    "mode": "stages" if stage_mode(cfg) else "data",
+                    "stages": {**stage_overlap(blocks), "stream_s": stream_s} if stage_mode(cfg) else None,
                     "faults": progress["faults"], "peak_rss_bytes": dict(zip(ex.names, worker_peaks, strict=True))},
         "version": _version(),
     }
     files = write_report(p.output, report)
     tracker.finish(report, files)
     return report
-
-
-def _as_list(x: Any) -> list:
-    return x if isinstance(x, list) else [x]
 
 
 def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:

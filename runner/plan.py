@@ -11,7 +11,8 @@ calibration windows (``calib.n_samples``; none when ``quant.method: none``) and 
 windows (``eval.n_samples`` when ``eval.path`` is set and ``eval.enabled``) are split over
 the workers in contiguous shares exactly as ``worker.split_range`` does: rank r of w gets
 ``n // w`` windows, plus one for the first ``n % w`` ranks. Per-worker figures are those of
-rank 0, the largest share.
+rank 0, the largest share. Exception: ``calib.propagate: fp`` on Ray runs pipeline stages,
+which split the blocks (the same way) and give every worker every window.
 
 Activations per worker, one stream each (``windows × seq_len × hidden × d``):
 ``calib`` (calibration), ``calib_next`` (``calib.propagate: fp``: the fp outputs kept beside
@@ -377,8 +378,18 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig) -> Plan:
             notes.append("eval.n_samples is null (every window of the text): evaluation streams not counted")
         else:
             n_eval = cfg.eval.n_samples
-    calib_w = [b - a for a, b in (split_range(n_calib, world, r) for r in range(world))]
-    eval_w = [b - a for a, b in (split_range(n_eval, world, r) for r in range(world))]
+    if cfg.cluster.backend == "ray" and cfg.calib.propagate == "fp" and quantizing:
+        # Pipeline stages: the model is split, every stage holds every window.
+        calib_w, eval_w = [n_calib] * world, [n_eval] * world
+        a, b = split_range(shape.layers, world, 0)
+        notes.append(
+            f"pipeline stages (calib.propagate fp on ray): each worker holds every window and a contiguous range of "
+            f"up to {b - a} blocks, and keeps its quantized blocks on local disk for evaluation "
+            f"(up to {human((b - a) * shape.block_numel() * d)})"
+        )
+    else:
+        calib_w = [b - a for a, b in (split_range(n_calib, world, r) for r in range(world))]
+        eval_w = [b - a for a, b in (split_range(n_eval, world, r) for r in range(world))]
     nc, ne = calib_w[0], eval_w[0]
     h = shape.hidden
     calib_bytes = nc * cfg.calib.seq_len * h * d

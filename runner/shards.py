@@ -122,6 +122,9 @@ def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Ten
         _name_failed_write(e, tmp)
         tmp.unlink(missing_ok=True)
         raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_index(directory: Path, shards: list[list[TensorSpec]]) -> dict[str, str]:
@@ -132,68 +135,3 @@ def write_index(directory: Path, shards: list[list[TensorSpec]]) -> dict[str, st
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     write_json_atomic(Path(directory) / "model.safetensors.index.json", index)
     return weight_map
-
-
-class ShardWriter:
-    """Streams planned tensors, in plan order, into their shards."""
-
-    def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_bytes: int):
-        self.dir = Path(directory)
-        self.shards = plan_shards(specs, max_shard_bytes)
-        self.names = shard_names(len(self.shards))
-        self._order = [(k, s) for k, shard in enumerate(self.shards) for s in shard]
-        self._next = 0
-        self._file = None
-        self._shard = -1
-        self.total_bytes = sum(s.nbytes for s in specs)
-
-    @property
-    def expected(self) -> str | None:
-        """Name of the tensor the writer needs next (None when all were written)."""
-        return self._order[self._next][1].name if self._next < len(self._order) else None
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor; its name, dtype and shape must match the plan."""
-        if self._next >= len(self._order):
-            raise ValueError(f"tensor '{name}' is not in the checkpoint plan (all written)")
-        k, spec = self._order[self._next]
-        if name != spec.name:
-            raise ValueError(f"expected tensor '{spec.name}' next, got '{name}'")
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(
-                f"tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}"
-            )
-        if k != self._shard:
-            self._close()
-            self._shard = k
-            self._file = (self.dir / (self.names[k] + ".tmp")).open("wb")
-            self._file.write(_header(self.shards[k]))
-        t = tensor.detach().to("cpu").contiguous()
-        self._file.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        self._next += 1
-
-    def _close(self) -> None:
-        if self._file is None:
-            return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        final = self.dir / self.names[self._shard]
-        os.replace(final.with_name(final.name + ".tmp"), final)
-
-    def finalize(self) -> dict[str, str]:
-        """Close the last shard, write the index; return the weight map."""
-        if self._next != len(self._order):
-            raise ValueError(f"checkpoint incomplete: tensor '{self.expected}' was never written")
-        self._close()
-        weight_map = {s.name: self.names[k] for k, s in self._order}
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        write_json_atomic(self.dir / "model.safetensors.index.json", index)
-        return weight_map
-
-    def abort(self) -> None:
-        """Close any open file (its temp name stays, never a final one)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None

@@ -85,6 +85,10 @@ class RunState:
     def block_file(self, index: int) -> Path:
         return self.dir / "blocks" / f"block-{index:05d}.safetensors"
 
+    def qblock_file(self, index: int) -> Path:
+        """Pipeline stages: block `index` dequantized in the compute dtype, for evaluation."""
+        return self.dir / "qblocks" / f"block-{index:05d}.safetensors"
+
     def other_file(self) -> Path:
         return self.dir / "blocks" / "other.safetensors"
 
@@ -162,7 +166,7 @@ class RunState:
         progress["activations"] = []
         progress["files"] = {}
         self.write(progress)
-        for sub in ("acts", "blocks"):
+        for sub in ("acts", "blocks", "qblocks"):
             shutil.rmtree(self.dir / sub, ignore_errors=True)
 
 

@@ -44,6 +44,7 @@ from .calibrate import (
 from .config import RunConfig
 from .export import get_exporter
 from .forward import BlockRunner, embed_batches, window_nll
+from .memory import trim_heap
 from .model import ModelSource
 from .plan import split_range
 from .report import peak_rss_bytes
@@ -347,7 +348,7 @@ class BlockWorker:
                                     group_size=q.group_size)
                 ws = [self._weight(name, s) for name in task.linears]
                 solved = solver.quantize_many(ws, self.spec, block_size=q.block_size,
-                                              static_groups=q.static_groups, mse=mse)
+                                              static_groups=q.static_groups, mse=mse, group_range=q.group_range)
                 for name, res in zip(task.linears, solved, strict=True):
                     weights[name], losses[name] = res.weight, float(res.loss)
                 del solver, ws, solved
@@ -419,6 +420,7 @@ class BlockWorker:
         self.source.release(self.block)
         self.block = None
         self.captures, self.originals, self.scales = {}, {}, {}
+        trim_heap()
         p = self.profile
         return {
             "worker": self.name, "forward_s": p.forward_s, "stats_s": p.stats_s, "solve_s": p.solve_s,

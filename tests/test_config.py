@@ -24,6 +24,27 @@ def test_defaults_and_resolution(tmp_path):
     assert cfg.quant.ignore == ["lm_head"]
     assert cfg.tracking.wandb.mode == "disabled"
     assert cfg.cluster.backend == "local"
+    q = cfg.quant  # the measured GPTQ defaults (benchmarks/RESULTS.md): act-order with static groups
+    assert (q.act_order, q.static_groups, q.reorder, q.damp) == (True, True, "none", 0.01)
+
+
+@pytest.mark.parametrize(
+    ("quant", "expected"),
+    [
+        ({"reorder": "group"}, (False, False, "group")),  # explicit GAR: the act-order defaults yield
+        ({"act_order": False}, (False, False, "none")),  # plain GPTQ: static follows act-order
+        ({"act_order": False, "static_groups": True}, (False, True, "none")),
+        ({"reorder": "group", "static_groups": True}, (False, True, "group")),
+    ],
+)
+def test_reorder_defaults_resolve(tmp_path, quant, expected):
+    q = load_config(write(tmp_path, {**BASE, "quant": quant})).quant
+    assert (q.act_order, q.static_groups, q.reorder) == expected
+
+
+def test_reorder_and_act_order_both_set_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="exclude each other"):
+        load_config(write(tmp_path, {**BASE, "quant": {"reorder": "group", "act_order": True}}))
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ def odd_llama(tmp_path_factory):
     ({"bits": 3}, r"^export\.format: 'awq' cannot hold quant\.bits=3 "),
     ({"bits": 8}, r"^export\.format: 'awq' cannot hold quant\.bits=8 "),
     ({"group_size": -1}, r"^export\.format: 'awq' cannot hold quant\.group_size=-1 "),
-    ({"act_order": True}, r"^export\.format: 'awq' cannot hold quant\.act_order groups .*quant\.static_groups"),
+    ({"act_order": True, "static_groups": False}, r"^export\.format: 'awq' cannot hold quant\.act_order groups .*quant\.static_groups"),
     ({"method": "none"}, r"^export\.format: 'awq' needs quantized weights"),
 ])
 def test_refuses_schemes_it_cannot_hold(quant, pattern, tiny_models, texts, tmp_path):

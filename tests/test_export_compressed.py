@@ -13,7 +13,7 @@ import yaml
 from conftest import read_checkpoint, run_config
 
 from shardquant.cli import main
-from shardquant.config import build_config
+from shardquant.config import QuantConfig, build_config
 from shardquant.data import load_text, token_windows
 from shardquant.errors import UserError
 from shardquant.pipeline import prepare, quantize
@@ -126,7 +126,8 @@ def test_transformers_loads_same_model_as_fake(family, quant, dequantize, export
     assert (weights["num_bits"], weights["symmetric"], weights["type"]) == (bits, quant["symmetric"], "int")
     assert weights["strategy"] == ("channel" if group == -1 else "group")
     assert weights.get("group_size") == (None if group == -1 else group)
-    assert weights.get("actorder") == ("weight" if quant.get("act_order") else None)
+    resolved = QuantConfig.model_validate(quant)  # act-order with static groups is the default
+    assert weights.get("actorder") == ("weight" if resolved.act_order else None)
     ignored = [f"model.layers.{i}.mlp.down_proj" for i in range(3)] if "ignore" in quant else []
     assert qc["ignore"] == [*ignored, "lm_head"]
     for name in ignored:
@@ -190,7 +191,7 @@ def test_packed_checkpoint_size(exported):
 
 @pytest.mark.parametrize(("quant", "pattern"), [
     ({"bits": 3}, r"export\.format: 'compressed-tensors' cannot hold quant\.bits=3"),
-    ({"act_order": True, "group_size": 32}, r"export\.format: 'compressed-tensors' cannot hold quant\.act_order groups .*quant\.static_groups"),
+    ({"act_order": True, "static_groups": False, "group_size": 32}, r"export\.format: 'compressed-tensors' cannot hold quant\.act_order groups .*quant\.static_groups"),
     ({"method": "none"}, r"export\.format: 'compressed-tensors' needs quantized weights, but quant\.method is 'none'"),
 ])
 def test_refuses_schemes_it_cannot_hold(quant, pattern, tiny_models, texts, tmp_path):

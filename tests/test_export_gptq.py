@@ -51,7 +51,7 @@ def reference_dequantize(qweight, qzeros, scales, g_idx, bits):
 
 
 @pytest.mark.parametrize(("family", "quant"), [
-    ("llama", {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True}),
+    ("llama", {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, "static_groups": False}),
     ("qwen3", {"method": "rtn", "bits": 2, "group_size": -1}),
 ], ids=["gptq4-g32-act_order", "rtn2-channel"])
 def test_reference_reader_reproduces_fake_weights(family, quant, tiny_models, texts, tmp_path):

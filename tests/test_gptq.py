@@ -22,11 +22,13 @@ def gar_order(diag: torch.Tensor, glen: int) -> torch.Tensor:
     return torch.tensor([j for k in ranked for j in sorted(groups[k], key=lambda j: -d[j])])
 
 
-def textbook_gptq(W, H, *, bits, group, sym, act_order, static_groups, damp=0.01, reorder="none"):
+def textbook_gptq(W, H, *, bits, group, sym, act_order, static_groups, damp=0.01, reorder="none",
+                  block_start=None):
     """Plain GPTQ in float64: quantize one column, push its error onto all later columns.
 
     ``reorder="group"``: process in ``gar_order``; a group keeps its original columns and gets
-    its qparams when its first column is reached."""
+    its qparams when its first column is reached. ``block_start=B``: those qparams come from
+    a copy of the weights taken every B columns (processing order) instead of the current ones."""
     W, H = W.double().clone(), H.double().clone()
     n, maxq = W.shape[1], 2**bits - 1
     dead = [j for j in range(n) if H[j, j] == 0]
@@ -66,7 +68,11 @@ def textbook_gptq(W, H, *, bits, group, sym, act_order, static_groups, damp=0.01
     codes = torch.zeros(W.shape[0], n, dtype=torch.int64)
     g_idx = torch.zeros(n, dtype=torch.int64)
     loss = 0.0
+    snap = W
     for i in range(n):
+        if block_start is not None and i % block_start == 0:
+            snap = W.clone()
+        src = W if block_start is None else snap
         orig = int(perm[i])
         if group == -1 or static_groups:
             g = orig // glen
@@ -74,11 +80,11 @@ def textbook_gptq(W, H, *, bits, group, sym, act_order, static_groups, damp=0.01
             g = orig // glen
             if i == 0 or int(perm[i - 1]) // glen != g:
                 size = min(glen, n - g * glen)
-                scales[:, g], zeros[:, g] = qparams(W[:, i : i + size])
+                scales[:, g], zeros[:, g] = qparams(src[:, i : i + size])
         else:
             g = i // glen
             if i % glen == 0:
-                scales[:, g], zeros[:, g] = qparams(W[:, i : i + glen])
+                scales[:, g], zeros[:, g] = qparams(src[:, i : i + glen])
         s, z = scales[:, g], zeros[:, g]
         code = torch.clamp(torch.round(W[:, i] / s) + z, 0, maxq)
         err = (W[:, i] - (code - z) * s) / U[i, i]
@@ -224,6 +230,30 @@ def test_damping_retries_then_fails_clearly() -> None:
         GPTQSolver(-torch.eye(IN))
     with pytest.raises(ValueError, match="weight must be"):
         solver.quantize(torch.randn(4, IN + 1), QuantSpec())
+
+
+@pytest.mark.parametrize("block_size", [32, 20, 64])
+@pytest.mark.parametrize("reorder", ["none", "group"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_block_start_ranges_match_textbook(block_size, reorder, sym) -> None:
+    """group_range='block_start': each group's range from the weights as its lazy block began
+    (blocks of 20 columns make groups of 32 straddle block ends)."""
+    x = correlated_inputs(512, torch.float64)
+    H = hessian_of(x)
+    W = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    spec = QuantSpec(bits=3, group_size=32, symmetric=sym)
+    got = gptq_quantize(W, H, spec, block_size=block_size, reorder=reorder, group_range="block_start")
+    codes, scales, zeros, _, loss = textbook_gptq(
+        W, H, bits=3, group=32, sym=sym, act_order=False, static_groups=False, reorder=reorder,
+        block_start=block_size,
+    )
+    assert torch.equal(got.weight.codes.long(), codes)
+    assert torch.equal(got.weight.scales.double(), scales)
+    assert torch.equal(got.weight.zeros.long(), zeros)
+    assert got.loss == pytest.approx(loss, rel=1e-9)
+    current = gptq_quantize(W, H, spec, block_size=block_size, reorder=reorder)
+    # A block that starts where its group starts sees no earlier update within it: same ranges.
+    assert torch.equal(current.weight.scales, got.weight.scales) == (block_size == 32)
 
 
 @pytest.mark.parametrize("sym", [True, False])

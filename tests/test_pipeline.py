@@ -98,10 +98,15 @@ def test_report_contents(tiny_models, texts, tmp_path):
     assert on_disk == json.loads(json.dumps(report))
     assert set(on_disk["ppl"]) == {"fp", "quantized"}
     assert on_disk["timing"]["total_s"] >= on_disk["timing"]["calibrate_s"] > 0
+    assert on_disk["timing"]["idle_s"] == pytest.approx(sum(b["idle_s"] for b in on_disk["blocks"]))
     assert on_disk["memory"]["peak_rss_bytes"] > 10 * 2**20
     assert [b["index"] for b in on_disk["blocks"]] == [0, 1, 2]
     for b in on_disk["blocks"]:
         assert b["worker"] == "local" and b["seconds"] > 0
+        # the phases and the unaccounted rest add up to the block's wall time
+        phases = sum(b[k] for k in ("load_s", "forward_s", "stats_s", "solve_s", "search_s", "eval_s", "export_s"))
+        assert b["idle_s"] >= 0 and phases + b["idle_s"] == pytest.approx(b["seconds"], rel=1e-6, abs=1e-9)
+        assert b["forward_s"] > 0 and b["stats_s"] > 0 and b["solve_s"] > 0
         assert set(b["loss"]) == {
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",

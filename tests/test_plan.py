@@ -127,10 +127,12 @@ def test_llama31_405b_by_hand(tmp_path):
         "cluster": {"backend": "ray", "workers": 16, "activation_memory": "1GB"},
     })
     plan = plan_from_config(cfg)
-    # 130 = 16·8 + 2: ranks 0 and 1 get 9 windows, the others 8 (plan.split_range).
-    assert plan.calib_windows == [9, 9] + [8] * 14
+    # propagate fp on Ray: pipeline stages, every worker holds all 130 windows and 126/16 ->
+    # 8 blocks (plan.split_range: the first 14 stages get 8, the last two 7).
+    assert plan.calib_windows == [130] * 16
     assert plan.eval_windows == [0] * 16
-    stream = 9 * 2048 * 16384 * 2  # 576 MiB
+    assert any("pipeline stages" in n and "8 blocks" in n for n in plan.notes)
+    stream = 130 * 2048 * 16384 * 2  # 8.1 GiB
     assert plan.streams == {"calib": stream, "calib_next": stream}
     assert plan.resident == 10**9 and plan.spilled == 2 * stream - 10**9
     assert plan.hessian_in == 53248 and plan.hessian_bytes == 53248 * 53248 * 4  # 10.56 GiB
@@ -140,9 +142,9 @@ def test_llama31_405b_by_hand(tmp_path):
     assert plan.block_bytes == (params + 2 * 16384) * 2
     m = plan.memory
     assert m["hessians"] == (2 + 7) * 53248 * 53248 * 4
-    # down_proj's captured inputs (9·2048 tokens × 53248) and the consumer's outputs (× 16384).
-    assert m["awq_captures"] == 9 * 2048 * (53248 + 16384) * 2
-    assert m["stage_cache"] == 9 * 2048 * (16384 + 53248) * 2
+    # down_proj's captured inputs (130·2048 tokens × 53248) and the consumer's outputs (× 16384).
+    assert m["awq_captures"] == 130 * 2048 * (53248 + 16384) * 2
+    assert m["stage_cache"] == 130 * 2048 * (16384 + 53248) * 2
     assert m["fp32_copies"] == 2 * 53248 * 16384 * 4 + params * 4
     assert m["workspace"] == 8 * 128 * 2048 * 2048 * 4 + 8 * 2048 * 16384 * 2
     assert m["activations"] == 10**9

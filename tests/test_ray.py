@@ -76,11 +76,24 @@ def test_workers_match_local(ray_local, local_runs, tiny_models, texts, tmp_path
                                   quant={"method": method, "bits": 4, "group_size": 32},
                                   calib={"propagate": propagate}), show_progress=False)
     assert dist["cluster"]["workers"] == [f"w{k}" for k in range(workers)]
-    assert all(b["worker"] == ",".join(dist["cluster"]["workers"]) for b in dist["blocks"])
     assert len(dist["cluster"]["peak_rss_bytes"]) == workers
     assert dist["ppl"]["fp"] == pytest.approx(local["ppl"]["fp"], rel=1e-5)
     b = read_checkpoint(tmp_path / "ray" / "model")
     assert a.keys() == b.keys()
+    if propagate == "fp":
+        # Pipeline stages: block i on stage k of its contiguous range, on every sample, as one
+        # process would do it: the same bytes for every method.
+        assert dist["cluster"]["mode"] == "stages"
+        n = len(dist["blocks"])
+        owners = [b["worker"] for b in sorted(dist["blocks"], key=lambda b: b["index"])]
+        from shardquant.plan import split_range
+
+        assert owners == [f"w{k}" for k in range(workers) for _ in range(*split_range(n, workers, k))]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert dist["ppl"]["quantized"] == local["ppl"]["quantized"]
+        return
+    assert dist["cluster"]["mode"] == "data"
+    assert all(b["worker"] == ",".join(dist["cluster"]["workers"]) for b in dist["blocks"])
     if method == "rtn":
         assert all(torch.equal(a[k], b[k]) for k in a)
         return
@@ -92,7 +105,7 @@ def test_workers_match_local(ray_local, local_runs, tiny_models, texts, tmp_path
 
 
 def test_one_worker_is_bytewise_local(ray_local, tiny_models, texts, tmp_path, one_thread):
-    cfg = {"quant": {"method": "gptq", "bits": 4, "group_size": 16, "act_order": True}, "export": {"format": "gptq"}}
+    cfg = {"quant": {"method": "gptq", "bits": 4, "group_size": 16, "act_order": True, "static_groups": False}, "export": {"format": "gptq"}}
     pipeline.quantize(_cfg(tiny_models["qwen3"], texts, tmp_path / "local", **cfg), show_progress=False)
     pipeline.quantize(_cfg(tiny_models["qwen3"], texts, tmp_path / "ray", cluster={"backend": "ray"}, **cfg),
                       show_progress=False)
@@ -102,24 +115,41 @@ def test_one_worker_is_bytewise_local(ray_local, tiny_models, texts, tmp_path, o
         assert (tmp_path / "local" / "model" / name).read_bytes() == (tmp_path / "ray" / "model" / name).read_bytes()
 
 
-def test_fp_propagation_two_workers(ray_local, tiny_models, texts, tmp_path, one_thread):
-    calib = {"propagate": "fp"}
-    local = pipeline.quantize(_cfg(tiny_models["mistral"], texts, tmp_path / "l", calib=calib), show_progress=False)
-    dist = pipeline.quantize(_cfg(tiny_models["mistral"], texts, tmp_path / "r", calib=calib, cluster=TWO),
+def test_fp_stages_calibrate_at_once(ray_local, deep_llama, texts, tmp_path, one_thread):
+    """Two stages of three blocks each: after the fp streams pass through, both stages
+    calibrate at the same time (their block intervals overlap) and the result is the local
+    run's, bit for bit."""
+    calib = {"propagate": "fp", "n_samples": 32}
+    local = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "l", calib=calib), show_progress=False)
+    dist = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "r", calib=calib,
+                                  cluster={"backend": "ray", "workers": 2, "cpus_per_worker": 1}),
                              show_progress=False)
-    assert dist["ppl"]["quantized"] == pytest.approx(local["ppl"]["quantized"], rel=5e-3)
+    st = dist["cluster"]["stages"]
+    assert set(st["busy"]) == {"w0", "w1"}
+    by_stage = {w: [b for b in dist["blocks"] if b["worker"] == w] for w in ("w0", "w1")}
+    assert [b["index"] for b in by_stage["w0"]] == [0, 1, 2] and [b["index"] for b in by_stage["w1"]] == [3, 4, 5]
+    # stage 1's first block starts before stage 0's last block ends: both busy at once
+    assert by_stage["w1"][0]["start"] < by_stage["w0"][-1]["end"]
+    assert st["two_or_more_busy"] > 0
+    assert dist["ppl"] == local["ppl"]
+    a, b = read_checkpoint(tmp_path / "l" / "model"), read_checkpoint(tmp_path / "r" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _worker_pids() -> list[int]:
     import psutil
 
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::BlockWorker")]
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(("ray::BlockWorker", "ray::StageWorker"))]
 
 
-def test_killed_worker_is_replaced_and_output_identical(ray_local, deep_llama, texts, tmp_path, one_thread):
-    """kill -9 of one of two actors in the middle of the run: replaced, block redone, same bytes."""
-    base = _cfg(deep_llama, texts, tmp_path / "clean", cluster=TWO)
+@pytest.mark.parametrize("propagate", ["quantized", "fp"])
+def test_killed_worker_is_replaced_and_output_identical(ray_local, deep_llama, texts, tmp_path, one_thread,
+                                                         propagate):
+    """kill -9 of one of two actors in the middle of the run (data parallel, or pipeline
+    stages): replaced, unfinished blocks redone, same bytes."""
+    calib = {"propagate": propagate}
+    base = _cfg(deep_llama, texts, tmp_path / "clean", cluster=TWO, calib=calib)
     pipeline.quantize(base, show_progress=False)
     progress = tmp_path / "faulty" / "state" / "progress.json"
     killed: list[int] = []
@@ -144,7 +174,8 @@ def test_killed_worker_is_replaced_and_output_identical(ray_local, deep_llama, t
 
     th = threading.Thread(target=killer)
     th.start()
-    report = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "faulty", cluster=TWO), show_progress=False)
+    report = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "faulty", cluster=TWO, calib=calib),
+                               show_progress=False)
     th.join()
     assert killed, "no worker process was found to kill"
     faults = report["cluster"]["faults"]
@@ -197,9 +228,11 @@ def test_unreachable_address_is_a_clear_error_fast(tiny_models, texts, tmp_path)
     assert r.stderr.strip().splitlines()[-1].startswith(f"shardquant: error: cluster.address: cannot reach Ray at '127.0.0.1:{port}'")
 
 
-def test_driver_killed_then_rerun_finishes_with_same_bytes(ray_local, deep_llama, texts, tmp_path, one_thread):
-    """kill -9 of the driver process of a Ray run; the same command resumes and matches an
-    uninterrupted Ray run byte for byte."""
+@pytest.mark.parametrize("propagate", ["quantized", "fp"])
+def test_driver_killed_then_rerun_finishes_with_same_bytes(ray_local, deep_llama, texts, tmp_path, one_thread,
+                                                           propagate):
+    """kill -9 of the driver process of a Ray run (data parallel, or pipeline stages); the same
+    command resumes and matches an uninterrupted Ray run byte for byte."""
     import json
     import os
     import signal
@@ -209,11 +242,13 @@ def test_driver_killed_then_rerun_finishes_with_same_bytes(ray_local, deep_llama
     import yaml
 
     address = ray_local.get_runtime_context().gcs_address
-    clean = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "clean", cluster=TWO), show_progress=False)
+    calib = {"propagate": propagate}
+    clean = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "clean", cluster=TWO, calib=calib),
+                              show_progress=False)
     assert clean["cluster"]["workers"] == ["w0", "w1"]
     out = tmp_path / "out"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(run_config(deep_llama, texts, out, export={"format": "fake"},
+    cfg.write_text(yaml.safe_dump(run_config(deep_llama, texts, out, export={"format": "fake"}, calib=calib,
                                              cluster=TWO | {"address": address})))
     argv = [sys.executable, "-m", "shardquant", "quantize", str(cfg), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
-"""The streaming shard writer produces files the safetensors library reads back exactly."""
+"""Planned shards written by `write_shard` + `write_index` read back exactly with safetensors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from shardquant.checkpoint import read_header
-from shardquant.shards import ShardWriter, TensorSpec, plan_shards
+from shardquant.shards import TensorSpec, plan_shards, shard_names, write_index, write_shard
 
 
 def specs_of(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
@@ -29,13 +29,14 @@ def test_round_trip_many_dtypes(tmp_path):
         "g.empty": torch.zeros(0, 4),
         "h.big": torch.randn(64, 64, generator=g),
     }
-    w = ShardWriter(tmp_path, specs_of(tensors), max_shard_bytes=4096)
-    for n, t in tensors.items():
-        w.add(n, t)
-    weight_map = w.finalize()
+    shards = plan_shards(specs_of(tensors), 4096)
+    names = shard_names(len(shards))
+    for name, specs in zip(names, shards, strict=True):
+        write_shard(tmp_path / name, specs, (tensors[s.name] for s in specs))
+    weight_map = write_index(tmp_path, shards)
     files = sorted(tmp_path.glob("*.safetensors"))
-    assert len(files) == len(w.names) > 1
-    assert [f.name for f in files] == sorted(w.names)
+    assert len(files) == len(names) > 1
+    assert [f.name for f in files] == sorted(names)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == weight_map
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
@@ -61,13 +62,10 @@ def test_plan_respects_budget():
 
 def test_errors_on_plan_mismatch(tmp_path):
     t = torch.zeros(2, 2)
-    w = ShardWriter(tmp_path, [TensorSpec("x", torch.float32, (2, 2)), TensorSpec("y", torch.float32, (2, 2))], 10**6)
-    with pytest.raises(ValueError, match="expected tensor 'x' next, got 'y'"):
-        w.add("y", t)
-    with pytest.raises(ValueError, match="planned torch.float32"):
-        w.add("x", t.half())
-    w.add("x", t)
-    with pytest.raises(ValueError, match="tensor 'y' was never written"):
-        w.finalize()
-    w.abort()
-    assert not (tmp_path / w.names[0]).exists(), "an incomplete shard must not get its final name"
+    specs = [TensorSpec("x", torch.float32, (2, 2)), TensorSpec("y", torch.float32, (2, 2))]
+    path = tmp_path / shard_names(1)[0]
+    with pytest.raises(ValueError, match="tensor 'y' is torch.float16 \\(2, 2\\), planned torch.float32"):
+        write_shard(path, specs, [t, t.half()])
+    with pytest.raises(ValueError):  # fewer tensors than planned
+        write_shard(path, specs, [t])
+    assert not list(tmp_path.iterdir()), "an incomplete shard leaves nothing behind"

@@ -1,0 +1,87 @@
+"""Pipeline stages on Ray for `calib.propagate: fp` (see `shardquant.stage_worker`).
+
+Each actor owns a contiguous range of blocks and every calibration window. The driver chains
+the full-precision streams through the stages (object refs handed from stage to stage, never
+fetched by the driver), then submits every stage's block calls at once: the stages calibrate
+at the same time, and each finished block is recorded as it arrives, so an interrupted run
+resumes by skipping the blocks already written (their fp inputs are recomputed, one forward
+pass per block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from shardquant.stage_worker import StageWorker
+
+from .ray_executor import RayExecutor
+
+
+class StageExecutor(RayExecutor):
+    """Stage k of N on actor k; `run` calibrates every block, `nll` evaluates through the stages."""
+
+    worker_cls = StageWorker
+    qblock_files: dict[int, str] = {}
+
+    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
+        import ray
+
+        self._setup_args = (ray.put(calib), ray.put(evals), do_fp_eval)
+        ray.get([
+            self.actors[0].setup.remote(self._setup_args[0], self._setup_args[1], do_fp_eval=do_fp_eval),
+            self.actors[-1].set_eval_tokens.remote(self._setup_args[1]),
+        ])
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return self._all("block_range")
+
+    def run(self, block_file: Callable[[int], str], qblock_file: Callable[[int], str] | None, skip: set[int],
+            on_block: Callable[[dict[str, Any]], None]) -> float:
+        """Stream the fp inputs through the stages, then calibrate every block not in `skip`
+        (all stages at once), writing each block's exported tensors to `block_file(i)` and,
+        when evaluating, its dequantized weights to `qblock_file(i)`; `on_block` gets each
+        result as it finishes. Returns the seconds of the streaming pass."""
+        import ray
+
+        upstream = None
+        streams = []
+        for k, actor in enumerate(self.actors):
+            upstream = actor.stream.remote(upstream) if k else actor.stream.remote()
+            streams.append(upstream)
+        pending = []
+        for (a, b), actor in zip(self.ranges(), self.actors, strict=True):
+            for i in range(a, b):
+                if i in skip:
+                    actor.skip.remote(i)
+                else:
+                    q = qblock_file(i) if qblock_file is not None else None
+                    pending.append(actor.calibrate.remote(i, block_file(i), q))
+        try:
+            stream_s = sum(r["seconds"] for r in ray.get(streams))
+            del streams, upstream
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                on_block(ray.get(done[0]))
+        except BaseException:
+            for ref in pending:  # queued block calls of the surviving stages: not wanted any more
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - already running or finished
+                    pass
+            raise
+        return stream_s
+
+    def nll(self) -> list[dict[str, tuple[float, int]]]:
+        """The quantized evaluation stream through every stage in order (the dequantized
+        blocks from `qblock_files`, set by the pipeline); the last computes the summed NLL of
+        both streams."""
+        import ray
+
+        ref = None
+        for k, actor in enumerate(self.actors):
+            ref = actor.evaluate.remote(self.qblock_files, ref) if k else actor.evaluate.remote(self.qblock_files)
+        ray.get(ref)  # the last stage answers with a count: the stream itself stays there
+        return [ray.get(self.actors[-1].nll.remote())]
