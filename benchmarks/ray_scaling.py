@@ -5,7 +5,11 @@ Usage:
       SmolLM2-135M, same job with cluster.backend local and ray (1 worker): wall-time ratio.
   python benchmarks/ray_scaling.py memory [--gb 4] [--workers 2]
       A random Llama-shaped model of about --gb GB (fp32 on disk), RTN with 2 Ray workers:
-      the peak RSS of every process (driver and each worker) over the model's size.
+      the peak RSS of every process (driver and each worker) over the model's size, and the
+      driver's RSS sampled from /proc (anonymous vs. shared/file-backed pages, and when).
+  python benchmarks/ray_scaling.py stages [--calib 16] [--workers 2]
+      SmolLM2-135M with calib.propagate fp: pipeline stages on 2 Ray workers against the local
+      run: wall-time ratio and the share of calibration time with two stages busy at once.
 Measured, never asserted; paste the printed table into benchmarks/RESULTS.md with the command.
 """
 
@@ -144,6 +148,33 @@ def memory(args: argparse.Namespace) -> None:
           f"{sampled.get('last_line', '')!r}")
 
 
+def stages(args: argparse.Namespace) -> None:
+    out = Path(args.out or tempfile.mkdtemp(prefix="sq-ray-stages-"))
+    rows = {}
+    for name, cluster in (("local", {"backend": "local"}),
+                          (f"ray stages, {args.workers} workers", {"backend": "ray", "workers": args.workers,
+                                                                   "cpus_per_worker": 1})):
+        cfg = smollm2_protocol(calib_n=args.calib, eval_n=4, seq_len=512)
+        cfg["quant"] = {"method": "gptq", "bits": 4, "group_size": 64}
+        cfg["calib"]["propagate"] = "fp"
+        cfg["export"]["format"] = "fake"
+        cfg["cluster"] = cluster
+        tag = name.split(",")[0].replace(" ", "-")
+        cfg["output"] = str(out / tag)
+        t = time.perf_counter()
+        rep = run_quantize(cfg, out / tag)
+        rows[name] = (time.perf_counter() - t, rep)
+    print(f"SmolLM2-135M, gptq 4-bit g64, propagate fp, {args.calib} x 512 calibration tokens, 4 x 512 eval")
+    print("| run | wall s (process) | calibrate_s | ppl | two or more stages busy | per stage busy |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, (wall, rep) in rows.items():
+        st = (rep.get("cluster") or {}).get("stages") or {}
+        busy = ", ".join(f"{k} {v:.0%}" for k, v in st.get("busy", {}).items())
+        both = f"{st['two_or_more_busy']:.0%} of {st['wall_s']:.0f} s" if st else ""
+        print(f"| {name} | {wall:.1f} | {rep['timing']['calibrate_s']:.1f} | {rep['ppl']['quantized']:.4f} | "
+              f"{both} | {busy} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="what", required=True)
@@ -156,8 +187,12 @@ def main() -> None:
     m.add_argument("--workers", type=int, default=2)
     m.add_argument("--method", default="rtn")
     m.add_argument("--out", default=None)
+    st = sub.add_parser("stages")
+    st.add_argument("--calib", type=int, default=16)
+    st.add_argument("--workers", type=int, default=2)
+    st.add_argument("--out", default=None)
     args = ap.parse_args()
-    overhead(args) if args.what == "overhead" else memory(args)
+    {"overhead": overhead, "memory": memory, "stages": stages}[args.what](args)
 
 
 if __name__ == "__main__":

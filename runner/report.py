@@ -9,16 +9,26 @@ from typing import Any
 from .shards import write_json_atomic
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process and its waited-for children, in bytes (Linux)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) * 1024
-
-
 def own_peak_rss_bytes() -> int:
-    """Peak resident memory of this process alone (Linux), without its children."""
+    """Peak resident memory of this process alone, in bytes.
+
+    Linux keeps `ru_maxrss` across exec, so a process started by a big parent (a benchmark
+    holding a model, a notebook) would report the parent's size; `VmHWM` in /proc/self/status
+    is the high-water mark of this program's own memory. Falls back to `ru_maxrss` elsewhere.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process or of any of its waited-for children, in bytes."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return max(own_peak_rss_bytes(), kids)
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

@@ -34,3 +34,20 @@ def test_trim_returns_freed_heap_to_the_os():
     mib = 2**20
     assert freed > before - 50 * mib, "the freed tensors were expected to stay resident without a trim"
     assert after < freed - 150 * mib, (before / mib, freed / mib, after / mib)
+
+
+def test_own_peak_is_not_the_parents():
+    """A process started by a big parent reports its own peak (Linux keeps ru_maxrss across
+    exec, which would report the parent's size: the driver's 1.1x-model-size reading)."""
+    parent = r"""
+import resource, subprocess, sys
+big = bytearray(1500 * 2**20)
+big[:: 4096] = b"x" * len(big[:: 4096])  # touch every page: 1.5 GB resident in the parent
+child = "from shardquant.report import own_peak_rss_bytes; import resource; " \
+        "print(own_peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+"""
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
+    own, maxrss = (int(x) for x in out.split())
+    assert maxrss > 1400 * 2**20  # the kernel's counter still holds the parent's 1.5 GB
+    assert own < 1000 * 2**20, own
