@@ -32,6 +32,16 @@ def build(path: Path, layers: int) -> None:
     del model
 
 
+def depth_config(model: Path, text: Path, output: Path) -> dict:
+    """The run both depth benchmarks use: GPTQ w4 g128, 16 x 256 calibration tokens, no eval."""
+    return {
+        "model": {"path": str(model)},
+        "calib": {"path": str(text), "n_samples": 16, "seq_len": 256, "batch_size": 8},
+        "quant": {"method": "gptq", "bits": 4, "group_size": 128},
+        "output": str(output),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -47,13 +57,7 @@ def main() -> None:
         mdir = work / f"llama-{layers}"
         build(mdir, layers)
         block_mb = sum(f.stat().st_size for f in mdir.glob("*.safetensors")) / 2**20
-        cfg = {
-            "model": {"path": str(mdir)},
-            "calib": {"path": str(text), "n_samples": 16, "seq_len": 256, "batch_size": 8},
-            "quant": {"method": "gptq", "bits": 4, "group_size": 128},
-            "output": str(work / f"out-{layers}"),
-        }
-        r = run_quantize(cfg, work / f"cfg-{layers}")
+        r = run_quantize(depth_config(mdir, text, work / f"out-{layers}"), work / f"cfg-{layers}")
         rows.append((layers, block_mb, r["memory"]["peak_rss_bytes"] / 2**20))
     print("| blocks | checkpoint MiB | peak RSS MiB |\n| --- | --- | --- |")
     for layers, mb, rss in rows:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from _common import ROOT, run_quantize, smollm2_protocol
-from memory_depth import build
+from memory_depth import build, depth_config
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -53,14 +53,7 @@ def main() -> None:
     for layers in (args.layers, 2 * args.layers):
         mdir = work / f"llama-{layers}"
         build(mdir, layers)
-        cfg = {
-            "model": {"path": str(mdir)},
-            "calib": {"path": str(text), "n_samples": 16, "seq_len": 256, "batch_size": 8},
-            "quant": {"method": "gptq", "bits": 4, "group_size": 128},
-            "eval": {"enabled": False},
-            "output": str(work / f"depth-{layers}"),
-        }
-        r = run_quantize(cfg, work / f"cfg-depth-{layers}")
+        r = run_quantize(depth_config(mdir, text, work / f"depth-{layers}"), work / f"cfg-depth-{layers}")
         depth_rows.append((layers, r["timing"]["calibrate_s"]))
         print(f"[blocks {layers}] calibrate {r['timing']['calibrate_s']:.1f} s", flush=True)
     print("\n| calibration tokens | calibrate_s | forward_s | stats_s | solve_s |\n| --- | --- | --- | --- | --- |")

@@ -201,6 +201,15 @@ def _save_progress(ex, state: RunState, progress: dict[str, Any], done: int, rec
     state.prune_activations([a["file"] for a in progress["activations"]])
 
 
+def _record_fault(progress: dict[str, Any], error: BaseException, block: int, t_fault: float, redo: str) -> None:
+    """A lost worker that was replaced: in progress.json (report.json `cluster.faults`) and on stderr."""
+    progress["faults"].append({
+        "block": block, "error": str(error).splitlines()[0][:300] if str(error) else type(error).__name__,
+        "recovery_s": time.perf_counter() - t_fault,
+    })
+    print(f"shardquant: worker lost ({type(error).__name__}); replaced, {redo}", file=sys.stderr)
+
+
 def _run_stages(ex, p: Prepared, state: RunState, progress: dict[str, Any], on_record) -> float:
     """Every block through pipeline stages (see cluster/stage_executor.py); each finished block
     is recorded in progress.json as it arrives. Returns the fp streaming pass's seconds."""
@@ -301,12 +310,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
                 t_fault = time.perf_counter()
                 if not ex.recover(e):
                     raise
-                progress["faults"].append({
-                    "block": progress["done"], "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
-                    "recovery_s": time.perf_counter() - t_fault,
-                })
-                print(f"shardquant: worker lost ({type(e).__name__}); replaced, redoing the unfinished blocks",
-                      file=sys.stderr)
+                _record_fault(progress, e, progress["done"], t_fault, "redoing the unfinished blocks")
         while i < src.num_blocks:
             try:
                 rec = _run_block(ex, p, i, state)
@@ -320,11 +324,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
                     ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
                 else:
                     ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
-                progress["faults"].append({
-                    "block": i, "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
-                    "recovery_s": time.perf_counter() - t_fault,
-                })
-                print(f"shardquant: worker lost ({type(e).__name__}); replaced, redoing from block {i}", file=sys.stderr)
+                _record_fault(progress, e, i, t_fault, f"redoing from block {i}")
                 continue
             blocks.append(rec)
             tracker.log_block(rec)
@@ -393,8 +393,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         },
         "eval": {"windows": 0 if p.evals is None else int(p.evals.shape[0])},
         "cluster": {"backend": cfg.cluster.backend, "workers": ex.names, "resumed_at": start or None,
-                    "mode": "stages" if stage_mode(cfg) else "data",
-                    "stages": {**stage_overlap(blocks), "stream_s": stream_s} if stage_mode(cfg) else None,
+                    "mode": "stages" if staged else "data",
+                    "stages": {**stage_overlap(blocks), "stream_s": stream_s} if staged else None,
                     "faults": progress["faults"], "peak_rss_bytes": dict(zip(ex.names, worker_peaks, strict=True))},
         "version": _version(),
     }

@@ -14,6 +14,7 @@ in the run's state directory (so a resumed or recovered run has them too).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,9 @@ class StageWorker(BlockWorker):
     def block_range(self) -> tuple[int, int]:
         return self.range.start, self.range.stop
 
-    def _through_original(self, stream: str) -> None:
-        for i in self.range:
+    def _through_original(self, stream: str, blocks: Iterable[int]) -> None:
+        """Replace `stream` by its output after the original `blocks`, one block loaded at a time."""
+        for i in blocks:
             block = self.source.block(i)
             self.store.map(stream, lambda h, block=block, i=i: self.runner.forward(block, i, h))
             self.source.release(block)
@@ -56,17 +58,16 @@ class StageWorker(BlockWorker):
             self.store.put("calib", [t.clone() for t in upstream["calib"]])
             if upstream["eval_fp"] is not None:
                 self.store.put("eval_fp", [t.clone() for t in upstream["eval_fp"]])
-        for stream in ("eval_q",):  # the quantized stream runs after calibration (`evaluate`)
-            if self.store.has(stream):
-                self.store.rename(stream, "eval_in")
+        if self.store.has("eval_q"):  # the quantized stream runs after calibration (`evaluate`)
+            self.store.rename("eval_q", "eval_in")
         t = time.perf_counter()
         self.store.put("stream", [h.clone() for h in self.store.iter("calib")])
-        self._through_original("stream")
+        self._through_original("stream", self.range)
         out_calib = list(self.store.iter("stream"))
         self.store.delete("stream")
         out_eval = None
         if self.store.has("eval_fp"):
-            self._through_original("eval_fp")
+            self._through_original("eval_fp", self.range)
             out_eval = list(self.store.iter("eval_fp"))
             self.store.delete("eval_fp")
             if self.stage == self.stages - 1:
@@ -75,9 +76,7 @@ class StageWorker(BlockWorker):
 
     def skip(self, index: int) -> None:
         """Block `index` was calibrated by an earlier run: only carry the fp stream past it."""
-        block = self.source.block(index)
-        self.store.map("calib", lambda h: self.runner.forward(block, index, h))
-        self.source.release(block)
+        self._through_original("calib", [index])
 
     def calibrate(self, index: int, block_file: str, qblock_file: str | None) -> dict[str, Any]:
         """Quantize block `index` on every window, write its exported tensors to
