@@ -59,19 +59,14 @@ class StageExecutor(RayExecutor):
                 else:
                     q = qblock_file(i) if qblock_file is not None else None
                     pending.append(actor.calibrate.remote(i, block_file(i), q))
-        try:
-            stream_s = sum(r["seconds"] for r in ray.get(streams))
-            del streams, upstream
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                on_block(ray.get(done[0]))
-        except BaseException:
-            for ref in pending:  # queued block calls of the surviving stages: not wanted any more
-                try:
-                    ray.cancel(ref)
-                except Exception:  # noqa: BLE001 - already running or finished
-                    pass
-            raise
+        # On a lost actor the survivors' queued calls are left to finish rather than cancelled
+        # (cancelling a running call interrupts it): they rewrite the same bytes atomically,
+        # before the retry's calls, which queue behind them on the same actor.
+        stream_s = sum(r["seconds"] for r in ray.get(streams))
+        del streams, upstream
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            on_block(ray.get(done[0]))
         return stream_s
 
     def nll(self) -> list[dict[str, tuple[float, int]]]:
