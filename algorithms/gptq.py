@@ -304,7 +304,7 @@ def _solve(
                 torch.sub(q, z, out=e).mul_(s)
                 torch.sub(w, e, out=e).div_(d[c])
                 if c + 1 < j2:
-                    Wt[c + 1 : j2].sub_(torch.outer(U[c, c + 1 : j2], e))
+                    Wt[c + 1 : j2].addr_(U[c, c + 1 : j2], e, alpha=-1)
             if j2 < i2:
                 Wt[j2:i2].addmm_(U[j1:j2, j2:i2].T, E1[j1 - i1 : j2 - i1], alpha=-1)
         if i2 < n:

@@ -3,7 +3,8 @@
 Each setting is one `shardquant quantize` process (64 x 512 calibration windows of the four
 calibration plays, perplexity on 32 x 512 of Macbeth, as benchmarks/peers.py). Usage:
 
-    python benchmarks/ablation.py [--schemes sym,asym] [--only NAME,...] [--calib 64] [--out DIR]
+    python benchmarks/ablation.py [--schemes sym,asym] [--only NAME,...] [--calib 64]
+                                  [--set KEY=VALUE] [--jobs N] [--out DIR]
 
 Settings (name: quant overrides) are listed in SETTINGS below: damping (`damp`), group-aware
 reordering (`reorder: group`), act-order with static groups (llm-compressor's `actorder:
@@ -14,8 +15,6 @@ AutoGPTQ/GPTQModel) and the MSE range search (`mse`). Measured, never asserted.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +28,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "d05-mse": {"damp": 0.05, "reorder": "none", "mse": True},
     "d01-act-static": {"damp": 0.01, "reorder": "none", "act_order": True, "static_groups": True},
     "d05-act-static": {"damp": 0.05, "reorder": "none", "act_order": True, "static_groups": True},
+    "d01-act-static-mse": {"damp": 0.01, "reorder": "none", "act_order": True, "static_groups": True, "mse": True},
 }
 
 
@@ -38,39 +38,42 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SETTINGS))
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval", type=int, default=32)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run (repeatable), e.g. model.device=cuda")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once after the first (quality only: times then do not compare)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    import subprocess
-
-    import yaml
-    from _common import smollm2_protocol
+    from _common import apply_sets, run_many, smollm2_protocol
 
     out = Path(args.out or tempfile.mkdtemp(prefix="sq-ablation-"))
-    rows, fp = [], None
+    runs, keys = [], []
     for sname in args.schemes.split(","):
         for name in args.only.split(","):
             quant = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": sname == "sym", **SETTINGS[name]}
             cfg = smollm2_protocol(calib_n=args.calib, eval_n=args.eval)
             cfg["quant"] = quant
             cfg["export"]["format"] = "fake"
-            cfg["eval"]["fp"] = fp is None
+            cfg["eval"]["fp"] = not runs
+            apply_sets(cfg, args.set)
             tag = f"w4g64{sname}-{name}"
             cfg["output"] = str(out / tag)
-            (out / f"{tag}.yaml").parent.mkdir(parents=True, exist_ok=True)
-            (out / f"{tag}.yaml").write_text(yaml.safe_dump(cfg))
-            proc = subprocess.run(
-                [sys.executable, "-m", "shardquant", "quantize", str(out / f"{tag}.yaml"), "--quiet"],
-                capture_output=True, text=True,
-            )
-            if proc.returncode != 0:
-                raise SystemExit(f"{tag} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads((out / tag / "report.json").read_text())
-            fp = fp if fp is not None else r["ppl"]["fp"]
-            ppl, t = r["ppl"]["quantized"], r["timing"]
-            rows.append((sname, name, ppl, t["calibrate_s"], t.get("solve_s", float("nan"))))
-            print(f"[{tag}] ppl {ppl:.3f} ({ppl / fp:.4f}x fp), calibrate {t['calibrate_s']:.0f} s, "
+            runs.append((cfg, out / f"cfg-{tag}"))
+            keys.append((sname, name, tag))
+    reports: dict[int, dict] = {}
+    for offset, batch, jobs in ((0, runs[:1], 1), (1, runs[1:], args.jobs)):
+        for i, r in run_many(batch, jobs):
+            reports[offset + i] = r
+            t = r["timing"]
+            print(f"[{keys[offset + i][2]}] ppl {r['ppl']['quantized']:.3f}, calibrate {t['calibrate_s']:.0f} s, "
                   f"solve {t.get('solve_s', float('nan')):.0f} s", flush=True)
+    fp = reports[0]["ppl"]["fp"]
+    rows = [
+        (sname, name, reports[i]["ppl"]["quantized"], reports[i]["timing"]["calibrate_s"],
+         reports[i]["timing"].get("solve_s", float("nan")))
+        for i, (sname, name, _) in enumerate(keys)
+    ]
     print(f"\nfp perplexity: {fp:.3f}\n")
     print("| scheme | setting | overrides | ppl | ppl/fp | calibrate s | solve s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

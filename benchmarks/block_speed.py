@@ -13,24 +13,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import yaml
-from _common import run_quantize, smollm2_protocol
-
-
-def _apply(cfg: dict[str, Any], sets: list[str]) -> None:
-    for item in sets:
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        cfg.setdefault(section, {})[name] = yaml.safe_load(value)
+from _common import apply_sets, run_quantize, smollm2_protocol
 
 
 def measure(calib: int, seq_len: int, sets: list[str], out: Path) -> dict[str, float]:
     cfg = smollm2_protocol(calib_n=calib, eval_n=1, seq_len=seq_len)
     cfg["eval"]["enabled"] = False
     cfg["quant"] = {"method": "gptq", "bits": 4, "group_size": 64}
-    _apply(cfg, sets)
+    apply_sets(cfg, sets)
     cfg["output"] = str(out / "run")
     r = run_quantize(cfg, out)
     t, blocks, tokens = r["timing"], r["blocks"], r["calibration"]["tokens"]

@@ -19,9 +19,10 @@ dequantized weights, and all of them (and the fp model) are evaluated by one eva
 
 Usage:
     python benchmarks/peers.py [--peers llmcompressor,gptqmodel,ours] [--schemes sym,asym]
-        [--awq] [--ours KEY=VALUE ...] [--setup-only] [--work DIR]
+        [--methods gptq,awq] [--awq] [--ours KEY=VALUE ...] [--setup-only] [--work DIR]
 
-``--awq`` adds llm-compressor's AWQ and shardquant's ``awq`` (slow: ~1,700 s for the peer).
+``--awq`` (or ``--methods awq``) adds llm-compressor's AWQ and shardquant's ``awq`` (slow:
+~1,700 s for the peer; GPTQModel has no AWQ here).
 ``--ours quant.damp=0.05 --ours quant.reorder=group`` sets shardquant's options (repeatable).
 Measured, never asserted.
 """
@@ -316,6 +317,7 @@ def main() -> None:
     ap.add_argument("--peers", default="llmcompressor,gptqmodel,ours")
     ap.add_argument("--schemes", default="sym,asym")
     ap.add_argument("--awq", action="store_true", help="also AWQ (llm-compressor's takes ~1,700 s)")
+    ap.add_argument("--methods", default="gptq", help="gptq, awq or gptq,awq (--awq adds awq)")
     ap.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                     help="shardquant override, e.g. quant.damp=0.05 (repeatable)")
     ap.add_argument("--calib", type=int, default=64)
@@ -350,7 +352,11 @@ def main() -> None:
     fp = evaluate(model, eval_path, args.eval, args.seq_len, work / "eval-fp")
     print(f"fp perplexity {fp:.3f}", flush=True)
 
-    methods = ["gptq"] + (["awq"] if args.awq else [])
+    methods = [m for m in args.methods.split(",") if m]
+    if args.awq and "awq" not in methods:
+        methods.append("awq")
+    if not methods or set(methods) - {"gptq", "awq"}:
+        raise SystemExit(f"--methods: expected gptq and/or awq, got {args.methods!r}")
     rows = []
     for method in methods:
         for sname in args.schemes.split(","):

@@ -6,6 +6,8 @@ transformers' own model forward builds them, once per batch shape, and reused by
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -20,6 +22,15 @@ class StopForward(Exception):
 
 def _raise_stop(_module, _args):
     raise StopForward
+
+
+@functools.cache
+def _cache_kwarg() -> str:
+    """The mask builders' name for the KV cache: `cache` in newer transformers 5.x, before it
+    `past_key_values` (the package accepts both)."""
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 class BlockRunner:
@@ -42,8 +53,8 @@ class BlockRunner:
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=None,
-                cache=None,
                 position_ids=position_ids,
+                **{_cache_kwarg(): None},
             )
             self._cache[key] = {
                 "attention_mask": mask,

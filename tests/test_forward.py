@@ -52,3 +52,16 @@ def test_sliding_window_is_applied(tiny_models):
     window = 24
     torch.testing.assert_close(llama[:, :window], mistral[:, :window])
     assert (llama[:, window:] - mistral[:, window:]).abs().max() > 1e-2
+
+
+def test_mask_builders_get_the_cache_argument_under_this_transformers_name():
+    """transformers 5.x renamed the mask builders' `past_key_values` to `cache`; the runner
+    must pass whichever name the installed version takes (5.17 raised TypeError on `cache`)."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    from shardquant.forward import _cache_kwarg
+
+    for make in (create_causal_mask, create_sliding_window_causal_mask):
+        assert _cache_kwarg() in inspect.signature(make).parameters
