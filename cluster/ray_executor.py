@@ -189,10 +189,11 @@ class RayExecutor:
         writer = self._index % self.world
         return ray.get([a.end_block.remote(block_file if k == writer else None) for k, a in enumerate(self.actors)])
 
-    def save_activations(self, paths: list[str]) -> None:
+    def save_activations(self, paths: list[str]) -> list[str]:
+        """Each worker writes its share to its path; their sha256s, in worker order."""
         import ray
 
-        ray.get([a.save_activations.remote(p) for a, p in zip(self.actors, paths, strict=True)])
+        return ray.get([a.save_activations.remote(p) for a, p in zip(self.actors, paths, strict=True)])
 
     def load_activations(self, paths: list[str]) -> None:
         import ray

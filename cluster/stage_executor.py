@@ -24,7 +24,7 @@ class StageExecutor(RayExecutor):
     """Stage k of N on actor k; `run` calibrates every block, `nll` evaluates through the stages."""
 
     worker_cls = StageWorker
-    qblock_files: dict[int, str] = {}
+    _qblock_files: dict[int, str] = {}  # what `run` wrote (and skipped blocks hold), for `nll`
 
     def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
         import ray
@@ -46,13 +46,17 @@ class StageExecutor(RayExecutor):
         result as it finishes. Returns the seconds of the streaming pass."""
         import ray
 
+        ranges = self.ranges()
+        self._qblock_files = {} if qblock_file is None else {
+            i: qblock_file(i) for a, b in ranges for i in range(a, b)
+        }
         upstream = None
         streams = []
         for k, actor in enumerate(self.actors):
             upstream = actor.stream.remote(upstream) if k else actor.stream.remote()
             streams.append(upstream)
         pending = []
-        for (a, b), actor in zip(self.ranges(), self.actors, strict=True):
+        for (a, b), actor in zip(ranges, self.actors, strict=True):
             for i in range(a, b):
                 if i in skip:
                     actor.skip.remote(i)
@@ -71,12 +75,11 @@ class StageExecutor(RayExecutor):
 
     def nll(self) -> list[dict[str, tuple[float, int]]]:
         """The quantized evaluation stream through every stage in order (the dequantized
-        blocks from `qblock_files`, set by the pipeline); the last computes the summed NLL of
-        both streams."""
+        blocks that `run` wrote); the last computes the summed NLL of both streams."""
         import ray
 
-        ref = None
+        ref, files = None, self._qblock_files
         for k, actor in enumerate(self.actors):
-            ref = actor.evaluate.remote(self.qblock_files, ref) if k else actor.evaluate.remote(self.qblock_files)
+            ref = actor.evaluate.remote(files, ref) if k else actor.evaluate.remote(files)
         ray.get(ref)  # the last stage answers with a count: the stream itself stays there
         return [ray.get(self.actors[-1].nll.remote())]

@@ -36,11 +36,13 @@ class Stage:
     attention (o_proj) or the MLP (down_proj); `returns_tuple` when it returns (output, extra).
 
     Once its linears are quantized its output is fixed, so true-sequential calibration reuses
-    it instead of rerunning the block from its input (see `stage_cache`)."""
+    it instead of rerunning the block from its input (see `stage_cache`). `input_op` is the
+    op whose output only this stage consumes (its norm): skipped while the stage is reused."""
 
     module: str
     tail: str
     returns_tuple: bool = False
+    input_op: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,8 @@ _LLAMA_LIKE_GROUPS = (
 )
 
 _LLAMA_LIKE_STAGES = (
-    Stage("self_attn", "self_attn.o_proj", returns_tuple=True),
-    Stage("mlp", "mlp.down_proj"),
+    Stage("self_attn", "self_attn.o_proj", returns_tuple=True, input_op="input_layernorm"),
+    Stage("mlp", "mlp.down_proj", input_op="post_attention_layernorm"),
 )
 
 ADAPTERS: dict[str, Adapter] = {

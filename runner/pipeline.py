@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .calibrate import BlockProfile, calibrate_block
+from .block_loop import PHASES, run_blocks, stage_overlap
 from .config import RunConfig, config_dict, parse_size
 from .data import load_text, token_windows
 from .errors import UserError
@@ -27,7 +27,7 @@ from .manifest import write_manifest
 from .model import ModelSource
 from .report import own_peak_rss_bytes, peak_rss_bytes, write_report
 from .shards import plan_shards, shard_names, write_index, write_json_atomic
-from .state import RunState, sha256_file
+from .state import RunState
 from .tracking import make_tracker
 
 
@@ -151,110 +151,6 @@ def make_executor(cfg: RunConfig, source: ModelSource):
     return LocalExecutor(cfg)
 
 
-PHASES = ("load_s", "forward_s", "stats_s", "solve_s", "search_s", "eval_s", "export_s")
-
-
-def _block_record(index: int, seconds: float, losses: dict[str, float], prof: BlockProfile,
-                  parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report.json `blocks[]` entry; phase times are the slowest worker's."""
-    rec: dict[str, Any] = {
-        "index": index, "seconds": seconds, "worker": ",".join(p["worker"] for p in parts), "loss": losses,
-    }
-    for key in PHASES:
-        rec[key] = max((p.get(key, 0.0) for p in parts), default=0.0)
-    # Wall time no phase accounts for: waiting on other workers, transfers, the driver's steps.
-    rec["idle_s"] = max(0.0, seconds - sum(rec[k] for k in PHASES))
-    rec["activation_bytes"] = sum(p.get("activation_bytes", 0) for p in parts)
-    rec["stage_cache_bytes"] = sum(p.get("stage_cache_bytes", 0) for p in parts)
-    rec["peak_rss_bytes"] = max((p.get("peak_rss_bytes", 0) for p in parts), default=0)
-    if prof.awq:
-        rec["awq"] = prof.awq
-    if prof.notes:
-        rec["notes"] = prof.notes
-    return rec
-
-
-def _run_block(ex, p: Prepared, i: int, state: RunState) -> dict[str, Any]:
-    """Every step of block i on the executor; its tensors land in the block's state file."""
-    src, q = p.source, p.cfg.quant
-    name = f"{src.adapter.blocks}.{i}"
-    t0 = time.perf_counter()
-    ex.begin_block(i)
-    prof = BlockProfile()
-    losses = calibrate_block(ex, name, src.skeleton.get_submodule(name), src.adapter, q, prof)
-    parts = ex.end_block(str(state.block_file(i)))
-    return _block_record(i, time.perf_counter() - t0, losses, prof, parts)
-
-
-def _save_progress(ex, state: RunState, progress: dict[str, Any], done: int, record: dict[str, Any]) -> None:
-    """Record blocks < done as finished: activations saved, checksums, then progress.json
-    (with the block's report record)."""
-    paths = [state.acts_file(done, k) for k in range(ex.world)]
-    ex.save_activations([str(x) for x in paths])
-    progress["activations"] = [{"file": state.rel(x), "sha256": sha256_file(x)} for x in paths]
-    for j in range(progress["done"], done):
-        f = state.block_file(j)
-        progress["files"][state.rel(f)] = sha256_file(f)
-    progress["done"] = done
-    progress["blocks"] = [b for b in progress["blocks"] if b["index"] != record["index"]] + [record]
-    state.write(progress)
-    state.prune_activations([a["file"] for a in progress["activations"]])
-
-
-def _record_fault(progress: dict[str, Any], error: BaseException, block: int, t_fault: float, redo: str) -> None:
-    """A lost worker that was replaced: in progress.json (report.json `cluster.faults`) and on stderr."""
-    progress["faults"].append({
-        "block": block, "error": str(error).splitlines()[0][:300] if str(error) else type(error).__name__,
-        "recovery_s": time.perf_counter() - t_fault,
-    })
-    print(f"shardquant: worker lost ({type(error).__name__}); replaced, {redo}", file=sys.stderr)
-
-
-def _run_stages(ex, p: Prepared, state: RunState, progress: dict[str, Any], on_record) -> float:
-    """Every block through pipeline stages (see cluster/stage_executor.py); each finished block
-    is recorded in progress.json as it arrives. Returns the fp streaming pass's seconds."""
-    done = set(progress.setdefault("stage_done", []))
-    evaluating = p.evals is not None
-    ex.qblock_files = {i: str(state.qblock_file(i)) for i in range(p.source.num_blocks)} if evaluating else {}
-
-    def on_block(res: dict[str, Any]) -> None:
-        i = res["index"]
-        rec = _block_record(i, res["seconds"], res["losses"], res["profile"], [res["part"]])
-        rec["start"], rec["end"] = res["start"], res["end"]
-        for f in (state.block_file(i), *([state.qblock_file(i)] if evaluating else [])):
-            progress["files"][state.rel(f)] = sha256_file(f)
-        done.add(i)
-        progress["stage_done"] = sorted(done)
-        while progress["done"] in done:
-            progress["done"] += 1
-        progress["blocks"] = [b for b in progress["blocks"] if b["index"] != i] + [rec]
-        state.write(progress)
-        on_record(rec)
-
-    return ex.run(lambda i: str(state.block_file(i)), (lambda i: str(state.qblock_file(i))) if evaluating else None,
-                  set(done), on_block)
-
-
-def stage_overlap(blocks: list[dict[str, Any]]) -> dict[str, Any]:
-    """From block records with start/end times and a worker: the share of the calibration
-    wall time during which at least two stages were busy, and each stage's busy share."""
-    timed = [b for b in blocks if "start" in b]
-    if not timed:
-        return {}
-    t0, t1 = min(b["start"] for b in timed), max(b["end"] for b in timed)
-    span = max(t1 - t0, 1e-9)
-    events = sorted([(b["start"], 1) for b in timed] + [(b["end"], -1) for b in timed])
-    both, busy, last = 0.0, 0, t0
-    for t, step in events:
-        if busy >= 2:
-            both += t - last
-        busy, last = busy + step, t
-    per: dict[str, float] = {}
-    for b in timed:
-        per[b["worker"]] = per.get(b["worker"], 0.0) + (b["end"] - b["start"]) / span
-    return {"wall_s": span, "two_or_more_busy": both / span, "busy": per}
-
-
 def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run calibration, evaluation and export; write report.json; return the report.
 
@@ -289,50 +185,17 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         bar = _progress(src.num_blocks, f"{q.method} {q.bits}-bit") if show_progress else None
         if bar is not None:
             bar.update(start)
-        i = src.num_blocks if staged else start
-        stream_s = None
 
         def on_record(rec: dict[str, Any]) -> None:
-            blocks.append(rec)
-            tracker.log_block(rec)
-            if bar is not None:
-                bar.update(1)
-
-        fresh = True
-        while staged:
-            try:
-                if not fresh:  # stage 0 starts again from the embedded windows
-                    ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
-                fresh = False
-                stream_s = _run_stages(ex, p, state, progress, on_record)
-                break
-            except Exception as e:  # a lost Ray worker: replace it, redo the unfinished blocks
-                t_fault = time.perf_counter()
-                if not ex.recover(e):
-                    raise
-                _record_fault(progress, e, progress["done"], t_fault, "redoing the unfinished blocks")
-        while i < src.num_blocks:
-            try:
-                rec = _run_block(ex, p, i, state)
-                _save_progress(ex, state, progress, i + 1, rec)
-            except Exception as e:  # a lost Ray worker: replace it, redo from the last saved block
-                t_fault = time.perf_counter()
-                if not ex.recover(e):
-                    raise
-                i = progress["done"]
-                if i:
-                    ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
-                else:
-                    ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
-                _record_fault(progress, e, i, t_fault, f"redoing from block {i}")
-                continue
             blocks.append(rec)
             tracker.log_block(rec)
             if bar is not None:
                 worst = max(rec["loss"].values()) if rec["loss"] else 0.0
                 bar.set_postfix_str(f"max loss {worst:.3g}")
                 bar.update(1)
-            i += 1
+
+        stream_s = run_blocks(ex, p, state, progress, start=start, staged=staged, do_fp=do_fp,
+                              on_record=on_record)
         if bar is not None:
             bar.close()
             bar = None

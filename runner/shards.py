@@ -13,6 +13,8 @@ safetensors library in the tests.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import struct
@@ -97,24 +99,28 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _tensor_bytes(spec: TensorSpec, tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(spec: TensorSpec, tensor: torch.Tensor) -> bytes | memoryview:
     if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
         raise ValueError(
             f"tensor '{spec.name}' is {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}"
         )
     t = tensor.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""  # no copy
 
 
-def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> None:
+def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> str:
     """Write one planned shard from tensors given in plan order, one in memory at a time
-    (temp name, fsync, rename). Workers call this for their shards in parallel."""
+    (temp name, fsync, rename); return the file's sha256, hashed as it is written. Workers
+    call this for their shards in parallel."""
     tmp = path.with_name(path.name + ".tmp")
+    digest = hashlib.sha256()
     try:
         with tmp.open("wb") as f:
-            f.write(_header(specs))
-            for spec, tensor in zip(specs, tensors, strict=True):
-                f.write(_tensor_bytes(spec, tensor))
+            for data in itertools.chain(
+                [_header(specs)], (_tensor_bytes(s, t) for s, t in zip(specs, tensors, strict=True))
+            ):
+                f.write(data)
+                digest.update(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -125,6 +131,7 @@ def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Ten
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return digest.hexdigest()
 
 
 def write_index(directory: Path, shards: list[list[TensorSpec]]) -> dict[str, str]:

@@ -24,6 +24,10 @@ def _first(out: object) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _passthrough(x: Tensor, *_a, **_kw) -> Tensor:
+    return x
+
+
 class StageCache:
     """Per-batch outputs of a block's finished stages, valid for one block's calibration stream.
 
@@ -110,6 +114,11 @@ class StageCache:
             elif record and self._finished(st):
                 rec = recording[st.module] = []
                 hooks.append(mod.register_forward_hook(lambda _m, _a, out, rec=rec: rec.append(_first(out).detach())))
+        for st in self.stages:  # a reused stage ignores its input: skip the op that makes it
+            if st.input_op and self.block.get_submodule(st.module) in patched:
+                op = self.block.get_submodule(st.input_op)
+                op.forward = _passthrough
+                patched.append(op)
         try:
             yield
         finally:

@@ -39,8 +39,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
     specs = [TensorSpec(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
-    write_shard(path, specs, (tensors[n] for n in names))
-    return sha256_file(path)
+    return write_shard(path, specs, (tensors[n] for n in names))
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

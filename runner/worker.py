@@ -466,13 +466,13 @@ class BlockWorker:
 
     # --- resumable state ------------------------------------------------------------------
 
-    def save_activations(self, path: str) -> None:
-        """Every stream of this worker's share, exactly, in one file (atomic)."""
+    def save_activations(self, path: str) -> str:
+        """Every stream of this worker's share, exactly, in one file (atomic); its sha256."""
         tensors = {}
         for stream in self.store.streams():
             for i, h in enumerate(self.store.iter(stream)):
                 tensors[f"{stream}.{i:06d}"] = h
-        save_tensors(Path(path), tensors)
+        return save_tensors(Path(path), tensors)
 
     def load_activations(self, path: str) -> None:
         """Replace this worker's streams with those saved by `save_activations`."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import FAMILIES, read_checkpoint, run_config
@@ -94,10 +96,11 @@ def _count_calls(block, names):
 
 
 @pytest.mark.parametrize("reuse", [True, False])
-def test_one_forward_per_block(reuse, tiny_models, texts, tmp_path, one_thread):
+def test_one_forward_per_block(reuse, tiny_models, texts, tmp_path, one_thread, monkeypatch):
     """With reuse each linear runs once per calibration batch in a block's GPTQ (the passes
-    only redo what changed); without, the attention runs again for every later group.
-    (Forward hooks count completed calls; an observation pass stops before its group runs.)"""
+    only redo what changed) and a norm only where its stage really runs; without, the
+    attention runs again for every later group. (Forward hooks count completed calls; an
+    observation pass stops before its group runs; norms are counted where they compute.)"""
     cfg = build_config(run_config(tiny_models["llama"], texts, tmp_path / "o", calib={"reuse_stages": reuse}))
     ex = LocalExecutor(cfg)
     ex.setup(_calib_windows(tiny_models["llama"], texts), None, do_fp_eval=False)
@@ -105,6 +108,14 @@ def test_one_forward_per_block(reuse, tiny_models, texts, tmp_path, one_thread):
     block = ex.worker.block
     names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
     counts, handles = _count_calls(block, names)
+    norm_calls: Counter = Counter()
+    norm_forward = type(block.input_layernorm).forward
+
+    def counting(self, *a, **kw):
+        norm_calls[self] += 1
+        return norm_forward(self, *a, **kw)
+
+    monkeypatch.setattr(type(block.input_layernorm), "forward", counting)
     src = ex.worker.source
     calibrate_block(ex, "model.layers.0", src.skeleton.get_submodule("model.layers.0"), src.adapter, cfg.quant,
                     BlockProfile())
@@ -112,9 +123,12 @@ def test_one_forward_per_block(reuse, tiny_models, texts, tmp_path, one_thread):
     for h in handles:
         h.remove()
     n = 16 // cfg.calib.batch_size
+    norms = (norm_calls[block.input_layernorm], norm_calls[block.post_attention_layernorm])
     if reuse:
         assert counts == dict.fromkeys(names, n)
+        assert norms == (2 * n, 2 * n)  # observing q/k/v and o; gate/up and down
     else:
+        assert norms == (5 * n, 3 * n)
         # observe o, gate/up, down, then propagate: the attention 4 times, the MLP twice
         assert counts == {"self_attn.q_proj": 4 * n, "self_attn.o_proj": 3 * n, "mlp.gate_proj": 2 * n,
                           "mlp.down_proj": n}

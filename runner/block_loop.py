@@ -1,0 +1,168 @@
+"""Walking the blocks: one after another (data parallel), or as pipeline stages.
+
+`run_blocks` calibrates every unfinished block on an executor, records each finished block
+in progress.json (so a rerun resumes after it) and hands its report record to the caller.
+A lost Ray worker is replaced and the unfinished work redone, with the fault recorded.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .calibrate import BlockProfile, calibrate_block
+from .state import RunState, sha256_file
+
+if TYPE_CHECKING:
+    from .pipeline import Prepared
+
+Record = Callable[[dict[str, Any]], None]
+
+
+def run_blocks(ex, p: Prepared, state: RunState, progress: dict[str, Any], *, start: int, staged: bool,
+               do_fp: bool, on_record: Record) -> float | None:
+    """Calibrate blocks `start`.. (stage mode: every block not in progress `stage_done`) on
+    `ex`, whose `setup` has run. `on_record` gets each finished block's report record.
+    Returns the stage mode's fp streaming seconds (None when data parallel)."""
+    if staged:
+        return _stages_with_recovery(ex, p, state, progress, do_fp, on_record)
+    i = start
+    while i < p.source.num_blocks:
+        try:
+            rec = _run_block(ex, p, i, state)
+            _save_progress(ex, state, progress, i + 1, rec)
+        except Exception as e:  # a lost Ray worker: replace it, redo from the last saved block
+            t_fault = time.perf_counter()
+            if not ex.recover(e):
+                raise
+            i = progress["done"]
+            if i:
+                ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
+            else:
+                ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+            _record_fault(progress, e, i, t_fault, f"redoing from block {i}")
+            continue
+        on_record(rec)
+        i += 1
+    return None
+
+
+def _stages_with_recovery(ex, p: Prepared, state: RunState, progress: dict[str, Any], do_fp: bool,
+                          on_record: Record) -> float:
+    fresh = True
+    while True:
+        try:
+            if not fresh:  # stage 0 starts again from the embedded windows
+                ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+            fresh = False
+            return _run_stages(ex, p, state, progress, on_record)
+        except Exception as e:  # a lost Ray worker: replace it, redo the unfinished blocks
+            t_fault = time.perf_counter()
+            if not ex.recover(e):
+                raise
+            _record_fault(progress, e, progress["done"], t_fault, "redoing the unfinished blocks")
+
+
+PHASES = ("load_s", "forward_s", "stats_s", "solve_s", "search_s", "eval_s", "export_s")
+
+
+def block_record(index: int, seconds: float, losses: dict[str, float], prof: BlockProfile,
+                  parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report.json `blocks[]` entry; phase times are the slowest worker's."""
+    rec: dict[str, Any] = {
+        "index": index, "seconds": seconds, "worker": ",".join(p["worker"] for p in parts), "loss": losses,
+    }
+    for key in PHASES:
+        rec[key] = max((p.get(key, 0.0) for p in parts), default=0.0)
+    # Wall time no phase accounts for: waiting on other workers, transfers, the driver's steps.
+    rec["idle_s"] = max(0.0, seconds - sum(rec[k] for k in PHASES))
+    rec["activation_bytes"] = sum(p.get("activation_bytes", 0) for p in parts)
+    rec["stage_cache_bytes"] = sum(p.get("stage_cache_bytes", 0) for p in parts)
+    rec["peak_rss_bytes"] = max((p.get("peak_rss_bytes", 0) for p in parts), default=0)
+    if prof.awq:
+        rec["awq"] = prof.awq
+    if prof.notes:
+        rec["notes"] = prof.notes
+    return rec
+
+
+def _run_block(ex, p: Prepared, i: int, state: RunState) -> dict[str, Any]:
+    """Every step of block i on the executor; its tensors land in the block's state file."""
+    src, q = p.source, p.cfg.quant
+    name = f"{src.adapter.blocks}.{i}"
+    t0 = time.perf_counter()
+    ex.begin_block(i)
+    prof = BlockProfile()
+    losses = calibrate_block(ex, name, src.skeleton.get_submodule(name), src.adapter, q, prof)
+    parts = ex.end_block(str(state.block_file(i)))
+    return block_record(i, time.perf_counter() - t0, losses, prof, parts)
+
+
+def _save_progress(ex, state: RunState, progress: dict[str, Any], done: int, record: dict[str, Any]) -> None:
+    """Record blocks < done as finished: activations saved, checksums, then progress.json
+    (with the block's report record)."""
+    paths = [state.acts_file(done, k) for k in range(ex.world)]
+    digests = ex.save_activations([str(x) for x in paths])
+    progress["activations"] = [{"file": state.rel(x), "sha256": d} for x, d in zip(paths, digests, strict=True)]
+    for j in range(progress["done"], done):
+        f = state.block_file(j)
+        progress["files"][state.rel(f)] = sha256_file(f)
+    progress["done"] = done
+    progress["blocks"] = [b for b in progress["blocks"] if b["index"] != record["index"]] + [record]
+    state.write(progress)
+    state.prune_activations([a["file"] for a in progress["activations"]])
+
+
+def _record_fault(progress: dict[str, Any], error: BaseException, block: int, t_fault: float, redo: str) -> None:
+    """A lost worker that was replaced: in progress.json (report.json `cluster.faults`) and on stderr."""
+    progress["faults"].append({
+        "block": block, "error": str(error).splitlines()[0][:300] if str(error) else type(error).__name__,
+        "recovery_s": time.perf_counter() - t_fault,
+    })
+    print(f"shardquant: worker lost ({type(error).__name__}); replaced, {redo}", file=sys.stderr)
+
+
+def _run_stages(ex, p: Prepared, state: RunState, progress: dict[str, Any], on_record: Record) -> float:
+    """Every block through pipeline stages (see cluster/stage_executor.py); each finished block
+    is recorded in progress.json as it arrives. Returns the fp streaming pass's seconds."""
+    done = set(progress.setdefault("stage_done", []))
+    evaluating = p.evals is not None
+
+    def on_block(res: dict[str, Any]) -> None:
+        i = res["index"]
+        rec = block_record(i, res["seconds"], res["losses"], res["profile"], [res["part"]])
+        rec["start"], rec["end"] = res["start"], res["end"]
+        for f in (state.block_file(i), *([state.qblock_file(i)] if evaluating else [])):
+            progress["files"][state.rel(f)] = sha256_file(f)
+        done.add(i)
+        progress["stage_done"] = sorted(done)
+        while progress["done"] in done:
+            progress["done"] += 1
+        progress["blocks"] = [b for b in progress["blocks"] if b["index"] != i] + [rec]
+        state.write(progress)
+        on_record(rec)
+
+    return ex.run(lambda i: str(state.block_file(i)), (lambda i: str(state.qblock_file(i))) if evaluating else None,
+                  set(done), on_block)
+
+
+def stage_overlap(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """From block records with start/end times and a worker: the share of the calibration
+    wall time during which at least two stages were busy, and each stage's busy share."""
+    timed = [b for b in blocks if "start" in b]
+    if not timed:
+        return {}
+    t0, t1 = min(b["start"] for b in timed), max(b["end"] for b in timed)
+    span = max(t1 - t0, 1e-9)
+    events = sorted([(b["start"], 1) for b in timed] + [(b["end"], -1) for b in timed])
+    both, busy, last = 0.0, 0, t0
+    for t, step in events:
+        if busy >= 2:
+            both += t - last
+        busy, last = busy + step, t
+    per: dict[str, float] = {}
+    for b in timed:
+        per[b["worker"]] = per.get(b["worker"], 0.0) + (b["end"] - b["start"]) / span
+    return {"wall_s": span, "two_or_more_busy": both / span, "busy": per}
