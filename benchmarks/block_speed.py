@@ -4,7 +4,8 @@ Usage: python benchmarks/block_speed.py [--calib N] [--seq-len T] [--set KEY=VAL
                                         [--compare KEY=VALUE ...] [--out DIR]
 
 ``--compare calib.reuse_stages=false`` runs that variant first, then the default, in one
-invocation, and prints both columns and their ratio. Measured, never asserted; paste the
+invocation, and prints both columns and their ratio; ``--compare quant.method=awq`` puts
+AWQ's calibration time (and its search share) beside GPTQ's. Measured, never asserted; paste the
 table into benchmarks/RESULTS.md with the command.
 """
 
@@ -25,7 +26,7 @@ def measure(calib: int, seq_len: int, sets: list[str], out: Path) -> dict[str, f
     cfg["output"] = str(out / "run")
     r = run_quantize(cfg, out)
     t, blocks, tokens = r["timing"], r["blocks"], r["calibration"]["tokens"]
-    busy = t["forward_s"] + t["stats_s"] + t["solve_s"]
+    busy = t["forward_s"] + t["stats_s"] + t["solve_s"] + t.get("search_s", 0.0)
     return {
         "seconds per block": sum(b["seconds"] for b in blocks) / len(blocks),
         "calibration tokens/s (tokens x blocks / calibrate_s)": tokens * len(blocks) / t["calibrate_s"],
@@ -33,9 +34,11 @@ def measure(calib: int, seq_len: int, sets: list[str], out: Path) -> dict[str, f
         "forward_s": t["forward_s"],
         "stats_s": t["stats_s"],
         "solve_s": t["solve_s"],
+        "search_s (AWQ)": t.get("search_s", 0.0),
         "share forward": t["forward_s"] / busy,
         "share stats": t["stats_s"] / busy,
         "share solve": t["solve_s"] / busy,
+        "share search": t.get("search_s", 0.0) / busy,
         "peak RSS GiB": r["memory"]["peak_rss_bytes"] / 2**30,
     }
 
@@ -60,7 +63,7 @@ def main() -> None:
             args.calib, args.seq_len, args.set + args.compare, out / "variant")
     runs["default" + (" (" + ", ".join(args.set) + ")" if args.set else "")] = measure(
         args.calib, args.seq_len, args.set, out / "default")
-    print(f"calibration: {args.calib} x {args.seq_len} tokens, SmolLM2-135M, GPTQ w4 g64")
+    print(f"calibration: {args.calib} x {args.seq_len} tokens, SmolLM2-135M, w4 g64 (GPTQ unless overridden)")
     names = list(runs)
     head = "| metric | " + " | ".join(names) + (" | default/variant |" if len(names) == 2 else " |")
     print(head)
