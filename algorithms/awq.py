@@ -117,6 +117,14 @@ def scaled_fake_quantize(w: Tensor, s: Tensor, spec: QuantSpec) -> Tensor:
     return fake_quantize_weight(w.float() * s, spec) / s
 
 
+def linear_output_error(delta: Tensor, gram: Tensor) -> float:
+    """``||X delta^T||^2`` from ``gram = X^T X`` [in, in]: the summed squared output change of
+    a linear whose weight [out, in] moved by ``delta``, without touching the rows of ``X``
+    (``out * in^2`` flops instead of ``rows * out * in``). Float32."""
+    d = delta.to(device=gram.device, dtype=torch.float32)
+    return float(((d @ gram.float()) * d).sum())
+
+
 @dataclass
 class ScaleSearch:
     """Outcome of a scale search.

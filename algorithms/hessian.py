@@ -52,9 +52,13 @@ class HessianAccumulator:
         self.sum += other.sum.to(device=self.sum.device, dtype=self.sum.dtype)
         self.count += other.count
 
-    def hessian(self) -> Tensor:
-        """GPTQ's H = 2 X^T X / n."""
+    def gram(self) -> Tensor:
+        """The full ``X^T X`` (the accumulated triangle, mirrored)."""
         if self.count == 0:
             raise ValueError("no activations were added; the Hessian is undefined")
         upper = self.sum.triu()
-        return 2 * (upper + upper.triu(1).T) / self.count
+        return upper + upper.triu(1).T
+
+    def hessian(self) -> Tensor:
+        """GPTQ's H = 2 X^T X / n."""
+        return 2 * self.gram() / self.count

@@ -24,7 +24,9 @@ Usage:
 ``--awq`` (or ``--methods awq``) adds llm-compressor's AWQ and shardquant's ``awq`` (slow:
 ~1,700 s for the peer; GPTQModel has no AWQ here).
 ``--ours quant.damp=0.05 --ours quant.reorder=group`` sets shardquant's options (repeatable).
-Measured, never asserted.
+``--variant lin:quant.awq_search_objective=linears`` adds a shardquant run with those options
+beside the default one (repeatable; ``NAME:KEY=VALUE[,KEY=VALUE...]``), in the same invocation
+and so against the same peer runs. Measured, never asserted.
 """
 
 from __future__ import annotations
@@ -126,6 +128,10 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 
 torch.manual_seed(0)
+if not torch.cuda.is_available():
+    # Its AWQ pins cached activations, which needs an accelerator; on a CPU-only machine
+    # pinning has nothing to do, so it is made a no-op here (the peer's code is untouched).
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
 ids = json.load(open(args["calib"]))
 ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
 model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
@@ -150,10 +156,19 @@ for name, m in model.named_modules():
                           m.quantization_scheme.weights)
         drift = max(drift, float((q - m.weight.data).abs().max()))
         deq[name] = q.detach().float()
-n = save_dense(args["model"], deq, args["out"])
+n = len(deq)
+for name, m in model.named_modules():
+    if "Norm" in type(m).__name__ and getattr(m, "weight", None) is not None:
+        deq[name] = m.weight.detach().float()  # AWQ folds its scales into the norms
+save_dense(args["model"], deq, args["out"])
+mods = recipe if isinstance(recipe, list) else [recipe]  # its AWQModifier expands to several modifiers
+settings = {}
+for mod in mods:
+    for key in ("dampening_frac", "actorder", "n_grid", "duo_scaling"):
+        if hasattr(mod, key):
+            settings[key] = str(getattr(mod, key))
 print("RESULT " + json.dumps({"calib_s": calib_s, "linears": n, "requant_drift": drift,
-      "settings": {"dampening_frac": recipe.__dict__.get("dampening_frac"),
-                   "actorder": str(getattr(recipe, "actorder", None))}}))
+      "modifiers": [type(m).__name__ for m in mods], "settings": settings}))
 '''
 
 GPTQMODEL_SCRIPT = _DENSE_SAVE + '''
@@ -165,6 +180,10 @@ args = json.loads(sys.argv[1])
 from gptqmodel import GPTQModel, QuantizeConfig
 
 torch.manual_seed(0)
+if not torch.cuda.is_available():
+    # Its AWQ pins cached activations, which needs an accelerator; on a CPU-only machine
+    # pinning has nothing to do, so it is made a no-op here (the peer's code is untouched).
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
 ids = json.load(open(args["calib"]))
 calib = [{"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long)} for r in ids]
 qcfg = QuantizeConfig(bits=args["bits"], group_size=args["group"], sym=args["sym"])
@@ -320,6 +339,8 @@ def main() -> None:
     ap.add_argument("--methods", default="gptq", help="gptq, awq or gptq,awq (--awq adds awq)")
     ap.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                     help="shardquant override, e.g. quant.damp=0.05 (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="an extra shardquant run 'ours-NAME' with these overrides (repeatable)")
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -336,6 +357,12 @@ def main() -> None:
             ensure_venv(p)
     if args.setup_only:
         return
+    variants: dict[str, list[str]] = {}
+    for v in args.variant:
+        name, _, sets = v.partition(":")
+        if not name or not sets:
+            raise SystemExit(f"--variant: expected NAME:KEY=VALUE[,KEY=VALUE], got {v!r}")
+        variants[f"ours-{name}"] = sets.split(",")
 
     from _common import smollm2_protocol
 
@@ -362,14 +389,14 @@ def main() -> None:
         for sname in args.schemes.split(","):
             scheme = {"bits": args.bits, "group": args.group, "sym": sname == "sym"}
             results: dict[str, dict[str, Any]] = {}
-            for p in peers:
+            for p in [*peers, *variants]:
                 if p == "gptqmodel" and method != "gptq":
                     continue
                 tag = f"{method}-w{args.bits}g{args.group}{sname}-{p}"
                 out = work / tag
                 print(f"[{tag}] running ...", flush=True)
-                if p == "ours":
-                    r = run_ours(method, scheme, protocol, args.ours, out)
+                if p == "ours" or p in variants:
+                    r = run_ours(method, scheme, protocol, [*args.ours, *variants.get(p, [])], out)
                 else:
                     r = run_peer(p, method, scheme, calib_ids, model, out)
                 r["ppl"] = evaluate(r["model"], eval_path, args.eval, args.seq_len, out / "eval")
@@ -384,10 +411,18 @@ def main() -> None:
     for method, sname, results in rows:
         ours = results.get("ours")
         for p, r in results.items():
-            tr = f"{ours['calib_s'] / r['calib_s']:.2f}" if ours and p != "ours" else ""
-            pr = f"{ours['ppl'] / r['ppl']:.4f}" if ours and p != "ours" else ""
+            peer = ours and not p.startswith("ours")
+            tr = f"{ours['calib_s'] / r['calib_s']:.2f}" if peer else ""
+            pr = f"{ours['ppl'] / r['ppl']:.4f}" if peer else ""
             print(f"| {method} | w{args.bits}g{args.group} {sname} | {p} | {r['calib_s']:.1f} | "
                   f"{r['rss'] / 2**30:.2f} | {r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {tr} | {pr} |")
+    for method, sname, results in rows:
+        for v in variants:
+            for p, r in results.items():
+                if v in results and not p.startswith("ours"):
+                    mine = results[v]
+                    print(f"{method} w{args.bits}g{args.group} {sname}: {v}/{p} time "
+                          f"{mine['calib_s'] / r['calib_s']:.2f}, ppl {mine['ppl'] / r['ppl']:.4f}")
 
 
 if __name__ == "__main__":

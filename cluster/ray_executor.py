@@ -189,11 +189,17 @@ class RayExecutor:
         writer = self._index % self.world
         return ray.get([a.end_block.remote(block_file if k == writer else None) for k, a in enumerate(self.actors)])
 
-    def save_activations(self, paths: list[str]) -> list[str]:
-        """Each worker writes its share to its path; their sha256s, in worker order."""
+    def begin_save_activations(self, paths: list[str]) -> None:
+        """Each worker starts writing its share to its path (in the background)."""
         import ray
 
-        return ray.get([a.save_activations.remote(p) for a, p in zip(self.actors, paths, strict=True)])
+        ray.get([a.begin_save_activations.remote(p) for a, p in zip(self.actors, paths, strict=True)])
+
+    def end_save_activations(self) -> list[str | None]:
+        """Wait for the writes; their sha256s, in worker order."""
+        import ray
+
+        return ray.get([a.end_save_activations.remote() for a in self.actors])
 
     def load_activations(self, paths: list[str]) -> None:
         import ray
@@ -281,7 +287,14 @@ class RayExecutor:
         return {g: total / count for g, (total, count) in means.items()}
 
     def awq_losses(self, group, linears, quantized, consumer, x_mean):
-        parts = self._all("awq_losses", group, linears, quantized, consumer, x_mean)
+        import ray
+
+        total = sum(self._windows)
+        offsets = [sum(self._windows[:k]) for k in range(self.world)]
+        parts = ray.get([
+            a.awq_losses.remote(group, linears, quantized, consumer, x_mean, off, total)
+            for a, off in zip(self.actors, offsets, strict=True)
+        ])
         totals = [sum(p[0][i] for p in parts) for i in range(len(parts[0][0]))]
         count = sum(p[1] for p in parts)
         return [t / count for t in totals]

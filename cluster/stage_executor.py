@@ -61,8 +61,7 @@ class StageExecutor(RayExecutor):
                 if i in skip:
                     actor.skip.remote(i)
                 else:
-                    q = qblock_file(i) if qblock_file is not None else None
-                    pending.append(actor.calibrate.remote(i, block_file(i), q))
+                    pending.append(actor.calibrate.remote(i, block_file(i), self._qblock_files.get(i)))
         # On a lost actor the survivors' queued calls are left to finish rather than cancelled
         # (cancelling a running call interrupts it): they rewrite the same bytes atomically,
         # before the retry's calls, which queue behind them on the same actor.

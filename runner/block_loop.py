@@ -24,17 +24,30 @@ Record = Callable[[dict[str, Any]], None]
 def run_blocks(ex, p: Prepared, state: RunState, progress: dict[str, Any], *, start: int, staged: bool,
                do_fp: bool, on_record: Record) -> float | None:
     """Calibrate blocks `start`.. (stage mode: every block not in progress `stage_done`) on
-    `ex`, whose `setup` has run. `on_record` gets each finished block's report record.
+    `ex`, whose `setup` has run. `on_record` gets each finished block's report record (again
+    for a block redone after a lost worker). Data parallel, a block is committed to
+    progress.json once the activations after it are on disk, written while the next block
+    calibrates.
     Returns the stage mode's fp streaming seconds (None when data parallel)."""
     if staged:
         return _stages_with_recovery(ex, p, state, progress, do_fp, on_record)
-    i = start
-    while i < p.source.num_blocks:
+    n, i = p.source.num_blocks, start
+    pending: tuple[int, str, dict[str, Any]] | None = None  # (done, block sha256, record): being written
+    while i < n or pending is not None:
         try:
-            rec = _run_block(ex, p, i, state)
-            _save_progress(ex, state, progress, i + 1, rec)
+            if i < n:
+                rec, digest = _run_block(ex, p, i, state)
+            if pending is not None:
+                _commit(ex, state, progress, *pending)
+                pending = None
+            if i == n:
+                break
+            # The next block calibrates while the activations after this one are written.
+            ex.begin_save_activations([str(state.acts_file(i + 1, k)) for k in range(ex.world)])
+            pending = (i + 1, digest, rec)
         except Exception as e:  # a lost Ray worker: replace it, redo from the last saved block
             t_fault = time.perf_counter()
+            pending = None
             if not ex.recover(e):
                 raise
             i = progress["done"]
@@ -88,8 +101,9 @@ def block_record(index: int, seconds: float, losses: dict[str, float], prof: Blo
     return rec
 
 
-def _run_block(ex, p: Prepared, i: int, state: RunState) -> dict[str, Any]:
-    """Every step of block i on the executor; its tensors land in the block's state file."""
+def _run_block(ex, p: Prepared, i: int, state: RunState) -> tuple[dict[str, Any], str]:
+    """Every step of block i on the executor; its tensors land in the block's state file.
+    Returns the block's report record and the file's sha256."""
     src, q = p.source, p.cfg.quant
     name = f"{src.adapter.blocks}.{i}"
     t0 = time.perf_counter()
@@ -97,18 +111,20 @@ def _run_block(ex, p: Prepared, i: int, state: RunState) -> dict[str, Any]:
     prof = BlockProfile()
     losses = calibrate_block(ex, name, src.skeleton.get_submodule(name), src.adapter, q, prof)
     parts = ex.end_block(str(state.block_file(i)))
-    return block_record(i, time.perf_counter() - t0, losses, prof, parts)
+    digest = next((d["block_sha256"] for d in parts if d.get("block_sha256")), None) or sha256_file(state.block_file(i))
+    rec = block_record(i, time.perf_counter() - t0, losses, prof, parts)
+    return rec, digest
 
 
-def _save_progress(ex, state: RunState, progress: dict[str, Any], done: int, record: dict[str, Any]) -> None:
-    """Record blocks < done as finished: activations saved, checksums, then progress.json
-    (with the block's report record)."""
+def _commit(ex, state: RunState, progress: dict[str, Any], done: int, block_digest: str,
+            record: dict[str, Any]) -> None:
+    """Record blocks < done as finished once their activations are on disk: wait for the
+    checkpoint `begin_save_activations` started, then progress.json (with its checksums and
+    the block's report record) and the pruning of older checkpoints."""
     paths = [state.acts_file(done, k) for k in range(ex.world)]
-    digests = ex.save_activations([str(x) for x in paths])
+    digests = ex.end_save_activations()
     progress["activations"] = [{"file": state.rel(x), "sha256": d} for x, d in zip(paths, digests, strict=True)]
-    for j in range(progress["done"], done):
-        f = state.block_file(j)
-        progress["files"][state.rel(f)] = sha256_file(f)
+    progress["files"][state.rel(state.block_file(done - 1))] = block_digest
     progress["done"] = done
     progress["blocks"] = [b for b in progress["blocks"] if b["index"] != record["index"]] + [record]
     state.write(progress)

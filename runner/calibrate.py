@@ -120,21 +120,6 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _output_error(inputs: list[torch.Tensor], s: torch.Tensor | None, delta: torch.Tensor) -> float:
-    """||X' delta^T||^2 / rows over the captured inputs, X' = X / s: the layer's output error,
-    the quantity GPTQ's loss measures (1/2 tr(delta H delta^T) with H = 2 X'^T X' / rows)."""
-    total, count = 0.0, 0
-    for x in inputs:
-        rows = x.reshape(-1, x.shape[-1]).float()
-        if s is not None:
-            rows = rows / s
-        total += float((rows @ delta.T).pow(2).sum())
-        count += rows.shape[0]
-    return total / max(count, 1)
-
-
-
-
 # --- the steps of one block, driven through an executor ------------------------------------
 
 
@@ -238,7 +223,7 @@ def calibrate_block(
     for phase in phases:
         means = ex.observe(
             [(g.name, g.linears[0]) for g, _ in phase],
-            hessian=q.method in ("gptq", "awq+gptq"),
+            hessian=True,  # GPTQ's solve; AWQ: exact errors of linear consumers and the reported losses
             channel=use_awq,
             capture={g.name: g.consumer for g, _ in phase} if use_awq else {},
         )

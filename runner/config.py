@@ -111,6 +111,19 @@ class QuantConfig(_Section):
         description="Module names or suffixes left in full precision.",
     )
     awq_grid: int = Field(20, ge=1, description="AWQ: scale exponents tried, alpha = i/awq_grid for i < awq_grid.")
+    awq_search_samples: int | None = Field(
+        4,
+        ge=1,
+        description="AWQ scale search: windows (evenly spaced over the calibration set) on which a consumer "
+        "module such as attention or the MLP is run for every candidate; null = all. A consumer that is one "
+        "of the group's linears is measured exactly on every token through the input Gram matrix.",
+    )
+    awq_search_objective: Literal["consumer", "linears"] = Field(
+        "consumer",
+        description="AWQ scale search objective: consumer (the output error of the module that takes the "
+        "group's input, e.g. attention or the MLP, as in the AWQ paper) or linears (the summed output error of "
+        "the group's own linears, exact over every token through the input Gram matrix; far cheaper).",
+    )
     awq_duo_scaling: bool = Field(
         True,
         description="AWQ: scales mean(abs(x))^alpha / mean(abs(w))^(1-alpha) (w normalized per group) "

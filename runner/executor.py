@@ -44,8 +44,11 @@ class LocalExecutor:
         """Per-worker block records (one here), like every executor."""
         return [self.worker.end_block(block_file)]
 
-    def save_activations(self, paths: list[str]) -> list[str]:
-        return [self.worker.save_activations(paths[0])]
+    def begin_save_activations(self, paths: list[str]) -> None:
+        self.worker.begin_save_activations(paths[0])
+
+    def end_save_activations(self) -> list[str | None]:
+        return [self.worker.end_save_activations()]
 
     def load_activations(self, paths: list[str]) -> None:
         self.worker.load_activations(paths[0])

@@ -187,8 +187,12 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
             bar.update(start)
 
         def on_record(rec: dict[str, Any]) -> None:
-            blocks.append(rec)
+            redone = [k for k, b in enumerate(blocks) if b["index"] == rec["index"]]
             tracker.log_block(rec)
+            if redone:  # redone after a lost worker: the new record replaces the old one
+                blocks[redone[0]] = rec
+                return
+            blocks.append(rec)
             if bar is not None:
                 worst = max(rec["loss"].values()) if rec["loss"] else 0.0
                 bar.set_postfix_str(f"max loss {worst:.3g}")

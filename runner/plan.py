@@ -32,12 +32,14 @@ conservative sum of terms that can be alive together:
 - ``fp32_copies``: rtn/gptq: the linear being solved in float32 and its working or
   dequantized copy, ``2 · max(out·in) · 4``; awq/awq+gptq add the float32 originals kept for
   every quantized linear of the block (``sum(out·in) · 4``).
-- ``hessians`` (gptq, awq+gptq): a phase is one input group with ``quant.true_sequential``,
+- ``hessians`` (gptq, awq, awq+gptq): a phase is one input group with ``quant.true_sequential``,
   otherwise all groups at once. The solving worker fetches the workers' ``in × in`` float32
   accumulators one at a time into a running sum (two sets of the phase's groups), plus 7 more ``in × in`` matrices of the widest
   group while solving (the reduced sum, H = 2·sum/n, the solver's copy, the damped copy, the
   Cholesky factor, its inverse and the upper factor of the inverse):
-  ``max over phases of (2 · Σ in_g² + 7 · max in_g²) · 4``.
+  ``max over phases of (2 · Σ in_g² + 7 · max in_g²) · 4``. awq keeps them for the exact
+  output errors of its scale search and its losses (the Gram matrix ``X^T X``, built with 3
+  ``in × in`` matrices instead of the solver's 7).
 - ``awq_captures`` (awq, awq+gptq): the captured inputs of the phase's groups and the
   consumer's reference outputs: ``tokens · (Σ in_g + hidden) · d`` with
   ``tokens = calib windows of the share × calib.seq_len``.
@@ -90,6 +92,7 @@ from .errors import UserError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SOLVE_COPIES = 7  # in×in float32 matrices beyond the accumulators while a Hessian is solved
+GRAM_COPIES = 3  # awq: the triangle's copy, its transposed part and the full Gram matrix
 
 
 def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -350,10 +353,11 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, world: int, toke
         terms["awq_captures"] = max(
             (tokens * (sum(i for _, i, _ in p) + shape.hidden) * d for p in phases), default=0
         )
-    if q.method in ("gptq", "awq+gptq"):
+    if q.method in ("gptq", "awq", "awq+gptq"):
+        extra = GRAM_COPIES if q.method == "awq" else SOLVE_COPIES
         for phase in phases:
             ins = [i for _, i, _ in phase]
-            terms["hessians"] = max(terms["hessians"], (2 * sum(i * i for i in ins) + SOLVE_COPIES * max(ins) ** 2) * 4)
+            terms["hessians"] = max(terms["hessians"], (2 * sum(i * i for i in ins) + extra * max(ins) ** 2) * 4)
         for g, i, _ in work:
             if i > terms["hessian_in"]:
                 terms["hessian_group"], terms["hessian_in"] = g, i

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,6 @@ from .calibrate import (
     LayerResult,
     SolveTask,
     _first,
-    _output_error,
     block_work,
     fold_scales,
     merge_stats,
@@ -56,6 +56,42 @@ from .state import assemble_shard, load_tensors, save_tensors
 class _Capture:
     inputs: list[Tensor] = field(default_factory=list)
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
+    hessian: HessianAccumulator | None = None
+
+
+def _take_windows(obj: Any, rows: Tensor, batch: int) -> Any:
+    """``obj`` (a call's args or kwargs, nested) with every tensor whose leading dim is the
+    batch cut to the windows ``rows``; batch-free tensors (rotary tables, a [1, T] position
+    row) are left whole."""
+    if isinstance(obj, Tensor):
+        return obj[rows.to(obj.device)] if obj.dim() and obj.shape[0] == batch else obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(_take_windows(o, rows, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _take_windows(v, rows, batch) for k, v in obj.items()}
+    return obj
+
+
+def sample_calls(cap: _Capture, n: int | None, offset: int = 0, total: int | None = None) -> list[tuple[tuple, dict]]:
+    """The captured consumer calls cut to ``n`` whole windows evenly spaced over all workers'
+    windows (this worker's are [offset, offset + own) of ``total``; None: this worker alone);
+    every call when ``n`` is None or covers them all."""
+    sizes = [x.shape[0] for x in cap.inputs]
+    own = sum(sizes)
+    total = own if total is None else total
+    if n is None or n >= total or len(sizes) != len(cap.calls):
+        return list(cap.calls)
+    idx = awq.even_indices(total, n)
+    idx = idx[(idx >= offset) & (idx < offset + own)] - offset
+    out, start = [], 0
+    for (args, kwargs), b in zip(cap.calls, sizes, strict=True):
+        mine = idx[(idx >= start) & (idx < start + b)] - start
+        start += b
+        if len(mine) == b:
+            out.append((args, kwargs))
+        elif len(mine):
+            out.append((_take_windows(args, mine, b), _take_windows(kwargs, mine, b)))
+    return out
 
 
 def _fetch_each(parts) -> Iterator[dict[str, GroupStats]]:
@@ -92,6 +128,8 @@ class BlockWorker:
         self.index = -1
         self.results: dict[str, LayerResult] = {}
         self.captures: dict[str, _Capture] = {}
+        self._saver: ThreadPoolExecutor | None = None
+        self._saving: Future[str] | None = None
         self.originals: dict[str, Tensor] = {}
         self.candidates: dict[str, list[Tensor]] = {}
         self.scales: dict[str, Tensor] = {}
@@ -183,7 +221,7 @@ class BlockWorker:
             )
             cap = None
             if gname in capture:
-                cap = self.captures[gname] = _Capture()
+                cap = self.captures[gname] = _Capture(hessian=st.hessian)
                 consumer = capture[gname]
                 if consumer:
 
@@ -255,10 +293,23 @@ class BlockWorker:
     # --- AWQ -----------------------------------------------------------------------------
 
     def awq_losses(
-        self, group: str, linears: tuple[str, ...], quantized: tuple[str, ...], consumer: str, x_mean: Tensor
+        self,
+        group: str,
+        linears: tuple[str, ...],
+        quantized: tuple[str, ...],
+        consumer: str,
+        x_mean: Tensor,
+        offset: int = 0,
+        total: int | None = None,
     ) -> tuple[list[float], int]:
-        """Summed squared error of the consumer's output on this worker's captured calls for
-        each candidate scale (weights restored after), and the element count."""
+        """Summed squared error of the consumer's output for each candidate scale (weights
+        restored after), and the element count, over this worker's part of the sample.
+
+        A consumer that is one of the group's linears (or, with `quant.awq_search_objective:
+        linears`, the group's own linears in place of any consumer) is measured exactly on
+        every captured row through the group's Gram matrix; any other (attention, MLP) is run on
+        `quant.awq_search_samples` whole windows evenly spaced over all workers' windows
+        (this worker's are [offset, offset + own) of `total`)."""
         t = time.perf_counter()
         q = self.cfg.quant
         lins = {n: self._lin(n) for n in linears}
@@ -268,9 +319,41 @@ class BlockWorker:
         candidates = awq.candidate_scales(x_mean.to(originals[quantized[0]].device), grid=q.awq_grid, w_mean=w_mean)
         self.candidates[group] = candidates
         cap = self.captures[group]
-        module = self.block.get_submodule(consumer)
+        if q.awq_search_objective == "linears" and cap.hessian is not None:
+            totals, count = self._linear_losses(cap.hessian, [originals[n] for n in quantized], candidates)
+        elif consumer in quantized and cap.hessian is not None:
+            totals, count = self._linear_losses(cap.hessian, [originals[consumer]], candidates)
+        else:
+            totals, count = self._module_losses(
+                self.block.get_submodule(consumer), lins, quantized, originals, candidates,
+                sample_calls(cap, q.awq_search_samples, offset, total),
+            )
+        self.profile.extra["search_s"] = self.profile.extra.get("search_s", 0.0) + time.perf_counter() - t
+        return totals, count
+
+    def _linear_losses(
+        self, hessian: HessianAccumulator, weights: list[Tensor], candidates: list[Tensor]
+    ) -> tuple[list[float], int]:
+        """Summed output error of linears sharing the input, exactly, through its Gram matrix."""
+        gram = hessian.gram()
+        ws = [w.float() for w in weights]
+        totals = [
+            sum(awq.linear_output_error(awq.scaled_fake_quantize(w, s, self.spec) - w, gram) for w in ws)
+            for s in candidates
+        ]
+        return totals, hessian.count * sum(w.shape[0] for w in ws)
+
+    def _module_losses(
+        self,
+        module: nn.Module,
+        lins: dict[str, nn.Linear],
+        quantized: tuple[str, ...],
+        originals: dict[str, Tensor],
+        candidates: list[Tensor],
+        calls: list[tuple[tuple, dict]],
+    ) -> tuple[list[float], int]:
         with torch.no_grad():
-            refs = [_first(module(*a, **kw)) for a, kw in cap.calls]
+            refs = [_first(module(*a, **kw)) for a, kw in calls]
         totals, count = [], 0
         try:
             with torch.no_grad():
@@ -281,7 +364,7 @@ class BlockWorker:
                         else:
                             lin.weight.copy_(originals[n])
                     total, count = 0.0, 0
-                    for (a, kw), ref in zip(cap.calls, refs, strict=True):
+                    for (a, kw), ref in zip(calls, refs, strict=True):
                         y = _first(module(*a, **kw))
                         total += float((y.float() - ref.float()).pow(2).sum())
                         count += y.numel()
@@ -290,7 +373,6 @@ class BlockWorker:
             with torch.no_grad():
                 for n, lin in lins.items():
                     lin.weight.copy_(originals[n])
-        self.profile.extra["search_s"] = self.profile.extra.get("search_s", 0.0) + time.perf_counter() - t
         return totals, count
 
     def fold(self, group: str, choice: int | None, prev: str, linears: tuple[str, ...]) -> None:
@@ -365,8 +447,11 @@ class BlockWorker:
                     target = awq.apply_clip(w, self.spec, found.ratio)
                 qw = quantize_rtn(target, self.spec)
                 weights[name] = qw
-                cap = self.captures.get(task.group)
-                losses[name] = _output_error(cap.inputs if cap else [], s, w - qw.dequantize().to(w.device))
+                acc = merged[task.group].hessian
+                delta = w - qw.dequantize().to(w.device)
+                if s is not None:
+                    delta = delta / s.to(delta.device)  # the error seen by the unscaled inputs
+                losses[name] = awq.linear_output_error(delta, acc.gram()) / acc.count
         self.profile.solve_s += time.perf_counter() - t
         return weights, losses
 
@@ -411,11 +496,12 @@ class BlockWorker:
             self.store.map("eval_q", lambda h: self.runner.forward(self.block, self.index, h))
         self.profile.extra["eval_s"] = self.profile.extra.get("eval_s", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
+        digest = None
         if block_file is not None:
             tensors = dict(
                 self.exporter.block_tensors(self.index, self.block, {n: r.weight for n, r in self.results.items()})
             )
-            save_tensors(Path(block_file), tensors)
+            digest = save_tensors(Path(block_file), tensors)
         self.profile.extra["export_s"] = time.perf_counter() - t
         self.source.release(self.block)
         self.block = None
@@ -427,6 +513,7 @@ class BlockWorker:
             **{k: v for k, v in p.extra.items()}, "activation_bytes": self.store.nbytes("calib"),
             "stage_cache_bytes": cache_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
+            **({"block_sha256": digest} if digest else {}),
         }
 
     # --- outside the blocks --------------------------------------------------------------
@@ -468,11 +555,36 @@ class BlockWorker:
 
     def save_activations(self, path: str) -> str:
         """Every stream of this worker's share, exactly, in one file (atomic); its sha256."""
+        self.begin_save_activations(path)
+        return self.end_save_activations()
+
+    def begin_save_activations(self, path: str) -> None:
+        """Start `save_activations` in a background thread, so the next block calibrates
+        while the checkpoint is written; `end_save_activations` waits for it. The batches are
+        never changed in place (a stream's batches are replaced), so the ones being written
+        stay valid; spilled batches, whose files a later block deletes, are written now."""
+        self.end_save_activations()
         tensors = {}
         for stream in self.store.streams():
             for i, h in enumerate(self.store.iter(stream)):
                 tensors[f"{stream}.{i:06d}"] = h
-        return save_tensors(Path(path), tensors)
+        if self.store.spilled:
+            done: Future[str] = Future()
+            try:
+                done.set_result(save_tensors(Path(path), tensors))
+            except BaseException as e:
+                done.set_exception(e)
+            self._saving = done
+            return
+        if self._saver is None:
+            self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardquant-save")
+        self._saving = self._saver.submit(save_tensors, Path(path), tensors)
+
+    def end_save_activations(self) -> str | None:
+        """Wait for the checkpoint `begin_save_activations` started (re-raising its error);
+        its sha256, or None when none was pending."""
+        saving, self._saving = self._saving, None
+        return None if saving is None else saving.result()
 
     def load_activations(self, path: str) -> None:
         """Replace this worker's streams with those saved by `save_activations`."""
@@ -489,4 +601,8 @@ class BlockWorker:
         return peak_rss_bytes()
 
     def close(self) -> None:
+        if self._saver is not None:
+            self._saver.shutdown(wait=True)
+            self._saver = None
+        self._saving = None
         self.store.clear()

@@ -273,3 +273,94 @@ def test_awq_block_options(tiny_models, tmp_path):
     err = sum(float((a - b).pow(2).sum()) for a, b in zip(after, before, strict=True))
     assert 0 < err < 0.05 * sum(float(b.pow(2).sum()) for b in before)
     ex.close()
+
+
+def test_linear_output_error_from_the_gram_matrix():
+    """||X delta^T||^2 through X^T X equals the error computed on the rows themselves."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 48, generator=gen) * torch.linspace(0.1, 3, 48)
+    delta = torch.randn(20, 48, generator=gen) * 1e-2
+    acc = HessianAccumulator(48, panel=16)
+    acc.add(x[:100])
+    acc.add(x[100:])
+    direct = float((x.double() @ delta.double().T).pow(2).sum())
+    assert awq.linear_output_error(delta, acc.gram()) == pytest.approx(direct, rel=1e-4)
+    torch.testing.assert_close(acc.hessian(), 2 * x.T @ x / 300, rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_calls_are_the_same_windows_on_any_split():
+    """The AWQ search sample: n windows evenly spaced over all windows, cut out of the batched
+    calls (batch-sized tensors only), the same windows however the calls are split over workers."""
+    from shardquant.worker import _Capture, sample_calls
+
+    gen = torch.Generator().manual_seed(6)
+    windows = torch.randn(11, 5, 3, generator=gen)
+    rotary = torch.randn(1, 5, 2, generator=gen)  # batch-free: must stay whole
+
+    def capture(part: torch.Tensor, batch: int) -> _Capture:
+        cap = _Capture()
+        for i in range(0, len(part), batch):
+            x = part[i : i + batch]
+            cap.inputs.append(x)
+            cap.calls.append(((x,), {"position_embeddings": (rotary, rotary), "mask": x[:, :1, :1] * 0, "flag": True}))
+        return cap
+
+    want = windows[awq.even_indices(11, 4)]
+    assert want.shape[0] == 4
+    for splits in ([11], [6, 5], [4, 4, 3]):
+        got, offset = [], 0
+        for own in splits:
+            for args, kwargs in sample_calls(capture(windows[offset : offset + own], 3), 4, offset, 11):
+                assert kwargs["position_embeddings"][0] is rotary and kwargs["flag"] is True
+                assert kwargs["mask"].shape[0] == args[0].shape[0]
+                got.append(args[0])
+            offset += own
+        assert torch.equal(torch.cat(got), want), splits
+    everything = sample_calls(capture(windows, 3), None)
+    assert torch.equal(torch.cat([a[0] for a, _ in everything]), windows)
+
+
+def test_linear_consumer_search_is_exact_and_sampling_is_a_subset(tiny_models, tmp_path):
+    """A linear consumer's candidate errors through the Gram matrix equal running the layer on
+    every row; a module consumer's errors on the sample equal running it on those windows."""
+    from shardquant.calibrate import block_work
+    from shardquant.config import RunConfig
+    from shardquant.executor import LocalExecutor
+    from shardquant.worker import sample_calls
+
+    cfg = RunConfig.model_validate({
+        "model": {"path": str(tiny_models["llama"]), "device": "cpu"},
+        "quant": {"method": "awq", "bits": 3, "group_size": 32, "awq_grid": 5, "awq_search_samples": 3},
+        "export": {"format": "fake"},
+        "output": str(tmp_path),
+    })
+    ex = LocalExecutor(cfg)
+    w = ex.worker
+    gen = torch.Generator().manual_seed(7)
+    w.store.put("calib", [torch.randn(3, 32, 64, generator=gen) for _ in range(3)])
+    ex.begin_block(0)
+    groups = {g.name: (g, q) for g, q in block_work(w.adapter, "model.layers.0", cfg.quant)}
+    means = ex.observe([(n, g.linears[0]) for n, (g, _) in groups.items()],
+                       hessian=True, channel=True, capture={n: g.consumer for n, (g, _) in groups.items()})
+    for name in ("mlp_out", "mlp_in"):
+        g, quantized = groups[name]
+        totals, count = w.awq_losses(name, g.linears, quantized, g.consumer, means[name])
+        lins = {n: w._lin(n) for n in g.linears}
+        originals = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+        cands = w.candidates[name]
+        module = w.block.get_submodule(g.consumer)
+        cap = w.captures[name]
+        if name == "mlp_out":  # exact, on all 9 windows
+            ref, ref_count = w._module_losses(module, lins, quantized, originals, cands, list(cap.calls))
+            assert count == ref_count == 9 * 32 * 64
+        else:  # windows 0, 4, 8 of 9
+            calls = sample_calls(cap, 3)
+            assert torch.equal(torch.cat([a[0] for a, _ in calls]), torch.cat(cap.inputs)[[0, 4, 8]])
+            ref, ref_count = w._module_losses(module, lins, quantized, originals, cands, calls)
+            assert count == ref_count == 3 * 32 * 64
+        assert len(totals) == len(cands) == 6
+        for a, b in zip(totals, ref, strict=True):
+            assert a == pytest.approx(b, rel=1e-3)
+        # the weights are restored after the search
+        assert all(torch.equal(lins[n].weight, originals[n]) for n in lins)
+    ex.close()

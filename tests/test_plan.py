@@ -107,6 +107,13 @@ def test_llama2_70b_by_hand(tmp_path):
     assert not plan.verdict(40 * 10**9)["fits"]
 
 
+def test_llama2_70b_awq_counts_its_gram_matrices(tmp_path):
+    """awq keeps each group's accumulator for exact output errors: the running sum (2 sets) plus
+    the 3 matrices that build the widest Gram matrix, no solver copies."""
+    plan = plan_from_config(build_config(config_70b(tmp_path, quant={"method": "awq"}, export={"format": "awq"})))
+    assert plan.hessian_group == "mlp_out" and plan.memory["hessians"] == (2 + 3) * 28672 * 28672 * 4
+
+
 def test_llama2_70b_fake_and_rtn(tmp_path):
     """quant.method rtn: no Hessians; fake export: every tensor in bf16 (the unquantized size)."""
     plan = plan_from_config(build_config(config_70b(tmp_path, quant={"method": "rtn"}, export={"format": "fake"})))

@@ -135,3 +135,38 @@ def test_resume_without_state_and_corrupt_state(deep_model, texts, tmp_path):
     r = _run(cfg)
     assert r.returncode == 2
     assert f"state file '{block0}' is corrupt" in r.stderr.strip().splitlines()[-1]
+
+
+def test_checkpoint_written_in_the_background_is_the_snapshot(tmp_path):
+    """The activation checkpoint is written while the next block runs: the file holds the
+    streams as they were when the write began (the store replaces batches, never edits them),
+    its sha256 is the file's, and a failed write is raised when waited for."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from shardquant.activations import ActivationStore
+    from shardquant.errors import UserError
+    from shardquant.worker import BlockWorker
+
+    w = BlockWorker.__new__(BlockWorker)  # only the store and the saver are needed here
+    w.store, w._saver, w._saving = ActivationStore(), None, None
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 64, 32, generator=gen) for _ in range(3)]
+    w.store.put("calib", batches)
+    before = [b.clone() for b in batches]
+    path = tmp_path / "acts" / "acts-00001-w0.safetensors"
+    w.begin_save_activations(str(path))
+    w.store.map("calib", lambda h: h * 2 + 1)  # the next block replaces the stream meanwhile
+    digest = w.end_save_activations()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    saved = load_file(str(path))
+    assert all(torch.equal(saved[f"calib.{i:06d}"], b) for i, b in enumerate(before))
+    assert w.end_save_activations() is None  # nothing pending any more
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "acts").write_text("a file where a folder should be")
+    w.begin_save_activations(str(tmp_path / "ro" / "acts" / "x.safetensors"))
+    with pytest.raises((OSError, UserError)):
+        w.end_save_activations()
+    w.close()
