@@ -82,7 +82,10 @@ def test_kill9_then_rerun_gives_identical_bytes(deep_model, texts, tmp_path, cle
     assert killed.returncode == -signal.SIGKILL
     assert not (out / "model").exists()
     saved = json.loads((out / "state" / "progress.json").read_text())["done"]
-    assert block <= saved < 6
+    # A block is committed once the checkpoint after it is on disk, written while the next
+    # block runs: the last two commits come close together, so after block 5 the kill may
+    # land with every block saved and only the export left (6).
+    assert block <= saved <= 6
     r = _run(cfg)
     assert r.returncode == 0, r.stderr
     assert f"resuming '{out}' at block {saved} of 6" in r.stderr
