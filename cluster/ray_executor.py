@@ -286,11 +286,14 @@ class RayExecutor:
                 acc[1] += count
         return {g: total / count for g, (total, count) in means.items()}
 
+    def _window_offsets(self) -> tuple[list[int], int]:
+        """Each worker's first calibration window in the global order, and the window count."""
+        return [sum(self._windows[:k]) for k in range(self.world)], sum(self._windows)
+
     def awq_losses(self, group, linears, quantized, consumer, x_mean):
         import ray
 
-        total = sum(self._windows)
-        offsets = [sum(self._windows[:k]) for k in range(self.world)]
+        offsets, total = self._window_offsets()
         parts = ray.get([
             a.awq_losses.remote(group, linears, quantized, consumer, x_mean, off, total)
             for a, off in zip(self.actors, offsets, strict=True)
@@ -307,9 +310,9 @@ class RayExecutor:
         import ray
 
         tokens = self.cfg.calib.seq_len
-        total = sum(self._windows) * tokens
-        offsets = [sum(self._windows[:k]) * tokens for k in range(self.world)]
-        parts = ray.get([a.sample_rows.remote(group, n, off, total) for a, off in zip(self.actors, offsets, strict=True)])
+        offsets, total = self._window_offsets()
+        parts = ray.get([a.sample_rows.remote(group, n, off * tokens, total * tokens)
+                         for a, off in zip(self.actors, offsets, strict=True)])
         return torch.cat([p.cpu() for p in parts])
 
     def solve(self, tasks: list[SolveTask]) -> dict[str, float]:

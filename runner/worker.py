@@ -437,6 +437,8 @@ class BlockWorker:
                 continue
             # awq: RTN on the scaled weights, with a clip search on the sampled rows.
             clip_x = task.clip_rows
+            acc = merged[task.group].hessian
+            gram = acc.gram()
             for name in task.linears:
                 w = self._weight(name, s)
                 target = w
@@ -447,11 +449,10 @@ class BlockWorker:
                     target = awq.apply_clip(w, self.spec, found.ratio)
                 qw = quantize_rtn(target, self.spec)
                 weights[name] = qw
-                acc = merged[task.group].hessian
                 delta = w - qw.dequantize().to(w.device)
                 if s is not None:
                     delta = delta / s.to(delta.device)  # the error seen by the unscaled inputs
-                losses[name] = awq.linear_output_error(delta, acc.gram()) / acc.count
+                losses[name] = awq.linear_output_error(delta, gram) / acc.count
         self.profile.solve_s += time.perf_counter() - t
         return weights, losses
 
@@ -562,7 +563,8 @@ class BlockWorker:
         """Start `save_activations` in a background thread, so the next block calibrates
         while the checkpoint is written; `end_save_activations` waits for it. The batches are
         never changed in place (a stream's batches are replaced), so the ones being written
-        stay valid; spilled batches, whose files a later block deletes, are written now."""
+        stay valid. A store that spills is written now: its batches, read back for the
+        write, would otherwise stay in memory, over its budget, while the next block runs."""
         self.end_save_activations()
         tensors = {}
         for stream in self.store.streams():
