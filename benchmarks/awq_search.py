@@ -45,10 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     settings = dict(parse_setting(s) for s in args.setting) or DEFAULT
 
-    from shardquant.calibrate import BlockProfile, calibrate_block
+    from shardquant.calib.steps import BlockProfile, calibrate_block
     from shardquant.config import RunConfig
     from shardquant.data import load_text, token_windows
-    from shardquant.executor import LocalExecutor
+    from shardquant.execution.local import LocalExecutor
 
     proto = smollm2_protocol(calib_n=args.calib, eval_n=1, seq_len=args.seq_len)
     out = tempfile.mkdtemp(prefix="sq-awq-search-")

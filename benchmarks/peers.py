@@ -366,7 +366,7 @@ def main() -> None:
 
     from _common import smollm2_protocol
 
-    from shardquant.assets import shakespeare_split, smollm2_dir
+    from shardquant.tools.assets import shakespeare_split, smollm2_dir
 
     work = Path(args.work or tempfile.mkdtemp(prefix="sq-peers-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,1 +1,27 @@
-"""The Ray executor and launch recipes (Slurm, ray job submit, W&B sweeps)."""
+"""Ray executors (data parallel actors, pipeline stages) and launch recipes (Slurm, ray job, W&B sweeps)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shardquant.config import RunConfig
+    from shardquant.execution.protocol import Executor
+    from shardquant.model.source import ModelSource
+
+
+def make_executor(cfg: RunConfig, source: ModelSource) -> Executor:
+    """The executor of `cluster.backend` (an `ExecutorFactory`): Ray actors, as pipeline
+    stages with `calib.propagate: fp`, or the in-process one for `local`. Ray is imported
+    only here, when asked for."""
+    if cfg.cluster.backend != "ray":
+        from shardquant.execution.local import LocalExecutor
+
+        return LocalExecutor(cfg)
+    if cfg.calib.propagate == "fp" and cfg.quant.method != "none":
+        from shardquant.cluster.stage_executor import StageExecutor
+
+        return StageExecutor(cfg, source.linear_shapes())
+    from shardquant.cluster.ray_executor import RayExecutor
+
+    return RayExecutor(cfg, source.linear_shapes())

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from shardquant.calibrate import SolveTask
+from shardquant.calib.steps import SolveTask
 from shardquant.config import RunConfig, config_dict
 from shardquant.errors import UserError
-from shardquant.worker import BlockWorker
+from shardquant.execution.worker import BlockWorker
 
 ZERO_COPY = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
@@ -80,10 +80,21 @@ def assign(costs: list[float], workers: int) -> list[int]:
     return owner
 
 
-class RayExecutor:
-    """The executor interface (see shardquant.executor) on Ray actors."""
+class RayBlockWorker(BlockWorker):
+    """A `BlockWorker` in a Ray actor: statistics handed in as object refs are fetched one at
+    a time, when the solve reaches them."""
 
-    worker_cls: type = BlockWorker
+    def resolve(self, part: Any) -> Any:
+        import ray
+
+        return ray.get(part) if isinstance(part, ray.ObjectRef) else part
+
+
+class RayExecutor:
+    """The executor protocol (`shardquant.execution.protocol.Executor`) on Ray actors, data parallel."""
+
+    worker_cls: type = RayBlockWorker
+    staged = False
 
     def __init__(self, cfg: RunConfig, linear_shapes: dict[str, tuple[int, int]]):
         """`linear_shapes`: (out, in) of each block linear (ModelSource.linear_shapes), to
@@ -145,7 +156,6 @@ class RayExecutor:
         self._index = -1
         self._setup_args: tuple | None = None
         self._shapes = dict(linear_shapes)
-        self.hosts = ray.get([a.info.remote() for a in self.actors])
 
     @property
     def world(self) -> int:
@@ -351,4 +361,4 @@ class RayExecutor:
         self._all("end_group", group)
 
 
-__all__ = ["RayExecutor", "assign"]
+__all__ = ["RayBlockWorker", "RayExecutor", "assign"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..errors import UserError
+from shardquant.errors import UserError
 
 SINFO_TIMEOUT_S = 20
 DEFAULT_PORT = 6379
@@ -248,7 +248,7 @@ def submit(script: str, wait: bool) -> int:
 
 def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
     """`shardquant slurm CONFIG ...`: render (print or --output), optionally check and --submit."""
-    from ..config import load_config
+    from shardquant.config import load_config
 
     overrides = extra[1:] if extra[:1] == ["--"] else list(extra)
     load_config(args.config, overrides)  # a bad config or override fails here, not in the queue

@@ -1,4 +1,4 @@
-"""Pipeline stages on Ray for `calib.propagate: fp` (see `shardquant.stage_worker`).
+"""Pipeline stages on Ray for `calib.propagate: fp` (see `shardquant.cluster.stage_worker`).
 
 Each actor owns a contiguous range of blocks and every calibration window. The driver chains
 the full-precision streams through the stages (object refs handed from stage to stage, never
@@ -15,16 +15,19 @@ from typing import Any
 
 import torch
 
-from shardquant.stage_worker import StageWorker
-
-from .ray_executor import RayExecutor
+from shardquant.cluster.ray_executor import RayExecutor
+from shardquant.cluster.stage_worker import StageWorker
 
 
 class StageExecutor(RayExecutor):
     """Stage k of N on actor k; `run` calibrates every block, `nll` evaluates through the stages."""
 
     worker_cls = StageWorker
-    _qblock_files: dict[int, str] = {}  # what `run` wrote (and skipped blocks hold), for `nll`
+    staged = True
+
+    def __init__(self, cfg, linear_shapes: dict[str, tuple[int, int]]):
+        super().__init__(cfg, linear_shapes)
+        self._qblock_files: dict[int, str] = {}  # what `run` wrote (and skipped blocks hold), for `nll`
 
     def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
         import ray

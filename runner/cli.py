@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from shardquant.errors import UserError
 
 EPILOG = """\
 overrides: any config key as --key.path=value or --key.path value, e.g.
@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         help="size a run from config.json alone: samples, activations, Hessians, peak memory per worker, checkpoint",
         description="Read model.path/config.json (no weights) and the run config and print the blocks, the "
         "samples and activation bytes per worker, one block's weights, the largest Hessian, the estimated "
-        "peak memory per worker (formula: the shardquant.plan docstring) and the exported checkpoint's "
+        "peak memory per worker (formula: the shardquant.tools.plan docstring) and the exported checkpoint's "
         "size. With --worker-memory it says FITS or DOES NOT FIT with the margin; the exit code is 0 "
         "either way (2 for a bad config or a missing/invalid config.json).",
         epilog=EPILOG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="YAML run config")
     pl.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     pl.add_argument("--worker-memory", metavar="SIZE", help="memory per worker (GPU or host), e.g. 80GB or 96GiB")
-    from .cluster.slurm import add_parser as add_slurm_parser
+    from shardquant.cluster.slurm import add_parser as add_slurm_parser
 
     add_slurm_parser(sub)
     return p
@@ -136,7 +136,7 @@ def _summary(report: dict) -> str:
 
 def _verify(target: Path) -> int:
     """`shardquant verify DIR`: OK line, or one line per problem on stdout and exit 2."""
-    from .manifest import MANIFEST, load_manifest, verify
+    from shardquant.export.manifest import MANIFEST, load_manifest, verify
 
     if not target.is_dir():
         raise UserError(f"verify: '{target}' is not a directory")
@@ -161,7 +161,7 @@ def _verify(target: Path) -> int:
 
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "slurm":
-        from .cluster.slurm import run_cli
+        from shardquant.cluster.slurm import run_cli
 
         return run_cli(args, extra)
     if args.command == "verify":
@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "inspect":
         if extra:
             raise UserError(f"inspect takes one directory (got '{extra[0]}')")
-        from .inspection import inspect_checkpoint, render
+        from shardquant.export.inspection import inspect_checkpoint, render
 
         summary = inspect_checkpoint(args.dir)
         if args.json:
@@ -181,10 +181,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         else:
             print(render(summary, all_layers=args.layers))
         return 0
-    from .config import load_config
+    from shardquant.config import load_config
 
     if args.command == "plan":
-        from .plan import parse_capacity, plan_from_config, render
+        from shardquant.tools.plan import parse_capacity, plan_from_config, render
 
         capacity = None if args.worker_memory is None else parse_capacity(args.worker_memory)
         plan = plan_from_config(load_config(args.config, extra))
@@ -198,17 +198,20 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "quickstart":
         if extra:
             raise UserError(f"quickstart takes no overrides (got '{extra[0]}')")
-        from .quickstart import run_quickstart
+        from shardquant.tools.quickstart import run_quickstart
 
         report = run_quickstart(Path(args.output), show_progress=not args.quiet)
         print(_summary(report))
         return 0
     cfg = load_config(args.config, extra)
     args.output = cfg.output  # named by the disk-full message when a library gives no path
-    from . import pipeline
+    from shardquant import pipeline
 
     if args.command == "quantize":
-        report = pipeline.quantize(cfg, show_progress=not args.quiet)
+        executors = pipeline.local_executor
+        if cfg.cluster.backend == "ray":  # the one place that wires the cluster in
+            from shardquant.cluster import make_executor as executors
+        report = pipeline.quantize(cfg, show_progress=not args.quiet, executors=executors)
         print(_summary(report))
     else:
         result = pipeline.evaluate(cfg, show_progress=not args.quiet)
@@ -224,7 +227,7 @@ def _stop_on_signals() -> None:
     import signal
     import threading
 
-    from .errors import request_stop
+    from shardquant.errors import request_stop
 
     if threading.current_thread() is not threading.main_thread():
         return
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.version:
-        from . import __version__
+        from shardquant import __version__
 
         print(f"shardquant {__version__}")
         return 0
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, extra)
     except UserError as e:
-        from .errors import stop_requested
+        from shardquant.errors import stop_requested
 
         if stop_requested():
             print("shardquant: interrupted", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from shardquant.errors import UserError
 
 Method = Literal["none", "rtn", "gptq", "awq", "awq+gptq"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from shardquant.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSON_SUFFIXES = (".jsonl", ".json")

@@ -11,99 +11,24 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .block_loop import PHASES, run_blocks, stage_overlap
-from .config import RunConfig, config_dict, parse_size
-from .data import load_text, token_windows
-from .errors import UserError
-from .export import Exporter, get_exporter
-from .forward import BlockRunner, embed_batches, window_nll
-from .manifest import write_manifest
-from .model import ModelSource
-from .report import own_peak_rss_bytes, peak_rss_bytes, write_report
-from .shards import plan_shards, shard_names, write_index, write_json_atomic
-from .state import RunState
-from .tracking import make_tracker
-
-
-@dataclass
-class Prepared:
-    """A validated run: opened model, token windows, output directory; no weights read."""
-
-    cfg: RunConfig
-    source: ModelSource
-    exporter: Exporter | None  # None for `eval`, which exports nothing
-    calib: torch.Tensor | None
-    evals: torch.Tensor | None
-    output: Path
-
-
-def check_scheme(cfg: RunConfig, source: ModelSource) -> None:
-    """Refuse a scheme that cannot apply to this model's layer shapes."""
-    g = cfg.quant.group_size
-    if g == -1 or cfg.quant.method == "none":
-        return
-    for name, (_, in_features) in source.linear_shapes().items():
-        if in_features % g:
-            raise UserError(
-                f"quant.group_size={g} does not divide the input size {in_features} of {name}; "
-                f"pick a divisor of {in_features} or -1 (per channel)"
-            )
-
-
-def prepare_output(path: str) -> Path:
-    """Create the run directory and prove it is writable, before any work."""
-    out = Path(path).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output: cannot write to '{out}': {e.strerror or e}") from None
-    return out
-
-
-def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
-    """Validate model, scheme and data and read the token windows; no weights are loaded."""
-    source = ModelSource(
-        cfg.model.path,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    check_scheme(cfg, source)
-    exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
-    tokenizer = source.tokenizer()
-    calib = None
-    if need_calib and cfg.quant.method != "none":
-        if not cfg.calib.path:
-            raise UserError("missing required config key 'calib.path'")
-        text = load_text(
-            cfg.calib.path, key="calib.path", text_field=cfg.calib.text_field,
-            split=cfg.calib.split, dataset_config=cfg.calib.dataset_config,
-        )
-        calib = token_windows(
-            tokenizer, text, n_samples=cfg.calib.n_samples, seq_len=cfg.calib.seq_len,
-            seed=cfg.calib.seed, mode="random", key="calib", source=cfg.calib.path,
-        )
-    evals = None
-    if cfg.eval.enabled and cfg.eval.path:
-        text = load_text(
-            cfg.eval.path, key="eval.path", text_field=cfg.eval.text_field,
-            split=cfg.eval.split, dataset_config=cfg.eval.dataset_config,
-        )
-        evals = token_windows(
-            tokenizer, text, n_samples=cfg.eval.n_samples, seq_len=cfg.eval.seq_len,
-            seed=0, mode="sequential", key="eval", source=cfg.eval.path,
-        )
-    output = prepare_output(cfg.output)
-    return Prepared(cfg, source, exporter, calib, evals, output)
+from shardquant.config import RunConfig, config_dict, parse_size
+from shardquant.errors import UserError
+from shardquant.execution.block_loop import PHASES, run_blocks, stage_overlap
+from shardquant.execution.local import local_executor
+from shardquant.execution.protocol import ExecutorFactory
+from shardquant.export.manifest import write_manifest
+from shardquant.export.shards import plan_shards, shard_names, write_index, write_json_atomic
+from shardquant.model.forward import BlockRunner, embed_batches, window_nll
+from shardquant.model.source import ModelSource
+from shardquant.prepare import Prepared, prepare
+from shardquant.record.report import own_peak_rss_bytes, peak_rss_bytes, write_report
+from shardquant.record.state import RunState
+from shardquant.record.tracking import make_tracker
 
 
 def _progress(total: int, desc: str):
@@ -131,28 +56,12 @@ def _perplexity(source: ModelSource, streams: dict[str, list[torch.Tensor]], tok
     return out
 
 
-def stage_mode(cfg: RunConfig) -> bool:
-    """Ray with `calib.propagate: fp` runs pipeline stages (block ranges), not data parallel."""
-    return cfg.cluster.backend == "ray" and cfg.calib.propagate == "fp" and cfg.quant.method != "none"
-
-
-def make_executor(cfg: RunConfig, source: ModelSource):
-    """The executor of `cluster.backend` (Ray is imported only when asked for)."""
-    if stage_mode(cfg):
-        from shardquant.cluster.stage_executor import StageExecutor
-
-        return StageExecutor(cfg, source.linear_shapes())
-    if cfg.cluster.backend == "ray":
-        from shardquant.cluster.ray_executor import RayExecutor
-
-        return RayExecutor(cfg, source.linear_shapes())
-    from .executor import LocalExecutor
-
-    return LocalExecutor(cfg)
-
-
-def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress: bool = True) -> dict[str, Any]:
+def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress: bool = True,
+             executors: ExecutorFactory = local_executor) -> dict[str, Any]:
     """Run calibration, evaluation and export; write report.json; return the report.
+
+    `executors` builds the executor (the CLI passes `shardquant.cluster.make_executor` for
+    `cluster.backend: ray`; the default runs in this process).
 
     Progress is saved after every block in output/state/, so a run that dies (or is
     interrupted) continues at the first unfinished block when the same command is rerun.
@@ -170,12 +79,12 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     tracker.start(config_dict(cfg))
     do_fp = p.evals is not None and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
-    ex = make_executor(cfg, src)
+    ex = executors(cfg, src)
     bar = None
     try:
         t = time.perf_counter()
         ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
-        staged = stage_mode(cfg)
+        staged = ex.staged
         if staged:  # finished blocks need not be a prefix: the stages run side by side
             start = len(progress.get("stage_done", []))
         if start and not staged:
@@ -345,6 +254,6 @@ def _replace_dir(new: Path, final: Path) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from shardquant import __version__
 
     return __version__

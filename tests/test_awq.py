@@ -13,10 +13,10 @@ from shardquant.algorithms import awq
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantSpec
 from shardquant.algorithms.rtn import quantize_rtn
-from shardquant.calibrate import LayerResult, fold_scales, scale_blocker
+from shardquant.calib.steps import LayerResult, fold_scales, scale_blocker
 from shardquant.config import build_config
-from shardquant.forward import BlockRunner
-from shardquant.model import ModelSource
+from shardquant.model.forward import BlockRunner
+from shardquant.model.source import ModelSource
 from shardquant.pipeline import quantize
 
 
@@ -81,7 +81,7 @@ def test_fold_into_an_already_quantized_previous_linear():
     before = nxt(prev(x))
     s = torch.exp(torch.randn(48))
     results = {"prev": LayerResult(qw, 1.0)}
-    from shardquant.adapters import InputGroup
+    from shardquant.model.adapters import InputGroup
 
     g = InputGroup("g", "prev", ("nxt",), consumer="nxt")
     assert scale_blocker(block, g) is None
@@ -240,9 +240,9 @@ def test_config_accepts_awq_and_checks_its_options():
 
 def test_awq_block_options(tiny_models, tmp_path):
     """Asymmetric per-channel, one observation pass, ignored linears inside scaled groups."""
-    from shardquant.calibrate import BlockProfile, calibrate_block
+    from shardquant.calib.steps import BlockProfile, calibrate_block
     from shardquant.config import RunConfig
-    from shardquant.executor import LocalExecutor
+    from shardquant.execution.local import LocalExecutor
 
     cfg = RunConfig.model_validate({
         "model": {"path": str(tiny_models["qwen3"]), "device": "cpu"},
@@ -291,7 +291,7 @@ def test_linear_output_error_from_the_gram_matrix():
 def test_sampled_calls_are_the_same_windows_on_any_split():
     """The AWQ search sample: n windows evenly spaced over all windows, cut out of the batched
     calls (batch-sized tensors only), the same windows however the calls are split over workers."""
-    from shardquant.worker import _Capture, sample_calls
+    from shardquant.execution.worker import _Capture, sample_calls
 
     gen = torch.Generator().manual_seed(6)
     windows = torch.randn(11, 5, 3, generator=gen)
@@ -323,10 +323,10 @@ def test_sampled_calls_are_the_same_windows_on_any_split():
 def test_linear_consumer_search_is_exact_and_sampling_is_a_subset(tiny_models, tmp_path):
     """A linear consumer's candidate errors through the Gram matrix equal running the layer on
     every row; a module consumer's errors on the sample equal running it on those windows."""
-    from shardquant.calibrate import block_work
+    from shardquant.calib.steps import block_work
     from shardquant.config import RunConfig
-    from shardquant.executor import LocalExecutor
-    from shardquant.worker import sample_calls
+    from shardquant.execution.local import LocalExecutor
+    from shardquant.execution.worker import sample_calls
 
     cfg = RunConfig.model_validate({
         "model": {"path": str(tiny_models["llama"]), "device": "cpu"},

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from shardquant.forward import BlockRunner, embed_batches, head_logits
-from shardquant.model import ModelSource
+from shardquant.model.forward import BlockRunner, embed_batches, head_logits
+from shardquant.model.source import ModelSource
 
 
 def blockwise_logits(path, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_mask_builders_get_the_cache_argument_under_this_transformers_name():
 
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    from shardquant.forward import _cache_kwarg
+    from shardquant.model.forward import _cache_kwarg
 
     for make in (create_causal_mask, create_sliding_window_causal_mask):
         assert _cache_kwarg() in inspect.signature(make).parameters

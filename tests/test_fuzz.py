@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from shardquant.checkpoint import CheckpointIndex, read_header
 from shardquant.cli import main
 from shardquant.config import RunConfig, load_config, reference_rows
 from shardquant.errors import UserError
-from shardquant.model import ModelSource
+from shardquant.model.checkpoint import CheckpointIndex, read_header
+from shardquant.model.source import ModelSource
 
 FUZZ = settings(
     max_examples=250,
@@ -190,7 +190,7 @@ entry = st.fixed_dictionaries(
 
 def _consistent(tensors: list[tuple[str, str, list[int]]]) -> dict:
     """A header whose offsets follow the shapes, back to back (a well-formed start)."""
-    from shardquant.checkpoint import _DTYPE_BYTES
+    from shardquant.model.checkpoint import _DTYPE_BYTES
 
     header, off = {}, 0
     for name, dtype, shape in tensors:

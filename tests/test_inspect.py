@@ -151,8 +151,8 @@ def test_grid_estimate_needs_evidence():
     """Random floats are not mistaken for a grid; a 3-bit grid is found at its group size."""
     from safetensors.torch import save_file
 
-    from shardquant.checkpoint import CheckpointIndex
-    from shardquant.inspection import grid_scheme
+    from shardquant.export.inspection import grid_scheme
+    from shardquant.model.checkpoint import CheckpointIndex
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(16, 128, generator=gen)

@@ -15,7 +15,7 @@ from conftest import run_config
 
 from shardquant.cli import main
 from shardquant.config import build_config
-from shardquant.manifest import MANIFEST, verify, write_manifest
+from shardquant.export.manifest import MANIFEST, verify, write_manifest
 from shardquant.pipeline import quantize
 
 

@@ -8,7 +8,7 @@ import sys
 SCRIPT = r"""
 import os
 import torch
-from shardquant.memory import trim_heap
+from shardquant.execution.memory import trim_heap
 
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -43,7 +43,7 @@ def test_own_peak_is_not_the_parents():
 import resource, subprocess, sys
 big = bytearray(1500 * 2**20)
 big[:: 4096] = b"x" * len(big[:: 4096])  # touch every page: 1.5 GB resident in the parent
-child = "from shardquant.report import own_peak_rss_bytes; import resource; " \
+child = "from shardquant.record.report import own_peak_rss_bytes; import resource; " \
         "print(own_peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
 print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
 """

@@ -152,7 +152,7 @@ def exporter_for(fmt: str, spec: QuantSpec):
     from types import SimpleNamespace
 
     from shardquant.config import QuantConfig
-    from shardquant.export import EXPORTERS
+    from shardquant.export.registry import EXPORTERS
 
     quant = QuantConfig(method="rtn", bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
     return EXPORTERS[fmt](SimpleNamespace(dtype=torch.float32), quant)

@@ -13,7 +13,7 @@ from conftest import FAMILIES, run_config
 
 from shardquant.cli import main
 from shardquant.config import build_config
-from shardquant.plan import packed_linear_bytes, plan_from_config
+from shardquant.tools.plan import packed_linear_bytes, plan_from_config
 
 LLAMA2_70B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
@@ -319,8 +319,8 @@ def test_checkpoint_bytes_match_a_real_export(fmt, tiny_models, texts, tmp_path,
 def test_checkpoint_bytes_match_the_exporters_plan(family, fmt, quant, tiny_models, texts, tmp_path):
     """Every family (qwen2's q/k/v biases, qwen3's q/k norms) and scheme: the plan's size equals
     the sum of the exporter's planned tensors (what a real export writes)."""
-    from shardquant.export import get_exporter
-    from shardquant.model import ModelSource
+    from shardquant.export.registry import get_exporter
+    from shardquant.model.source import ModelSource
 
     cfg = build_config(run_config(tiny_models[family], texts, tmp_path / "out", quant=quant,
                                   export={"format": fmt}))
@@ -334,7 +334,7 @@ def test_readme_example_is_current(tmp_path):
     import re
     from pathlib import Path
 
-    from shardquant.plan import parse_capacity, render
+    from shardquant.tools.plan import parse_capacity, render
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("### Sizing a run: shardquant plan", 1)[1]

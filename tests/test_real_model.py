@@ -12,7 +12,7 @@ import torch
 
 from shardquant.config import build_config
 from shardquant.pipeline import evaluate, quantize
-from shardquant.quickstart import quickstart_config
+from shardquant.tools.quickstart import quickstart_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 

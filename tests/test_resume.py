@@ -149,9 +149,9 @@ def test_checkpoint_written_in_the_background_is_the_snapshot(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from shardquant.activations import ActivationStore
     from shardquant.errors import UserError
-    from shardquant.worker import BlockWorker
+    from shardquant.execution.activations import ActivationStore
+    from shardquant.execution.worker import BlockWorker
 
     w = BlockWorker.__new__(BlockWorker)  # only the store and the saver are needed here
     w.store, w._saver, w._saving = ActivationStore(), None, None

@@ -18,10 +18,10 @@ import yaml
 from conftest import run_config
 from safetensors.torch import load_file, save_file
 
-from shardquant.checkpoint import CheckpointIndex
 from shardquant.cli import main
 from shardquant.config import build_config
 from shardquant.errors import UserError
+from shardquant.model.checkpoint import CheckpointIndex
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = ("runner", "algorithms", "kernels", "cluster")
@@ -164,7 +164,7 @@ def test_remote_code_runs_only_when_trusted(tmp_path, tiny_models):
     marker = tmp_path / "ran.txt"
     model = model_with_remote_code(tiny_models["llama"], tmp_path / "m", marker)
     code = (
-        "import sys; from shardquant.model import ModelSource; "
+        "import sys; from shardquant.model.source import ModelSource; "
         "s = ModelSource(sys.argv[1], trust_remote_code=True); print(type(s.skeleton).__name__)"
     )
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from shardquant.checkpoint import read_header
-from shardquant.shards import TensorSpec, plan_shards, shard_names, write_index, write_shard
+from shardquant.export.shards import TensorSpec, plan_shards, shard_names, write_index, write_shard
+from shardquant.model.checkpoint import read_header
 
 
 def specs_of(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import FAMILIES, read_checkpoint, run_config
 
-from shardquant.calibrate import BlockProfile, calibrate_block
+from shardquant.calib.steps import BlockProfile, calibrate_block
 from shardquant.config import build_config
-from shardquant.executor import LocalExecutor
+from shardquant.execution.local import LocalExecutor
 from shardquant.pipeline import quantize
 
 

@@ -34,7 +34,7 @@ def test_sweep_files_are_valid(name):
     sweep = yaml.safe_load((SWEEPS / name).read_text())
     assert sweep["metric"] == {"name": "ppl/quantized", "goal": "minimize"}
     from shardquant.config import RunConfig
-    from shardquant.tracking import summary_metrics
+    from shardquant.record.tracking import summary_metrics
 
     assert "ppl/quantized" in summary_metrics({"ppl": {"fp": 1.0, "quantized": 2.0}, "timing": {"total_s": 0, "calibrate_s": 0},
                                                "memory": {"peak_rss_bytes": 0}, "export": {"bytes": 0}})

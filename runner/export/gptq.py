@@ -23,13 +23,11 @@ import torch
 
 from shardquant.algorithms.pack import PACK_BITS, pack
 from shardquant.algorithms.quantizer import QuantizedWeight
+from shardquant.errors import UserError
+from shardquant.export.base import PackedExporter
+from shardquant.export.shards import TensorSpec
 
-from .errors import UserError
-from .export import PackedExporter, register
-from .shards import TensorSpec
 
-
-@register
 class GPTQExporter(PackedExporter):
     """`gptq`: GPTQ v1 tensors (qweight, qzeros, scales, g_idx) and a `gptq` quantization_config."""
 

@@ -16,8 +16,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint import CheckpointIndex, TensorInfo
-from .errors import UserError
+from shardquant.errors import UserError
+from shardquant.model.checkpoint import CheckpointIndex, TensorInfo
 
 KEY = "inspect"
 # The tensor that marks a quantized linear in each packed format, and its siblings.

@@ -6,7 +6,7 @@ import resource
 from pathlib import Path
 from typing import Any
 
-from .shards import write_json_atomic
+from shardquant.export.shards import write_json_atomic
 
 
 def own_peak_rss_bytes() -> int:

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .errors import UserError
-from .manifest import sha256_file
-from .shards import write_json_atomic
+from shardquant.errors import UserError
+from shardquant.export.manifest import sha256_file
+from shardquant.export.shards import write_json_atomic
 
 STATE_VERSION = 1
 # Keys that do not change what a run computes: they may differ between a run and its resume.
@@ -34,7 +34,7 @@ VOLATILE = ("output", "resume", "tracking", "cluster.address", "cluster.activati
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write tensors as safetensors, streamed (temp name, fsync, rename; a failed write names
     the file and leaves nothing behind); return the sha256."""
-    from .shards import TensorSpec, write_shard
+    from shardquant.export.shards import TensorSpec, write_shard
 
     path.parent.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
@@ -174,7 +174,7 @@ def assemble_shard(path: str, specs: list, files: list[str]) -> None:
     Tensors are read one at a time; consecutive ones from the same file share one handle."""
     from safetensors import safe_open
 
-    from .shards import write_shard
+    from shardquant.export.shards import write_shard
 
     def tensors():
         current, handle = None, None

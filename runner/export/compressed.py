@@ -31,10 +31,9 @@ import torch
 
 from shardquant.algorithms.pack import packed_len
 from shardquant.algorithms.quantizer import QuantizedWeight
-
-from .errors import UserError
-from .export import PackedExporter, register, trivial_g_idx
-from .shards import TensorSpec
+from shardquant.errors import UserError
+from shardquant.export.base import PackedExporter, trivial_g_idx
+from shardquant.export.shards import TensorSpec
 
 BITS = (2, 4, 8)
 GPTQ_METHODS = ("gptq", "awq+gptq")
@@ -81,7 +80,6 @@ def _library() -> dict:
     }
 
 
-@register
 class CompressedTensorsExporter(PackedExporter):
     """`compressed-tensors`: int weights packed into int32 ("pack-quantized"), W{bits}A16."""
 

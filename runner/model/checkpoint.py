@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from shardquant.errors import UserError
 
 _MAX_HEADER = 100 * 2**20
 _DTYPE_BYTES = {

@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .calibrate import BlockProfile, calibrate_block
-from .state import RunState, sha256_file
+from shardquant.calib.steps import BlockProfile, calibrate_block
+from shardquant.record.state import RunState, sha256_file
 
 if TYPE_CHECKING:
-    from .pipeline import Prepared
+    from shardquant.pipeline import Prepared
 
 Record = Callable[[dict[str, Any]], None]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import parse_size
+from shardquant.config import parse_size
 
 
 class ActivationStore:

@@ -22,9 +22,8 @@ from torch import nn
 from shardquant.algorithms import awq
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec
-
-from .adapters import Adapter, InputGroup
-from .config import QuantConfig, is_ignored
+from shardquant.config import QuantConfig, is_ignored
+from shardquant.model.adapters import Adapter, InputGroup
 
 
 @dataclass

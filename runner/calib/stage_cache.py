@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .adapters import Stage
+from shardquant.model.adapters import Stage
 
 
 def _first(out: object) -> Tensor:

@@ -28,9 +28,8 @@ from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import MSEGrid, QuantizedWeight
 from shardquant.algorithms.rtn import quantize_rtn
-
-from .activations import ActivationStore
-from .calibrate import (
+from shardquant.calib.stage_cache import StageCache
+from shardquant.calib.steps import (
     BlockProfile,
     GroupStats,
     LayerResult,
@@ -41,15 +40,15 @@ from .calibrate import (
     merge_stats,
     quant_spec,
 )
-from .config import RunConfig
-from .export import get_exporter
-from .forward import BlockRunner, embed_batches, window_nll
-from .memory import trim_heap
-from .model import ModelSource
-from .plan import split_range
-from .report import peak_rss_bytes
-from .stage_cache import StageCache
-from .state import assemble_shard, load_tensors, save_tensors
+from shardquant.config import RunConfig
+from shardquant.execution.activations import ActivationStore
+from shardquant.execution.memory import trim_heap
+from shardquant.export.registry import get_exporter
+from shardquant.model.forward import BlockRunner, embed_batches, window_nll
+from shardquant.model.source import ModelSource
+from shardquant.record.report import peak_rss_bytes
+from shardquant.record.state import assemble_shard, load_tensors, save_tensors
+from shardquant.tools.plan import split_range
 
 
 @dataclass
@@ -92,20 +91,6 @@ def sample_calls(cap: _Capture, n: int | None, offset: int = 0, total: int | Non
         elif len(mine):
             out.append((_take_windows(args, mine, b), _take_windows(kwargs, mine, b)))
     return out
-
-
-def _fetch_each(parts) -> Iterator[dict[str, GroupStats]]:
-    """Per-worker statistics one at a time: a Ray object ref is fetched only when its turn
-    comes, so the solving worker holds the running sum and one part, never all of them."""
-    for part in parts:
-        if isinstance(part, list | tuple):
-            yield from _fetch_each(part)
-            continue
-        if type(part).__name__ == "ObjectRef":
-            import ray
-
-            part = ray.get(part)
-        yield part
 
 
 class BlockWorker:
@@ -377,7 +362,7 @@ class BlockWorker:
 
     def fold(self, group: str, choice: int | None, prev: str, linears: tuple[str, ...]) -> None:
         """Apply candidate `choice` of the last search (None: leave unscaled) to the group."""
-        from .adapters import InputGroup
+        from shardquant.model.adapters import InputGroup
 
         if choice is None:
             self.candidates.pop(group, None)
@@ -404,12 +389,25 @@ class BlockWorker:
 
     # --- solving -------------------------------------------------------------------------
 
+    def _each_part(self, parts) -> Iterator[dict[str, GroupStats]]:
+        """Per-worker statistics one at a time (nested lists flattened), each through
+        `resolve`, so the solving worker holds the running sum and one part, never all."""
+        for part in parts:
+            if isinstance(part, list | tuple):
+                yield from self._each_part(part)
+            else:
+                yield self.resolve(part)
+
+    def resolve(self, part: Any) -> dict[str, GroupStats]:
+        """A part as handed in; a remote worker fetches a reference here (see cluster/)."""
+        return part
+
     def solve(self, tasks: list[SolveTask], *stats: dict[str, GroupStats]) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
         """Quantize the tasks' linears from the (per-worker) statistics; weights are not
         changed here (see `apply`). Returns the quantized weights and losses by linear."""
         t = time.perf_counter()
         q = self.cfg.quant
-        merged = merge_stats(_fetch_each(stats)) if stats else {}
+        merged = merge_stats(self._each_part(stats)) if stats else {}
         mse = MSEGrid(grid=q.mse_grid, max_shrink=q.mse_max_shrink, norm=q.mse_norm) if q.mse else None
         weights: dict[str, QuantizedWeight] = {}
         losses: dict[str, float] = {}

@@ -28,15 +28,13 @@ import torch
 
 from shardquant.algorithms.pack import AWQ_BITS, pack_awq
 from shardquant.algorithms.quantizer import QuantizedWeight
-
-from .errors import UserError
-from .export import PackedExporter, register, trivial_g_idx
-from .shards import TensorSpec
+from shardquant.errors import UserError
+from shardquant.export.base import PackedExporter, trivial_g_idx
+from shardquant.export.shards import TensorSpec
 
 GPTQ_METHODS = ("gptq", "awq+gptq")
 
 
-@register
 class AWQExporter(PackedExporter):
     """`awq`: AWQ GEMM tensors (qweight, qzeros, scales) and an `awq` quantization_config."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, build_config
+from shardquant.config import RunConfig, build_config
 
 QUICKSTART = {
     "quant": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True},
@@ -22,7 +22,7 @@ QUICKSTART = {
 
 def quickstart_config(output: Path, cache: Path | None = None) -> RunConfig:
     """The quickstart's run config, fetching the model and text into the cache if needed."""
-    from .assets import shakespeare_split, smollm2_dir
+    from shardquant.tools.assets import shakespeare_split, smollm2_dir
 
     model = smollm2_dir(cache)
     calib, evaluation = shakespeare_split(cache)
@@ -36,7 +36,7 @@ def quickstart_config(output: Path, cache: Path | None = None) -> RunConfig:
 
 def run_quickstart(output: Path, *, cache: Path | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Fetch (first time), quantize, evaluate, export; return the report."""
-    from .pipeline import quantize
+    from shardquant.pipeline import quantize
 
     cfg = quickstart_config(output, cache)
     print(

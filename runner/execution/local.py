@@ -1,7 +1,6 @@
-"""The executor interface and its in-process implementation.
+"""The in-process executor (see `execution.protocol.Executor`).
 
-The pipeline is the only loop over blocks; it drives an executor, which runs each step on
-its workers and returns reduced results. `LocalExecutor` has one in-process `BlockWorker`;
+`LocalExecutor` has one in-process `BlockWorker` that holds every sample;
 `shardquant.cluster.ray_executor.RayExecutor` has N Ray actors of the same class, with the
 calibration samples split between them (data parallel), statistics reduced as exact
 (sum, count) pairs, and each linear solved on one of them.
@@ -13,18 +12,21 @@ from typing import Any
 
 import torch
 
-from .calibrate import GroupStats, SolveTask
-from .config import RunConfig
-from .worker import BlockWorker
+from shardquant.calib.steps import GroupStats, SolveTask
+from shardquant.config import RunConfig
+from shardquant.errors import UserError
+from shardquant.execution.worker import BlockWorker
+from shardquant.model.source import ModelSource
 
 
 class LocalExecutor:
     """Every step on one in-process worker that holds all the samples."""
 
+    staged = False
+
     def __init__(self, cfg: RunConfig, worker: BlockWorker | None = None):
         self.worker = worker or BlockWorker(cfg, 0, 1, name="local")
         self.names = ["local"]
-        self.faults: list[dict[str, Any]] = []
         self._stats: dict[str, GroupStats] = {}
         self._pending: dict = {}
 
@@ -100,3 +102,13 @@ class LocalExecutor:
     def end_group(self, group: str) -> None:
         self.worker.end_group(group)
         self._stats.pop(group, None)
+
+
+def local_executor(cfg: RunConfig, source: ModelSource) -> LocalExecutor:
+    """The executor of `cluster.backend: local`; Ray runs need `shardquant.cluster.make_executor`."""
+    if cfg.cluster.backend != "local":
+        raise UserError(
+            f"cluster.backend: '{cfg.cluster.backend}' needs the cluster executors: run it through the "
+            "shardquant CLI, or pass executors=shardquant.cluster.make_executor to pipeline.quantize"
+        )
+    return LocalExecutor(cfg)

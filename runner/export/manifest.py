@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from .errors import UserError
+from shardquant.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "shardquant-manifest"
@@ -62,7 +62,7 @@ def _files(root: Path) -> list[str]:
 
 def write_manifest(model_dir: str | Path) -> Path:
     """Write `model_dir/manifest.json` (relative path, size, sha256 of every file), atomically."""
-    from .shards import write_json_atomic
+    from shardquant.export.shards import write_json_atomic
 
     root = Path(model_dir)
     entries = []

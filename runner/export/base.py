@@ -18,11 +18,10 @@ import torch
 from torch import nn
 
 from shardquant.algorithms.quantizer import QuantizedWeight
-
-from .config import QuantConfig, is_ignored
-from .errors import UserError
-from .model import SIDE_FILES, ModelSource
-from .shards import ST_DTYPES, TensorSpec, write_json_atomic
+from shardquant.config import QuantConfig, is_ignored
+from shardquant.errors import UserError
+from shardquant.export.shards import ST_DTYPES, TensorSpec, write_json_atomic
+from shardquant.model.source import SIDE_FILES, ModelSource
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 ST_TO_TORCH = {name: dtype for dtype, name in ST_DTYPES.items()}
@@ -186,28 +185,3 @@ def trivial_g_idx(weight: QuantizedWeight) -> bool:
     n = weight.codes.shape[1]
     expected = torch.arange(n, device=weight.g_idx.device) // weight.spec.group_len(n)
     return bool(torch.equal(weight.g_idx.to(torch.int64), expected))
-
-
-EXPORTERS: dict[str, type[Exporter]] = {cls.format: cls for cls in (FakeExporter,)}
-
-
-def register(cls: type[Exporter]) -> type[Exporter]:
-    """Class decorator: make `cls` the exporter of `export.format: cls.format`."""
-    EXPORTERS[cls.format] = cls
-    return cls
-
-
-# The packed formats live in their own modules and register themselves; importing them here
-# (after everything they need is defined) makes the registry complete whichever module is
-# imported first.
-from . import export_awq, export_compressed, export_gptq  # noqa: E402, F401
-
-
-def get_exporter(fmt: str, source: ModelSource, quant: QuantConfig) -> Exporter:
-    """The exporter of `export.format`, checked against the scheme."""
-    cls = EXPORTERS.get(fmt)
-    if cls is None:
-        raise UserError(f"export.format: '{fmt}' is not available (available: {', '.join(sorted(EXPORTERS))})")
-    exporter = cls(source, quant)
-    exporter.check()
-    return exporter

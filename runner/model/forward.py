@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from shardquant.model.adapters import Adapter
 
 
 class StopForward(Exception):

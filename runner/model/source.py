@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .adapters import Adapter, get_adapter
-from .checkpoint import CheckpointIndex
-from .errors import UserError, stop_requested
+from shardquant.errors import UserError, stop_requested
+from shardquant.model.adapters import Adapter, get_adapter
+from shardquant.model.checkpoint import CheckpointIndex
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 SIDE_FILES = (

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import WandbConfig
-from .errors import UserError
+from shardquant.config import WandbConfig
+from shardquant.errors import UserError
 
 
 class NullTracker:

@@ -86,9 +86,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapters import Adapter, get_adapter
-from .config import RunConfig, is_ignored, parse_size
-from .errors import UserError
+from shardquant.config import RunConfig, is_ignored, parse_size
+from shardquant.errors import UserError
+from shardquant.model.adapters import Adapter, get_adapter
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SOLVE_COPIES = 7  # in×in float32 matrices beyond the accumulators while a Hessian is solved

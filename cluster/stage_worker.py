@@ -20,12 +20,12 @@ from typing import Any
 
 from torch import Tensor
 
-from .calibrate import BlockProfile, calibrate_block
-from .config import RunConfig
-from .executor import LocalExecutor
-from .plan import split_range
-from .state import load_tensors, save_tensors
-from .worker import BlockWorker
+from shardquant.calib.steps import BlockProfile, calibrate_block
+from shardquant.config import RunConfig
+from shardquant.execution.local import LocalExecutor
+from shardquant.execution.worker import BlockWorker
+from shardquant.record.state import load_tensors, save_tensors
+from shardquant.tools.plan import split_range
 
 
 class StageWorker(BlockWorker):

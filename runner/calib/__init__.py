@@ -1,0 +1,1 @@
+"""Calibrating one block: the steps, statistics, scale search, solvers, stage cache."""

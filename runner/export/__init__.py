@@ -1,0 +1,1 @@
+"""Writing checkpoints: the exporter base, the format registry, one module per format, shards, manifest, inspect."""

@@ -1,0 +1,95 @@
+"""Checking a run before any weight is read: model directory, scheme, data, output directory.
+
+`prepare` opens the model lazily (config, index, skeleton on the meta device), checks the
+scheme against the layer shapes and the export format, reads and tokenizes the calibration
+and evaluation text, and proves the output directory is writable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shardquant.config import RunConfig
+from shardquant.data import load_text, token_windows
+from shardquant.errors import UserError
+from shardquant.export.base import Exporter
+from shardquant.export.registry import get_exporter
+from shardquant.model.source import ModelSource
+
+
+@dataclass
+class Prepared:
+    """A validated run: opened model, token windows, output directory; no weights read."""
+
+    cfg: RunConfig
+    source: ModelSource
+    exporter: Exporter | None  # None for `eval`, which exports nothing
+    calib: torch.Tensor | None
+    evals: torch.Tensor | None
+    output: Path
+
+
+def check_scheme(cfg: RunConfig, source: ModelSource) -> None:
+    """Refuse a scheme that cannot apply to this model's layer shapes."""
+    g = cfg.quant.group_size
+    if g == -1 or cfg.quant.method == "none":
+        return
+    for name, (_, in_features) in source.linear_shapes().items():
+        if in_features % g:
+            raise UserError(
+                f"quant.group_size={g} does not divide the input size {in_features} of {name}; "
+                f"pick a divisor of {in_features} or -1 (per channel)"
+            )
+
+
+def prepare_output(path: str) -> Path:
+    """Create the run directory and prove it is writable, before any work."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output: cannot write to '{out}': {e.strerror or e}") from None
+    return out
+
+
+def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
+    """Validate model, scheme and data and read the token windows; no weights are loaded."""
+    source = ModelSource(
+        cfg.model.path,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    check_scheme(cfg, source)
+    exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
+    tokenizer = source.tokenizer()
+    calib = None
+    if need_calib and cfg.quant.method != "none":
+        if not cfg.calib.path:
+            raise UserError("missing required config key 'calib.path'")
+        text = load_text(
+            cfg.calib.path, key="calib.path", text_field=cfg.calib.text_field,
+            split=cfg.calib.split, dataset_config=cfg.calib.dataset_config,
+        )
+        calib = token_windows(
+            tokenizer, text, n_samples=cfg.calib.n_samples, seq_len=cfg.calib.seq_len,
+            seed=cfg.calib.seed, mode="random", key="calib", source=cfg.calib.path,
+        )
+    evals = None
+    if cfg.eval.enabled and cfg.eval.path:
+        text = load_text(
+            cfg.eval.path, key="eval.path", text_field=cfg.eval.text_field,
+            split=cfg.eval.split, dataset_config=cfg.eval.dataset_config,
+        )
+        evals = token_windows(
+            tokenizer, text, n_samples=cfg.eval.n_samples, seq_len=cfg.eval.seq_len,
+            seed=0, mode="sequential", key="eval", source=cfg.eval.path,
+        )
+    output = prepare_output(cfg.output)
+    return Prepared(cfg, source, exporter, calib, evals, output)

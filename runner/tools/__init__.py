@@ -1,0 +1,1 @@
+"""Commands beside the main job: plan (sizing), quickstart and its assets."""
