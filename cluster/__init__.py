@@ -11,13 +11,9 @@ if TYPE_CHECKING:
 
 
 def make_executor(cfg: RunConfig, source: ModelSource) -> Executor:
-    """The executor of `cluster.backend` (an `ExecutorFactory`): Ray actors, as pipeline
-    stages with `calib.propagate: fp`, or the in-process one for `local`. Ray is imported
-    only here, when asked for."""
-    if cfg.cluster.backend != "ray":
-        from shardquant.execution.local import LocalExecutor
-
-        return LocalExecutor(cfg)
+    """The executor of `cluster.backend: ray` (an `ExecutorFactory`, registered as the `ray`
+    entry point of `shardquant.executors`): Ray actors, data parallel, or pipeline stages with
+    `calib.propagate: fp`. Ray is imported only when one is built."""
     if cfg.calib.propagate == "fp" and cfg.quant.method != "none":
         from shardquant.cluster.stage_executor import StageExecutor
 

@@ -275,7 +275,7 @@ def run_cli(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """The `slurm` subcommand's arguments (wired in shardquant.cli)."""
+    """The `slurm` subcommand's arguments (an entry point of `shardquant.commands`, see shardquant.cli)."""
     text = "render (and optionally submit) an sbatch script that runs a quantize job on Ray across Slurm nodes"
     s = sub.add_parser(
         "slurm", help=text, allow_abbrev=False,

@@ -111,10 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="YAML run config")
     pl.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     pl.add_argument("--worker-memory", metavar="SIZE", help="memory per worker (GPU or host), e.g. 80GB or 96GiB")
-    from shardquant.cluster.slurm import add_parser as add_slurm_parser
-
-    add_slurm_parser(sub)
+    for command in _command_plugins().values():
+        command.load().add_parser(sub)
     return p
+
+
+def _command_plugins() -> dict:
+    """Subcommands other packages add (entry points `shardquant.commands`: a module with
+    `add_parser(subparsers)` and `run_cli(args, extra)`); `slurm` comes from shardquant.cluster."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="shardquant.commands")}
 
 
 def _summary(report: dict) -> str:
@@ -160,10 +167,9 @@ def _verify(target: Path) -> int:
 
 
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
-    if args.command == "slurm":
-        from shardquant.cluster.slurm import run_cli
-
-        return run_cli(args, extra)
+    plugins = _command_plugins()
+    if args.command in plugins:
+        return plugins[args.command].load().run_cli(args, extra)
     if args.command == "verify":
         if extra:
             raise UserError(f"verify takes one directory (got '{extra[0]}')")
@@ -208,10 +214,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     from shardquant import pipeline
 
     if args.command == "quantize":
-        executors = pipeline.local_executor
-        if cfg.cluster.backend == "ray":  # the one place that wires the cluster in
-            from shardquant.cluster import make_executor as executors
-        report = pipeline.quantize(cfg, show_progress=not args.quiet, executors=executors)
+        report = pipeline.quantize(cfg, show_progress=not args.quiet)
         print(_summary(report))
     else:
         result = pipeline.evaluate(cfg, show_progress=not args.quiet)

@@ -18,8 +18,8 @@ import torch
 
 from shardquant.config import RunConfig, config_dict, parse_size
 from shardquant.errors import UserError
+from shardquant.execution.backends import executor_factory
 from shardquant.execution.block_loop import PHASES, run_blocks, stage_overlap
-from shardquant.execution.local import local_executor
 from shardquant.execution.protocol import ExecutorFactory
 from shardquant.export.manifest import write_manifest
 from shardquant.export.shards import plan_shards, shard_names, write_index, write_json_atomic
@@ -57,11 +57,11 @@ def _perplexity(source: ModelSource, streams: dict[str, list[torch.Tensor]], tok
 
 
 def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress: bool = True,
-             executors: ExecutorFactory = local_executor) -> dict[str, Any]:
+             executors: ExecutorFactory | None = None) -> dict[str, Any]:
     """Run calibration, evaluation and export; write report.json; return the report.
 
-    `executors` builds the executor (the CLI passes `shardquant.cluster.make_executor` for
-    `cluster.backend: ray`; the default runs in this process).
+    `executors` builds the executor; by default the one registered for `cluster.backend`
+    (`execution.backends`: local in this process, ray from `shardquant.cluster`).
 
     Progress is saved after every block in output/state/, so a run that dies (or is
     interrupted) continues at the first unfinished block when the same command is rerun.
@@ -79,7 +79,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     tracker.start(config_dict(cfg))
     do_fp = p.evals is not None and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
-    ex = executors(cfg, src)
+    ex = (executors or executor_factory(cfg.cluster.backend))(cfg, src)
     bar = None
     try:
         t = time.perf_counter()

@@ -11,15 +11,9 @@ import torch
 from conftest import read_checkpoint, run_config, save_tiny_model
 
 from shardquant import pipeline
-from shardquant.cluster import make_executor
 from shardquant.cluster.ray_executor import ZERO_COPY, assign
 from shardquant.config import RunConfig
 from shardquant.errors import UserError
-
-
-def quantize(cfg, **kw):
-    """The pipeline with the cluster's executors, as the CLI runs a `cluster.backend: ray` config."""
-    return pipeline.quantize(cfg, executors=make_executor, **kw)
 
 ray = pytest.importorskip("ray")  # in the test extras; a missing Ray fails the import in CI's install
 
@@ -61,7 +55,7 @@ def local_runs(tiny_models, texts, tmp_path_factory):
     def get(method: str, propagate: str):
         if (method, propagate) not in cache:
             out = tmp_path_factory.mktemp(f"local-{method}-{propagate}")
-            rep = quantize(_cfg(tiny_models["llama"], texts, out, quant={"method": method, "bits": 4,
+            rep = pipeline.quantize(_cfg(tiny_models["llama"], texts, out, quant={"method": method, "bits": 4,
                                          "group_size": 32}, calib={"propagate": propagate}), show_progress=False)
             cache[method, propagate] = rep, read_checkpoint(out / "model")
         return cache[method, propagate]
@@ -78,7 +72,7 @@ def test_workers_match_local(ray_local, local_runs, tiny_models, texts, tmp_path
     process (RTN bit for bit; GPTQ/AWQ up to float summation order)."""
     local, a = local_runs(method, propagate)
     cluster = {"backend": "ray", "workers": workers, "cpus_per_worker": 0.5}
-    dist = quantize(_cfg(tiny_models["llama"], texts, tmp_path / "ray", cluster=cluster,
+    dist = pipeline.quantize(_cfg(tiny_models["llama"], texts, tmp_path / "ray", cluster=cluster,
                                   quant={"method": method, "bits": 4, "group_size": 32},
                                   calib={"propagate": propagate}), show_progress=False)
     assert dist["cluster"]["workers"] == [f"w{k}" for k in range(workers)]
@@ -112,8 +106,8 @@ def test_workers_match_local(ray_local, local_runs, tiny_models, texts, tmp_path
 
 def test_one_worker_is_bytewise_local(ray_local, tiny_models, texts, tmp_path, one_thread):
     cfg = {"quant": {"method": "gptq", "bits": 4, "group_size": 16, "act_order": True, "static_groups": False}, "export": {"format": "gptq"}}
-    quantize(_cfg(tiny_models["qwen3"], texts, tmp_path / "local", **cfg), show_progress=False)
-    quantize(_cfg(tiny_models["qwen3"], texts, tmp_path / "ray", cluster={"backend": "ray"}, **cfg),
+    pipeline.quantize(_cfg(tiny_models["qwen3"], texts, tmp_path / "local", **cfg), show_progress=False)
+    pipeline.quantize(_cfg(tiny_models["qwen3"], texts, tmp_path / "ray", cluster={"backend": "ray"}, **cfg),
                       show_progress=False)
     files = sorted(p.name for p in (tmp_path / "local" / "model").glob("*.safetensors"))
     assert files
@@ -126,8 +120,8 @@ def test_fp_stages_calibrate_at_once(ray_local, deep_llama, texts, tmp_path, one
     calibrate at the same time (their block intervals overlap) and the result is the local
     run's, bit for bit."""
     calib = {"propagate": "fp", "n_samples": 32}
-    local = quantize(_cfg(deep_llama, texts, tmp_path / "l", calib=calib), show_progress=False)
-    dist = quantize(_cfg(deep_llama, texts, tmp_path / "r", calib=calib,
+    local = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "l", calib=calib), show_progress=False)
+    dist = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "r", calib=calib,
                                   cluster={"backend": "ray", "workers": 2, "cpus_per_worker": 1}),
                              show_progress=False)
     st = dist["cluster"]["stages"]
@@ -156,7 +150,7 @@ def test_killed_worker_is_replaced_and_output_identical(ray_local, deep_llama, t
     stages): replaced, unfinished blocks redone, same bytes."""
     calib = {"propagate": propagate}
     base = _cfg(deep_llama, texts, tmp_path / "clean", cluster=TWO, calib=calib)
-    quantize(base, show_progress=False)
+    pipeline.quantize(base, show_progress=False)
     progress = tmp_path / "faulty" / "state" / "progress.json"
     killed: list[int] = []
 
@@ -180,7 +174,7 @@ def test_killed_worker_is_replaced_and_output_identical(ray_local, deep_llama, t
 
     th = threading.Thread(target=killer)
     th.start()
-    report = quantize(_cfg(deep_llama, texts, tmp_path / "faulty", cluster=TWO, calib=calib),
+    report = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "faulty", cluster=TWO, calib=calib),
                                show_progress=False)
     th.join()
     assert killed, "no worker process was found to kill"
@@ -193,17 +187,17 @@ def test_killed_worker_is_replaced_and_output_identical(ray_local, deep_llama, t
 def test_impossible_placement_is_a_clear_error(ray_local, tiny_models, texts, tmp_path):
     t = time.time()
     with pytest.raises(UserError, match=r"cluster\.workers: cannot place 4 workers"):
-        quantize(_cfg(tiny_models["llama"], texts, tmp_path / "x",
+        pipeline.quantize(_cfg(tiny_models["llama"], texts, tmp_path / "x",
                                cluster={"backend": "ray", "workers": 4, "cpus_per_worker": 1}), show_progress=False)
     assert time.time() - t < 30
 
 
 def test_activations_spill_to_disk_under_a_budget(tiny_models, texts, tmp_path, one_thread):
     """A tiny activation budget: batches go to disk and come back exact (same checkpoint)."""
-    free = quantize(_cfg(tiny_models["llama"], texts, tmp_path / "a"), show_progress=False)
+    free = pipeline.quantize(_cfg(tiny_models["llama"], texts, tmp_path / "a"), show_progress=False)
     spill = tmp_path / "spill"
     spill.mkdir()
-    capped = quantize(
+    capped = pipeline.quantize(
         _cfg(tiny_models["llama"], texts, tmp_path / "b", cluster={"activation_memory": "20KB", "spill_dir": str(spill)}),
         show_progress=False,
     )
@@ -249,7 +243,7 @@ def test_driver_killed_then_rerun_finishes_with_same_bytes(ray_local, deep_llama
 
     address = ray_local.get_runtime_context().gcs_address
     calib = {"propagate": propagate}
-    clean = quantize(_cfg(deep_llama, texts, tmp_path / "clean", cluster=TWO, calib=calib),
+    clean = pipeline.quantize(_cfg(deep_llama, texts, tmp_path / "clean", cluster=TWO, calib=calib),
                               show_progress=False)
     assert clean["cluster"]["workers"] == ["w0", "w1"]
     out = tmp_path / "out"

@@ -14,7 +14,6 @@ import torch
 
 from shardquant.calib.steps import GroupStats, SolveTask
 from shardquant.config import RunConfig
-from shardquant.errors import UserError
 from shardquant.execution.worker import BlockWorker
 from shardquant.model.source import ModelSource
 
@@ -105,10 +104,5 @@ class LocalExecutor:
 
 
 def local_executor(cfg: RunConfig, source: ModelSource) -> LocalExecutor:
-    """The executor of `cluster.backend: local`; Ray runs need `shardquant.cluster.make_executor`."""
-    if cfg.cluster.backend != "local":
-        raise UserError(
-            f"cluster.backend: '{cfg.cluster.backend}' needs the cluster executors: run it through the "
-            "shardquant CLI, or pass executors=shardquant.cluster.make_executor to pipeline.quantize"
-        )
+    """The executor of `cluster.backend: local` (an `ExecutorFactory`)."""
     return LocalExecutor(cfg)
