@@ -14,6 +14,7 @@ from shardquant.config import QuantConfig, build_config
 from shardquant.errors import UserError
 from shardquant.export.formats import LAYOUTS, PACKED
 from shardquant.export.registry import EXPORTERS, get_exporter
+from shardquant.export.shards import ST_DTYPES
 from shardquant.model.source import ModelSource
 from shardquant.tools.plan import packed_linear_bytes, plan_from_config
 
@@ -39,7 +40,9 @@ def test_plan_sizes_the_exporters_planned_tensors(fmt, dtype, tmp_path):
         for out_f, in_f in SHAPES:
             specs = exporter.linear_specs("m", out_f, in_f)
             parts = exporter.layout.parts(out_f, in_f)
-            assert [(s.name, s.shape) for s in specs] == [(f"m.{p.suffix}", p.shape) for p in parts]
+            assert [(s.name, ST_DTYPES[s.dtype], s.shape) for s in specs] == [
+                (f"m.{p.suffix}", p.dtype, p.shape) for p in parts
+            ]
             assert [s.nbytes for s in specs] == [p.nbytes for p in parts]
             assert packed_linear_bytes(fmt, out_f, in_f, cfg) == sum(s.nbytes for s in specs)
 
