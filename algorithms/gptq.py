@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from shardquant.algorithms.counts import n_groups
+
 from .quantizer import MSEGrid, QuantizedWeight, QuantSpec, group_qparams, search_qparams
 
 _DAMP_RETRIES = 4  # each retry multiplies the damping by 10
@@ -233,7 +235,7 @@ def group_aware_order(diag: Tensor, group_len: int) -> Tensor:
     of each group by decreasing ``diag``; ties keep column order. Returns ``perm`` with
     ``perm[k]`` = the original column processed k-th."""
     n = diag.numel()
-    ng = -(-n // group_len)
+    ng = n_groups(n, group_len)
     padded = torch.nn.functional.pad(diag, (0, ng * group_len - n), value=float("-inf"))
     vals, local = torch.sort(padded.view(ng, group_len), dim=1, descending=True, stable=True)
     group_order = torch.argsort(vals[:, 0], descending=True, stable=True)

@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PACK_BITS = (2, 4, 8)
+from shardquant.algorithms.counts import AWQ_BITS, PACK_BITS, words
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-AWQ_BITS = 4
 
 
 def _check_bits(bits: int) -> int:
@@ -40,8 +40,8 @@ def _check_bits(bits: int) -> int:
 
 def packed_len(n: int, bits: int) -> int:
     """Words that hold ``n`` codes of ``bits`` bits."""
-    per = _check_bits(bits)
-    return -(-n // per)
+    _check_bits(bits)
+    return words(n, bits)
 
 
 def pack(codes: Tensor, bits: int, dim: int = -1) -> Tensor:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shardquant.algorithms.counts import n_groups
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -46,7 +48,7 @@ class QuantSpec:
 
     def n_groups(self, in_features: int) -> int:
         """Groups per output row; a trailing partial group counts as one."""
-        return -(-in_features // self.group_len(in_features))
+        return n_groups(in_features, self.group_size)
 
 
 def compute_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:

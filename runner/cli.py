@@ -190,7 +190,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     from shardquant.config import load_config
 
     if args.command == "plan":
-        from shardquant.tools.plan import parse_capacity, plan_from_config, render
+        from shardquant.tools.plan import plan_from_config
+        from shardquant.tools.plan_text import parse_capacity, render
 
         capacity = None if args.worker_memory is None else parse_capacity(args.worker_memory)
         plan = plan_from_config(load_config(args.config, extra))

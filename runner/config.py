@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shardquant.errors import UserError
 
 Method = Literal["none", "rtn", "gptq", "awq", "awq+gptq"]
+GPTQ_METHODS = ("gptq", "awq+gptq")
 
 
 def is_ignored(name: str, patterns: list[str]) -> bool:

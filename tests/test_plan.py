@@ -334,7 +334,7 @@ def test_readme_example_is_current(tmp_path):
     import re
     from pathlib import Path
 
-    from shardquant.tools.plan import parse_capacity, render
+    from shardquant.tools.plan_text import parse_capacity, render
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("### Sizing a run: shardquant plan", 1)[1]

@@ -1,9 +1,10 @@
 """Export formats: how a run's quantized blocks become checkpoint tensors and files.
 
-One `Exporter` subclass per `export.format`. The pipeline asks it, before any weight is read,
-to `check` the scheme and to `plan` every tensor of the checkpoint (so shards stream with
-constant memory, see `shards.py`); then, block by block, for that block's tensors in plan
-order; then for the tensors outside the blocks; and finally for the non-tensor files.
+One `Exporter` subclass per `export.format`, writing the layout its `formats.Layout` defines.
+The pipeline asks it, before any weight is read, to `check` the scheme and to `plan` every
+tensor of the checkpoint (so shards stream with constant memory, see `shards.py`); then, block
+by block, for that block's tensors in plan order; then for the tensors outside the blocks; and
+finally for the non-tensor files.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from shardquant.algorithms.quantizer import QuantizedWeight
-from shardquant.config import QuantConfig, is_ignored
+from shardquant.config import QuantConfig
 from shardquant.errors import UserError
+from shardquant.export.formats import BlockLinears, FakeLayout, Layout, quantized_linears
 from shardquant.export.shards import ST_DTYPES, TensorSpec, write_json_atomic
 from shardquant.model.source import SIDE_FILES, ModelSource
 
@@ -41,20 +43,19 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
 class Exporter:
     """Base: the checkpoint mirrors the source's tensors (floats in the compute dtype)."""
 
-    format: ClassVar[str] = ""
+    layout_class: ClassVar[type[Layout]] = FakeLayout
 
     def __init__(self, source: ModelSource, quant: QuantConfig):
         self.source = source
         self.quant = quant
+        self.layout = self.layout_class(quant, DTYPE_NAMES[source.dtype])
 
     # --- what is quantized --------------------------------------------------------------
 
     def quantized_linears(self, index: int) -> list[str]:
         """Block-relative names of the linears of block `index` that get quantized."""
-        if self.quant.method == "none":
-            return []
-        name = f"{self.source.adapter.blocks}.{index}"
-        return [n for n in self.source.adapter.linears() if not is_ignored(f"{name}.{n}", self.quant.ignore)]
+        adapter = self.source.adapter
+        return quantized_linears(self.quant, adapter.blocks, index, adapter.linears())
 
     def source_spec(self, name: str) -> TensorSpec:
         """A source tensor as it is exported unchanged (floats in the compute dtype)."""
@@ -65,7 +66,12 @@ class Exporter:
     # --- the contract -------------------------------------------------------------------
 
     def check(self) -> None:
-        """Raise UserError when this format cannot hold the configured scheme."""
+        """Raise UserError when this format cannot hold the configured scheme (the layout's
+        first problem, the note `shardquant plan` prints)."""
+        model = BlockLinears(self.source.adapter.blocks, self.source.num_blocks, self.source.linear_shapes())
+        problem = self.layout.problem(model)
+        if problem is not None:
+            raise UserError(problem)
 
     def plan(self) -> list[TensorSpec]:
         """Every tensor of the checkpoint, in write order: blocks in order (names sorted within
@@ -111,27 +117,21 @@ class Exporter:
 class FakeExporter(Exporter):
     """`fake`: dequantized weights in the compute dtype; any transformers loads it as is."""
 
-    format = "fake"
-
 
 class PackedExporter(Exporter):
-    """Base of the packed formats: each quantized linear's `weight` is replaced by the format's
+    """Base of the packed formats: each quantized linear's `weight` is replaced by the layout's
     tensors (`linear_specs` / `linear_tensors`); every other tensor is exported as is."""
 
     def linear_specs(self, name: str, out_features: int, in_features: int) -> list[TensorSpec]:
         """The tensors that stand for the quantized linear `name` (full module name)."""
-        raise NotImplementedError
+        return [
+            TensorSpec(f"{name}.{p.suffix}", ST_TO_TORCH[p.dtype], p.shape)
+            for p in self.layout.parts(out_features, in_features)
+        ]
 
     def linear_tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
         """Those tensors, by full name, for a solved linear."""
         raise NotImplementedError
-
-    def check(self) -> None:
-        if self.quant.method == "none":
-            raise UserError(
-                f"export.format: '{self.format}' needs quantized weights, but quant.method is 'none'; "
-                "use export.format: fake"
-            )
 
     def block_plan(self, index: int) -> list[TensorSpec]:
         prefix = self.source.adapter.block_prefix(index)
@@ -177,6 +177,22 @@ class PackedExporter(Exporter):
             name for name, mod in self.source.skeleton.named_modules()
             if isinstance(mod, nn.Linear) and name not in quantized
         ]
+
+
+def check_scheme(name: str, weight: QuantizedWeight, quant: QuantConfig) -> None:
+    """ValueError unless `weight` was quantized with the configured bits, group and symmetry."""
+    spec = weight.spec
+    if (spec.bits, spec.group_size, spec.symmetric) != (quant.bits, quant.group_size, quant.symmetric):
+        raise ValueError(f"{name}: quantized as {spec}, but the config says {quant.bits} bits, "
+                         f"group {quant.group_size}, symmetric {quant.symmetric}")
+
+
+def float16_scales(name: str, scales: torch.Tensor) -> torch.Tensor:
+    """`scales` as float16; ValueError when that would change a value."""
+    half = scales.to(torch.float16)
+    if not torch.equal(half.float(), scales.float()):
+        raise ValueError(f"{name}: scales are not float16 values (QuantSpec.scale_dtype)")
+    return half
 
 
 def trivial_g_idx(weight: QuantizedWeight) -> bool:

@@ -21,6 +21,9 @@ weight`, calibration-only reordering) or a per-channel scheme. Bit widths are li
 and 8: for 3, 5, 6 and 7 the library's packing changed between versions (dense since 0.20,
 32 // bits codes per word before), so such a checkpoint would read differently depending on
 the reader; vLLM's kernels serve 4 and 8 bits.
+
+The tensors' names, dtypes and shapes and these limits are defined once, in
+`formats.CompressedTensorsLayout`; this module writes them.
 """
 
 from __future__ import annotations
@@ -29,14 +32,11 @@ import functools
 
 import torch
 
-from shardquant.algorithms.pack import packed_len
 from shardquant.algorithms.quantizer import QuantizedWeight
+from shardquant.config import GPTQ_METHODS
 from shardquant.errors import UserError
-from shardquant.export.base import PackedExporter, trivial_g_idx
-from shardquant.export.shards import TensorSpec
-
-BITS = (2, 4, 8)
-GPTQ_METHODS = ("gptq", "awq+gptq")
+from shardquant.export.base import PackedExporter, check_scheme, trivial_g_idx
+from shardquant.export.formats import CompressedTensorsLayout
 
 
 @functools.cache
@@ -83,23 +83,10 @@ def _library() -> dict:
 class CompressedTensorsExporter(PackedExporter):
     """`compressed-tensors`: int weights packed into int32 ("pack-quantized"), W{bits}A16."""
 
-    format = "compressed-tensors"
+    layout_class = CompressedTensorsLayout
 
     def check(self) -> None:
         super().check()
-        q = self.quant
-        if q.bits not in BITS:
-            raise UserError(
-                f"export.format: 'compressed-tensors' cannot hold quant.bits={q.bits}: its "
-                "pack-quantized layout is stable across library versions only for 2, 4 and 8 bits "
-                "(vLLM serves 4 and 8)"
-            )
-        if q.method in GPTQ_METHODS and q.act_order and q.group_size != -1 and not q.static_groups:
-            raise UserError(
-                f"export.format: 'compressed-tensors' cannot hold quant.act_order groups at "
-                f"quant.group_size={q.group_size} (they need a g_idx, which compressed-tensors "
-                "removed); set quant.static_groups: true, or use export.format: gptq"
-            )
         _library()
 
     # --- config.json ---------------------------------------------------------------------
@@ -146,36 +133,16 @@ class CompressedTensorsExporter(PackedExporter):
 
     # --- tensors -------------------------------------------------------------------------
 
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        return self.source.dtype
-
-    def linear_specs(self, name: str, out_features: int, in_features: int) -> list[TensorSpec]:
-        q = self.quant
-        groups = 1 if q.group_size == -1 else -(-in_features // q.group_size)
-        specs = [
-            TensorSpec(f"{name}.weight_packed", torch.int32, (out_features, packed_len(in_features, q.bits))),
-            TensorSpec(f"{name}.weight_scale", self.scale_dtype, (out_features, groups)),
-            TensorSpec(f"{name}.weight_shape", torch.int64, (2,)),
-        ]
-        if not q.symmetric:
-            specs.append(
-                TensorSpec(f"{name}.weight_zero_point", torch.int32, (packed_len(out_features, q.bits), groups))
-            )
-        return specs
-
     def linear_tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-        q, spec = self.quant, weight.spec
-        if (spec.bits, spec.group_size, spec.symmetric) != (q.bits, q.group_size, q.symmetric):
-            raise ValueError(f"{name}: quantized as {spec}, but the config says {q.bits} bits, "
-                             f"group {q.group_size}, symmetric {q.symmetric}")
+        q = self.quant
+        check_scheme(name, weight, q)
         if not trivial_g_idx(weight):
             raise ValueError(f"{name}: act-order groups (non-trivial g_idx) cannot be stored in compressed-tensors")
         pack = _library()["pack_to_int32"]
         offset = 2 ** (q.bits - 1)
         out = {
             f"{name}.weight_packed": pack((weight.codes - offset).to(torch.int8), q.bits),
-            f"{name}.weight_scale": weight.scales.to(self.scale_dtype),
+            f"{name}.weight_scale": weight.scales.to(self.source.dtype),  # the compute dtype
             f"{name}.weight_shape": torch.tensor(tuple(weight.codes.shape), dtype=torch.int64),
         }
         if not q.symmetric:

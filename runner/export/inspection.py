@@ -16,37 +16,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shardquant.config import GPTQ_METHODS
 from shardquant.errors import UserError
+from shardquant.export.formats import PACKED, Scheme
 from shardquant.model.checkpoint import CheckpointIndex, TensorInfo
 
 KEY = "inspect"
-# The tensor that marks a quantized linear in each packed format, and its siblings.
-MARKERS = {"compressed-tensors": "weight_packed", "gptq": "qweight", "awq": "qweight"}
-SIBLINGS = {
-    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
-    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
-    "awq": ("qweight", "qzeros", "scales"),
-}
 FLOAT_DTYPES = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """The weight scheme a checkpoint declares (None where it does not say)."""
-
-    bits: int | None = None
-    group_size: int | None = None
-    symmetric: bool | None = None
-    act_order: bool | None = None
-
-    def describe(self) -> str:
-        if self.bits is None:
-            return "-"
-        group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
-        sym = {True: "symmetric", False: "asymmetric", None: "symmetry unknown"}[self.symmetric]
-        order = {True: "act-order", False: "no act-order", None: "act-order unknown"}[self.act_order]
-        return f"{self.bits}-bit, {group}, {sym}, {order}"
 
 
 @dataclass(frozen=True)
@@ -134,46 +111,28 @@ def declared_format(qc: object) -> str | None:
     if not isinstance(qc, dict):
         return None
     method = str(qc.get("quant_method", "")).lower()
-    return method if method in MARKERS else None
-
-
-def declared_scheme(fmt: str, qc: dict) -> Scheme:
-    """The scheme in a packed format's `quantization_config`."""
-    if fmt == "compressed-tensors":
-        groups = qc.get("config_groups")
-        first = next(iter(groups.values()), None) if isinstance(groups, dict) and groups else None
-        w = first.get("weights") if isinstance(first, dict) else None
-        w = w if isinstance(w, dict) else {}
-        group = -1 if w.get("strategy") == "channel" else w.get("group_size")
-        return Scheme(w.get("num_bits"), group, w.get("symmetric"), bool(w.get("actorder")))
-    if fmt == "gptq":
-        return Scheme(qc.get("bits"), qc.get("group_size"), qc.get("sym"), qc.get("desc_act"))
-    # awq: zero points are always stored (a symmetric scheme is written as zero point 8).
-    return Scheme(qc.get("bits"), qc.get("group_size"), not qc.get("zero_point", True), False)
+    return method if method in PACKED else None
 
 
 def packed_linear(fmt: str, prefix: str, index: CheckpointIndex, scheme: Scheme) -> Linear:
-    """Shape, bits, group and bytes of the packed linear `prefix` from its tensors' headers."""
-    infos = {s: index.infos[f"{prefix}.{s}"] for s in SIBLINGS[fmt] if f"{prefix}.{s}" in index.infos}
+    """Shape, bits, group and bytes of the packed linear `prefix` from its tensors' headers
+    (read as the format's layout says)."""
+    layout = PACKED[fmt]
+    infos = {s: index.infos[f"{prefix}.{s}"] for s in layout.siblings if f"{prefix}.{s}" in index.infos}
     bits = scheme.bits or 4
-    marker = infos[MARKERS[fmt]].shape
+    marker = infos[layout.marker].shape
     if len(marker) != 2:
-        raise UserError(f"{KEY}: tensor '{prefix}.{MARKERS[fmt]}' is not 2-D")
-    if fmt == "compressed-tensors":
-        out_f, in_f = _weight_shape(index, f"{prefix}.weight_shape") or (marker[0], marker[1] * 32 // bits)
-    elif fmt == "gptq":
-        out_f, in_f = marker[1], marker[0] * 32 // bits
-    else:
-        out_f, in_f = marker[1] * 32 // bits, marker[0]
-    scales = infos.get("weight_scale" if fmt == "compressed-tensors" else "scales")
-    n_groups = None if scales is None or len(scales.shape) != 2 else (
-        scales.shape[1] if fmt == "compressed-tensors" else scales.shape[0])
+        raise UserError(f"{KEY}: tensor '{prefix}.{layout.marker}' is not 2-D")
+    stored = layout.shape_tensor and _weight_shape(index, f"{prefix}.{layout.shape_tensor}")
+    out_f, in_f = stored or layout.linear_shape(marker, bits)
+    scales = infos.get(layout.scales)
+    n_groups = None if scales is None or len(scales.shape) != 2 else scales.shape[layout.groups_dim]
     group = -1 if n_groups == 1 else (math.ceil(in_f / n_groups) if n_groups else scheme.group_size)
     return Linear(prefix, (out_f, in_f), bits, group, sum(i.end - i.start for i in infos.values()))
 
 
 def _weight_shape(index: CheckpointIndex, name: str) -> tuple[int, int] | None:
-    """compressed-tensors' int64 [2] `weight_shape` (the 16 bytes read from the shard)."""
+    """A stored int64 [2] (out, in), compressed-tensors' `weight_shape` (16 bytes read from the shard)."""
     info = index.infos.get(name)
     if info is None or info.dtype != "I64" or info.shape != (2,):
         return None
@@ -253,8 +212,8 @@ def inspect_checkpoint(path: str | Path) -> Summary:
     qc = config.get("quantization_config")
     fmt = declared_format(qc)
     if fmt is not None:
-        summary.format, summary.scheme = fmt, declared_scheme(fmt, qc)
-        marker = MARKERS[fmt]
+        summary.format, summary.scheme = fmt, PACKED[fmt].declared_scheme(qc)
+        marker = PACKED[fmt].marker
         prefixes = [n.removesuffix(f".{marker}") for n in index.names() if n.endswith(f".{marker}")]
         if not prefixes:
             raise UserError(f"{KEY}: config.json declares '{fmt}' but no tensor ends in '.{marker}'")
@@ -272,7 +231,7 @@ def inspect_checkpoint(path: str | Path) -> Summary:
         q = report.get("config", {}).get("quant", {})
         if q.get("method", "none") != "none":
             summary.format = "fake"
-            act = bool(q.get("act_order")) and q.get("method") in ("gptq", "awq+gptq")  # RTN/AWQ: no order
+            act = bool(q.get("act_order")) and q.get("method") in GPTQ_METHODS  # RTN/AWQ: no order
             summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), act)
             summary.note = "scheme from the run's report.json"
     elif names and not isinstance(qc, dict):
@@ -308,7 +267,7 @@ def render(summary: Summary, *, all_layers: bool = False) -> str:
     if s.not_quantized:
         shown = ", ".join(s.not_quantized[:6]) + (f", ... ({len(s.not_quantized)})" if len(s.not_quantized) > 6 else "")
         lines.append(f"float:      {shown}")
-    title = "quantized linears" if s.format in MARKERS else "linears"
+    title = "quantized linears" if s.format in PACKED else "linears"
     lines.append(f"{title}: {len(s.linears)}, {_size(sum(x.bytes for x in s.linears))}")
     if not s.linears:
         return "\n".join(lines)

@@ -2,9 +2,9 @@
 
 No weight is read and torch is not imported: the numbers are arithmetic over the
 config.json values (num_hidden_layers, hidden_size, intermediate_size, num_attention_heads,
-num_key_value_heads, head_dim, vocab_size, tie_word_embeddings, and the family's bias and
-q/k-norm rules) and the run config. All sizes are bytes; ``d`` is the byte size of
-``model.dtype`` (float32 4, bfloat16/float16 2).
+num_key_value_heads, head_dim, vocab_size, tie_word_embeddings, and the family's linears,
+norms and bias keys from its adapter) and the run config. All sizes are bytes; ``d`` is the
+byte size of ``model.dtype`` (float32 4, bfloat16/float16 2).
 
 Samples. ``world`` is ``cluster.workers`` with ``cluster.backend: ray``, else 1. The
 calibration windows (``calib.n_samples``; none when ``quant.method: none``) and evaluation
@@ -61,7 +61,8 @@ allocator caching, Python), so leave a margin.
 
 Checkpoint: the sum of the exported tensors' bytes (safetensors data, without headers,
 config or tokenizer), what ``report.json``'s ``export.bytes`` counts. Quantized linears (every
-block linear not matched by ``quant.ignore``) take the format's packed tensors:
+block linear not matched by ``quant.ignore``) take the format's packed tensors, as its layout
+in ``shardquant.export.formats`` defines them (the exporter plans the same ones):
 
 - ``fake``: ``out · in · d`` (dequantized floats).
 - ``compressed-tensors``: int32 ``out · ceil(in / (32/bits))``, scales ``out · groups · d``,
@@ -72,7 +73,9 @@ block linear not matched by ``quant.ignore``) take the format's packed tensors:
   ``in/group · out``.
 
 ``groups = ceil(in / group_size)``, 1 per channel. Everything else (norms, biases, ignored
-linears, embedding, lm_head unless tied) is stored in the compute dtype.
+linears, embedding, lm_head unless tied) is stored in the compute dtype. A scheme the format
+cannot hold gets a note with the exporter's own refusal (the run stops there before
+calibration).
 
 ``shardquant plan --worker-memory 80GB`` compares the peak with that capacity and prints
 FITS or DOES NOT FIT with the margin; the command exits 0 either way (the verdict is data,
@@ -86,9 +89,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardquant.config import RunConfig, is_ignored, parse_size
+from shardquant.algorithms.counts import n_groups
+from shardquant.config import RunConfig, parse_size
 from shardquant.errors import UserError
+from shardquant.export.formats import BlockLinears, get_layout, quantized_linears
 from shardquant.model.adapters import Adapter, get_adapter
+from shardquant.tools.plan_text import human
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SOLVE_COPIES = 7  # in×in float32 matrices beyond the accumulators while a Hessian is solved
@@ -119,32 +125,30 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
-    attn_bias: tuple[bool, bool, bool, bool] = (False, False, False, False)  # q, k, v, o
-    mlp_bias: bool = False
-    qk_norm: bool = False
+    biased: tuple[str, ...] = ()  # the block linears with a bias (the adapter's bias keys)
 
     @property
     def adapter(self) -> Adapter:
         return get_adapter(self.family)
 
+    def dims(self) -> dict[str, int]:
+        """The values of the adapter's named sizes (`adapters.Dim`)."""
+        return {
+            "hidden": self.hidden, "intermediate": self.intermediate, "head_dim": self.head_dim,
+            "heads*head_dim": self.heads * self.head_dim, "kv_heads*head_dim": self.kv_heads * self.head_dim,
+        }
+
     def linears(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each quantizable linear of a block, by block-relative name."""
-        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
-        }
+        return self.adapter.linear_shapes(self.dims())
+
+    def block_linears(self) -> BlockLinears:
+        return BlockLinears(self.adapter.blocks, self.layers, self.linears())
 
     def block_other_numel(self) -> int:
         """Elements of a block's tensors other than the linears' weights: norms and biases."""
-        n = 2 * self.hidden
-        if self.qk_norm:
-            n += 2 * self.head_dim
-        outs = [out for out, _ in self.linears().values()]
-        n += sum(o for o, b in zip(outs[:4], self.attn_bias, strict=True) if b)
-        if self.mlp_bias:
-            n += sum(outs[4:])
-        return n
+        dims, lins = self.dims(), self.linears()
+        return sum(dims[d] for _, d in self.adapter.norms) + sum(lins[n][0] for n in self.biased)
 
     def block_numel(self) -> int:
         return sum(o * i for o, i in self.linears().values()) + self.block_other_numel()
@@ -172,7 +176,7 @@ def read_model_config(model_path: str | Path) -> dict[str, Any]:
 def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShape:
     """The sizes of a llama/mistral/qwen2/qwen3 config.json; UserError naming a bad key."""
     family = raw.get("model_type")
-    get_adapter(family, key=f"{where}: model_type")
+    adapter = get_adapter(family, key=f"{where}: model_type")
 
     def num(key: str, default: int | None = None) -> int:
         v = raw.get(key, default)
@@ -189,60 +193,26 @@ def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShap
         if hidden % heads:
             raise UserError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
         head_dim = hidden // heads
-    shape = dict(
+    return ModelShape(
         family=family, layers=num("num_hidden_layers"), hidden=hidden, intermediate=num("intermediate_size"),
         heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=num("head_dim", head_dim),
-        vocab=num("vocab_size"), tied=bool(raw.get("tie_word_embeddings", False)),
+        vocab=num("vocab_size"), tied=bool(raw.get("tie_word_embeddings", False)), biased=adapter.biased(raw),
     )
-    attention_bias = bool(raw.get("attention_bias", False))
-    if family == "llama":
-        extra = dict(attn_bias=(attention_bias,) * 4, mlp_bias=bool(raw.get("mlp_bias", False)))
-    elif family == "qwen2":
-        extra = dict(attn_bias=(True, True, True, False))
-    elif family == "qwen3":
-        extra = dict(attn_bias=(attention_bias,) * 4, qk_norm=True)
-    else:
-        extra = {}
-    return ModelShape(**shape, **extra)
 
 
 # --- the plan -----------------------------------------------------------------------------
 
 
-def _groups(in_features: int, group_size: int) -> int:
-    return 1 if group_size == -1 else -(-in_features // group_size)
-
-
 def packed_linear_bytes(fmt: str, out_f: int, in_f: int, cfg: RunConfig) -> int:
-    """Bytes of one quantized linear's tensors in export format `fmt`."""
-    q, d = cfg.quant, DTYPE_BYTES[cfg.model.dtype]
-    if fmt == "fake":
-        return out_f * in_f * d
-    groups = _groups(in_f, q.group_size)
-    per = max(1, 32 // q.bits)
-    if fmt == "compressed-tensors":
-        n = out_f * -(-in_f // per) * 4 + out_f * groups * d + 2 * 8
-        if not q.symmetric:
-            n += -(-out_f // per) * groups * 4
-        return n
-    if fmt == "gptq":
-        return in_f * 4 + (in_f * q.bits // 32) * out_f * 4 + groups * (out_f * q.bits // 32) * 4 + groups * out_f * 2
-    if fmt == "awq":
-        g = in_f // q.group_size if q.group_size > 0 else 1
-        return in_f * (out_f // 8) * 4 + g * (out_f // 8) * 4 + g * out_f * 2
-    raise ValueError(f"unknown export format {fmt!r}")
+    """Bytes of one quantized linear's tensors in export format `fmt` (its layout's)."""
+    return get_layout(fmt)(cfg.quant, cfg.model.dtype).linear_bytes(out_f, in_f)
 
 
-def _format_notes(cfg: RunConfig) -> list[str]:
-    """Schemes the export format cannot hold (the run refuses them before calibration)."""
-    q, fmt = cfg.quant, cfg.export.format
-    if q.method == "none" and fmt != "fake":
-        return [f"export.format '{fmt}' needs quantized weights; quant.method none exports fake"]
-    if fmt in ("compressed-tensors", "gptq") and q.bits not in (2, 4, 8):
-        return [f"export.format '{fmt}' cannot hold quant.bits={q.bits} (2, 4 or 8); the run will refuse it"]
-    if fmt == "awq" and (q.bits != 4 or q.group_size == -1):
-        return ["export.format 'awq' holds 4 bits with a positive group size only; the run will refuse it"]
-    return []
+def _format_notes(shape: ModelShape, cfg: RunConfig) -> list[str]:
+    """What the export format cannot hold: the exporter's own check, which refuses the run
+    before calibration with this message."""
+    problem = get_layout(cfg.export.format)(cfg.quant, cfg.model.dtype).problem(shape.block_linears())
+    return [] if problem is None else [f"the run will refuse this: {problem}"]
 
 
 @dataclass
@@ -319,14 +289,14 @@ class Plan:
 
 def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
     """Bytes of the exported checkpoint's tensors (what report.json's export.bytes counts)."""
-    q, d, fmt = cfg.quant, DTYPE_BYTES[cfg.model.dtype], cfg.export.format
-    lins = shape.linears()
-    blocks = shape.adapter.blocks
+    d = DTYPE_BYTES[cfg.model.dtype]
+    layout = get_layout(cfg.export.format)(cfg.quant, cfg.model.dtype)
+    model = shape.block_linears()
     total = 0
     for i in range(shape.layers):
-        for name, (out_f, in_f) in lins.items():
-            quantized = q.method != "none" and not is_ignored(f"{blocks}.{i}.{name}", q.ignore)
-            total += packed_linear_bytes(fmt, out_f, in_f, cfg) if quantized else out_f * in_f * d
+        quantized = set(model.quantized(cfg.quant, i))
+        for name, (out_f, in_f) in model.shapes.items():
+            total += layout.linear_bytes(out_f, in_f) if name in quantized else out_f * in_f * d
         total += shape.block_other_numel() * d
     return total + shape.outside_numel() * d
 
@@ -336,18 +306,19 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, world: int, toke
     q, d, lins, blocks = cfg.quant, DTYPE_BYTES[cfg.model.dtype], shape.linears(), shape.adapter.blocks
     work = []  # (group, in_features, [(out, in) of its quantized linears])
     for g in shape.adapter.groups:
-        quantized = [lins[n] for n in g.linears if not is_ignored(f"{blocks}.{index}.{n}", q.ignore)]
-        if quantized and q.method != "none":
+        quantized = [lins[n] for n in quantized_linears(q, blocks, index, g.linears)]
+        if quantized:
             work.append((g.name, lins[g.linears[0]][1], quantized))
     phases = [[w] for w in work] if q.true_sequential else [work] if work else []
     quantized = [lin for _, _, qs in work for lin in qs]
     terms: dict[str, Any] = {
-        "solved_codes": sum(o * i * 4 + o * _groups(i, q.group_size) * 8 + i * 4 for o, i in quantized),
+        "solved_codes": sum(o * i * 4 + o * n_groups(i, q.group_size) * 8 + i * 4 for o, i in quantized),
         "fp32_copies": 2 * max((o * i for o, i in quantized), default=0) * 4,
         "hessians": 0, "awq_captures": 0, "stage_cache": 0, "hessian_group": None, "hessian_in": 0,
     }
     if work and q.method in ("gptq", "awq", "awq+gptq") and q.true_sequential and cfg.calib.reuse_stages:
-        terms["stage_cache"] = tokens * (shape.hidden + max(shape.heads * shape.head_dim, shape.intermediate)) * d
+        tails = max(lins[s.tail][1] for s in shape.adapter.stages)  # o_proj's, down_proj's inputs
+        terms["stage_cache"] = tokens * (shape.hidden + tails) * d
     if q.method in ("awq", "awq+gptq"):
         terms["fp32_copies"] += sum(o * i for o, i in quantized) * 4
         terms["awq_captures"] = max(
@@ -370,7 +341,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig) -> Plan:
     shape = model_shape(raw, where=f"{cfg.model.path}/config.json")
     q, d = cfg.quant, DTYPE_BYTES[cfg.model.dtype]
     world = cfg.cluster.workers if cfg.cluster.backend == "ray" else 1
-    notes = _format_notes(cfg)
+    notes = _format_notes(shape, cfg)
     if cfg.cluster.backend != "ray" and cfg.cluster.workers > 1:
         notes.append("cluster.backend local runs one worker (cluster.workers applies to ray)")
     quantizing = q.method != "none"
@@ -442,84 +413,3 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig) -> Plan:
 def plan_from_config(cfg: RunConfig) -> Plan:
     """Read model.path/config.json and plan `cfg` (UserError when it is missing or invalid)."""
     return plan_run(read_model_config(cfg.model.path), cfg)
-
-
-# --- text ---------------------------------------------------------------------------------
-
-
-def human(n: int | float) -> str:
-    """Bytes as GiB/MiB/KiB/B with two decimals (negative allowed)."""
-    sign, n = ("-" if n < 0 else ""), abs(n)
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{sign}{n / size:.2f} {unit}"
-    return f"{sign}{int(n)} B"
-
-
-def _share(windows: list[int]) -> str:
-    counts: dict[int, int] = {}
-    for w in windows:
-        counts[w] = counts.get(w, 0) + 1
-    return ", ".join(f"{n} on {k} worker{'s' if k > 1 else ''}" for n, k in sorted(counts.items(), reverse=True))
-
-
-def render(plan: Plan, capacity: int | None = None) -> str:
-    """The plan as text for a person."""
-    s, c, m = plan.shape, plan.cfg, plan.memory
-    q = c.quant
-    scheme = "none" if q.method == "none" else f"{q.method} {q.bits}-bit group {q.group_size}"
-    lines = [
-        f"model      {plan.model_path}: {s.family}, {s.layers} blocks, hidden {s.hidden}, intermediate "
-        f"{s.intermediate}, {s.heads} heads / {s.kv_heads} kv heads (head_dim {s.head_dim}), vocab {s.vocab}"
-        f"{', tied embeddings' if s.tied else ''}",
-        f"run        {scheme}, {c.model.dtype}, export {c.export.format}, propagate {c.calib.propagate}, "
-        f"{plan.world} {c.cluster.backend} worker{'s' if plan.world > 1 else ''}",
-        "",
-        "per worker (rank 0, the largest share)",
-        f"  calibration windows  {plan.calib_windows[0]} of {sum(plan.calib_windows)} × {c.calib.seq_len} tokens"
-        f" ({_share(plan.calib_windows)})",
-        f"  evaluation windows   {plan.eval_windows[0]} of {sum(plan.eval_windows)} × {c.eval.seq_len} tokens"
-        f" ({_share(plan.eval_windows)})",
-    ]
-    for name, n in plan.streams.items():
-        lines.append(f"  activations {name:<9}{human(n):>12}  ({n} B)")
-    act = f"  activations total    {human(plan.activation_bytes):>12}"
-    if plan.spilled:
-        act += f"  ({human(plan.resident)} in memory, {human(plan.spilled)} spilled to disk)"
-    lines.append(act)
-    lines.append(f"  block weights        {human(plan.block_bytes):>12}  ({c.model.dtype})")
-    if plan.hessian_group is not None:
-        lines.append(f"  largest Hessian      {human(plan.hessian_bytes):>12}  ({plan.hessian_group}: "
-                     f"{plan.hessian_in}×{plan.hessian_in} fp32)")
-    elif q.method != "none":
-        lines.append(f"  largest Hessian      {'none':>12}  ({q.method} needs none)")
-    if m["awq_captures"]:
-        lines.append(f"  AWQ captures         {human(m['awq_captures']):>12}")
-    lines.append("")
-    lines.append("peak memory per worker (estimate)")
-    for key in ("weights", "activations", "solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache",
-                "workspace"):
-        if m[key]:
-            lines.append(f"  {key:<20}{human(m[key]):>12}")
-    lines.append(f"  = block phase        {human(m['block_phase']):>12}")
-    lines.append(f"  outside the blocks   {human(m['outside_phase']):>12}")
-    lines.append(f"  peak                 {human(m['peak']):>12}  ({m['peak']} B)")
-    lines.append("")
-    lines.append(f"checkpoint {human(plan.checkpoint_bytes)} ({plan.checkpoint_bytes} B of tensors, {c.export.format})")
-    if capacity is not None:
-        v = plan.verdict(capacity)
-        mem = f"worker memory {human(capacity)} ({capacity} B)"
-        if v["fits"]:
-            lines.append(f"{mem}: FITS, margin {human(v['margin'])} ({v['margin']} B)")
-        else:
-            lines.append(f"{mem}: DOES NOT FIT, short by {human(-v['margin'])} ({-v['margin']} B)")
-    lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(lines)
-
-
-def parse_capacity(text: str) -> int:
-    """`--worker-memory` ('80GB', '96GiB', bytes) as bytes; UserError when malformed."""
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise UserError(f"--worker-memory: {e}") from None
