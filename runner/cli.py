@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="YAML run config")
     pl.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     pl.add_argument("--worker-memory", metavar="SIZE", help="memory per worker (GPU or host), e.g. 80GB or 96GiB")
+    pl.add_argument("--device", choices=("cuda", "cpu"),
+                    help="plan GPU workers (GPU memory, bfloat16 under model.dtype auto) or CPU workers (host RSS); "
+                    "default: model.device, with auto = cuda when Ray workers reserve GPUs or this machine has one")
     for command in _command_plugins().values():
         command.load().add_parser(sub)
     return p
@@ -194,7 +197,7 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         from shardquant.tools.plan_text import parse_capacity, render
 
         capacity = None if args.worker_memory is None else parse_capacity(args.worker_memory)
-        plan = plan_from_config(load_config(args.config, extra))
+        plan = plan_from_config(load_config(args.config, extra), device=args.device)
         if args.json:
             import json
 

@@ -19,6 +19,15 @@ Method = Literal["none", "rtn", "gptq", "awq", "awq+gptq"]
 GPTQ_METHODS = ("gptq", "awq+gptq")
 
 
+def compute_dtype(dtype: str, device_type: str) -> str:
+    """`model.dtype` resolved for a device type ('cuda', 'cpu', ...): 'auto' is bfloat16 on
+    CUDA (half the activation and weight memory, the GPU's fast path) and float32 elsewhere
+    (CPU bfloat16 matmuls are slow and less exact)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
 def is_ignored(name: str, patterns: list[str]) -> bool:
     """True when a module name matches `quant.ignore`: exact, dotted suffix, or 're:REGEX'."""
     for pat in patterns:
@@ -36,8 +45,10 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str = Field(..., description="Local HF model directory (config.json, safetensors, tokenizer).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype of the blocks during calibration and evaluation."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Compute dtype of the blocks during calibration and evaluation: auto = bfloat16 on "
+        "CUDA, float32 on CPU. Hessians and the GPTQ solve are float32 whatever this says.",
     )
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint dir.")

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from shardquant.config import compute_dtype
 from shardquant.errors import UserError, stop_requested
 from shardquant.model.adapters import Adapter, get_adapter
 from shardquant.model.checkpoint import CheckpointIndex
@@ -48,7 +49,7 @@ class ModelSource:
         self,
         path: str | Path,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         trust_remote_code: bool = False,
         key: str = "model.path",
@@ -77,8 +78,8 @@ class ModelSource:
         if not any((self.root / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{key}: '{self.root}' has no tokenizer (tokenizer.json or tokenizer.model)")
         self.index = CheckpointIndex(self.root, key=key)
-        self.dtype = DTYPES[dtype]
         self.device = resolve_device(device)
+        self.dtype = DTYPES[compute_dtype(dtype, self.device.type)]
         self.trust_remote_code = trust_remote_code
         self.skeleton = self._build_skeleton()
         self._check_weights_present()

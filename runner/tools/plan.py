@@ -90,7 +90,7 @@ from pathlib import Path
 from typing import Any
 
 from shardquant.algorithms.counts import n_groups
-from shardquant.config import RunConfig, parse_size
+from shardquant.config import RunConfig, compute_dtype, parse_size
 from shardquant.errors import UserError
 from shardquant.export.formats import BlockLinears, get_layout, quantized_linears
 from shardquant.model.adapters import Adapter, get_adapter
@@ -234,6 +234,7 @@ class Plan:
     memory: dict[str, int]
     checkpoint_bytes: int
     notes: list[str]
+    device: str = "cpu"  # what the workers compute on: 'cuda' (GPU memory) or 'cpu' (host RSS)
 
     @property
     def activation_bytes(self) -> int:
@@ -262,7 +263,7 @@ class Plan:
             },
             "run": {
                 "method": c.quant.method, "bits": c.quant.bits, "group_size": c.quant.group_size,
-                "dtype": c.model.dtype, "export_format": c.export.format, "propagate": c.calib.propagate,
+                "dtype": c.model.dtype, "device": self.device, "export_format": c.export.format, "propagate": c.calib.propagate,
                 "backend": c.cluster.backend, "workers": self.world,
             },
             "samples": {
@@ -336,9 +337,25 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, world: int, toke
     return terms
 
 
-def plan_run(raw: dict[str, Any], cfg: RunConfig) -> Plan:
-    """The plan of `cfg` for the model described by config.json values `raw`."""
+def worker_device(cfg: RunConfig, device: str | None = None) -> str:
+    """'cuda' or 'cpu': what a worker computes on. `device` (plan's --device) wins; else
+    `model.device`; `auto` is cuda when Ray workers reserve GPUs or this machine has an NVIDIA
+    GPU (what the run would pick), cpu otherwise."""
+    name = device or cfg.model.device
+    if name != "auto":
+        return "cuda" if name.startswith("cuda") else "cpu"
+    if cfg.cluster.backend == "ray" and cfg.cluster.gpus_per_worker > 0:
+        return "cuda"
+    return "cuda" if any(Path("/proc/driver/nvidia/gpus").glob("*")) else "cpu"
+
+
+def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) -> Plan:
+    """The plan of `cfg` for the model described by config.json values `raw`, on workers of
+    `device` ('cuda' or 'cpu'; None: `worker_device`)."""
     shape = model_shape(raw, where=f"{cfg.model.path}/config.json")
+    dev = worker_device(cfg, device)
+    dtype = compute_dtype(cfg.model.dtype, dev)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
     q, d = cfg.quant, DTYPE_BYTES[cfg.model.dtype]
     world = cfg.cluster.workers if cfg.cluster.backend == "ray" else 1
     notes = _format_notes(shape, cfg)
@@ -406,10 +423,10 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig) -> Plan:
         model_path=cfg.model.path, shape=shape, cfg=cfg, world=world, calib_windows=calib_w, eval_windows=eval_w,
         streams=streams, resident=resident, spilled=total - resident, block_bytes=block_bytes,
         hessian_group=terms["hessian_group"], hessian_in=terms["hessian_in"], memory=memory,
-        checkpoint_bytes=checkpoint_bytes(shape, cfg), notes=notes,
+        checkpoint_bytes=checkpoint_bytes(shape, cfg), notes=notes, device=dev,
     )
 
 
-def plan_from_config(cfg: RunConfig) -> Plan:
+def plan_from_config(cfg: RunConfig, *, device: str | None = None) -> Plan:
     """Read model.path/config.json and plan `cfg` (UserError when it is missing or invalid)."""
-    return plan_run(read_model_config(cfg.model.path), cfg)
+    return plan_run(read_model_config(cfg.model.path), cfg, device=device)

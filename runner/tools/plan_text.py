@@ -36,7 +36,7 @@ def render(plan: Plan, capacity: int | None = None) -> str:
         f"model      {plan.model_path}: {s.family}, {s.layers} blocks, hidden {s.hidden}, intermediate "
         f"{s.intermediate}, {s.heads} heads / {s.kv_heads} kv heads (head_dim {s.head_dim}), vocab {s.vocab}"
         f"{', tied embeddings' if s.tied else ''}",
-        f"run        {scheme}, {c.model.dtype}, export {c.export.format}, propagate {c.calib.propagate}, "
+        f"run        {scheme}, {c.model.dtype} on {plan.device}, export {c.export.format}, propagate {c.calib.propagate}, "
         f"{plan.world} {c.cluster.backend} worker{'s' if plan.world > 1 else ''}",
         "",
         "per worker (rank 0, the largest share)",
