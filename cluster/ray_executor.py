@@ -73,8 +73,8 @@ def _placement_error(workers: int, bundle: dict[str, float], total: dict[str, fl
     """The error for `workers` bundles that the Ray cluster (its resources `total`) cannot hold."""
     return UserError(
         f"cluster.workers: cannot place {workers} workers of {bundle} on the Ray cluster "
-        f"(it has CPU={total.get('CPU', 0):g}, GPU={total.get('GPU', 0):g}); lower cluster.workers, "
-        "cluster.cpus_per_worker or cluster.gpus_per_worker"
+        f"(it has CPU={total.get('CPU', 0):g}, GPU={total.get('GPU', 0):g}); lower "
+        "cluster.workers, cluster.cpus_per_worker or cluster.gpus_per_worker"
     )
 
 

@@ -33,7 +33,8 @@ def _no_pip(*args, **kwargs):
 
 def _tree_stats(root: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every path under root, by relative path."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    stats = {p: p.stat() for p in root.rglob("*")}
+    return {str(p.relative_to(root)): (st.st_size, st.st_mtime_ns) for p, st in stats.items()}
 
 
 # ---- fast: no network ---------------------------------------------------------------------

@@ -79,6 +79,8 @@ def test_stream_nll_sums_every_window_of_uneven_batches():
     total, count = stream_nll(norm, head, [hidden[0:2], hidden[2:4], hidden[4:5]], tokens, 2)
     with torch.no_grad():
         logits = torch.nn.functional.linear(norm(hidden), head)
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 40), tokens[:, 1:].reshape(-1), reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 40), tokens[:, 1:].reshape(-1), reduction="sum"
+    )
     assert count == 5 * 11
     assert total == pytest.approx(ref.item(), rel=1e-5)

@@ -94,7 +94,9 @@ def test_report_contents(tiny_models, texts, tmp_path):
     assert on_disk["config"]["model"]["path"] == str(tiny_models["qwen2"])
     # export.bytes: the tensor data of the written checkpoint, counted from what is on disk.
     written = sum(t.numel() * t.element_size() for t in read_checkpoint(out / "model").values())
-    assert on_disk["export"] == {"format": "compressed-tensors", "path": str(out / "model"), "bytes": written}
+    assert on_disk["export"] == {
+        "format": "compressed-tensors", "path": str(out / "model"), "bytes": written,
+    }
     assert (out / "report.md").read_text().startswith("# shardquant run")
 
 

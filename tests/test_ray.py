@@ -190,17 +190,21 @@ def test_killed_worker_is_replaced_and_output_identical(ray_local, deep_llama, t
 
 
 @pytest.mark.timeout(120)
-def test_impossible_placement_is_a_clear_error(ray_local, tiny_models, texts, tmp_path, monkeypatch):
+def test_impossible_placement_is_a_clear_error(ray_local, tiny_models, texts, tmp_path,
+                                               monkeypatch):
     """4 workers of 1 CPU on a 2-CPU Ray: refused from the cluster's resources, before a
     placement group is requested (whose wait would time out only after a minute)."""
     import importlib
 
-    pg = importlib.import_module("ray.util.placement_group")  # the module (ray.util's attribute is the function)
+    # The module: ray.util's attribute of that name is the function.
+    pg = importlib.import_module("ray.util.placement_group")
     requested, original = [], pg.placement_group
-    monkeypatch.setattr(pg, "placement_group", lambda *a, **kw: requested.append(a) or original(*a, **kw))
-    with pytest.raises(UserError, match=r"cluster\.workers: cannot place 4 workers of \{'CPU': 1(\.0)?\} .*CPU=2\b"):
-        quantize(_cfg(tiny_models["llama"], texts, tmp_path / "x",
-                      cluster={"backend": "ray", "workers": 4, "cpus_per_worker": 1}), show_progress=False)
+    monkeypatch.setattr(pg, "placement_group",
+                        lambda *a, **kw: requested.append(a) or original(*a, **kw))
+    four = {"backend": "ray", "workers": 4, "cpus_per_worker": 1}
+    with pytest.raises(UserError, match=r"cannot place 4 workers of \{'CPU': 1(\.0)?\} .*CPU=2\b"):
+        quantize(_cfg(tiny_models["llama"], texts, tmp_path / "x", cluster=four),
+                 show_progress=False)
     assert requested == []
     assert ray.is_initialized()  # the caller's Ray is left running
     assert not (tmp_path / "x" / "state" / "blocks").exists()  # no block was calibrated
@@ -240,7 +244,8 @@ def test_unreachable_address_is_a_clear_error_fast(tiny_models, texts, tmp_path,
     # In process: the probe refuses the address before Ray is asked to connect.
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver
     monkeypatch.setattr(ray, "init", lambda *a, **kw: pytest.fail("ray.init was called"))
-    with pytest.raises(UserError, match=rf"^cluster\.address: cannot reach Ray at '127\.0\.0\.1:{port}'"):
+    refused = rf"^cluster\.address: cannot reach Ray at '127\.0\.0\.1:{port}'"
+    with pytest.raises(UserError, match=refused):
         RayExecutor(_cfg(tiny_models["llama"], texts, tmp_path / "in",
                          cluster={"backend": "ray", "address": f"127.0.0.1:{port}"}), {})
     monkeypatch.undo()

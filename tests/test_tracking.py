@@ -114,5 +114,5 @@ def test_online_without_network_fails_fast(tiny_models, texts, tmp_path, wandb_e
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("shardquant: error: tracking.wandb.mode=online: cannot start a W&B run")
-    assert not (out / "state").exists()  # stopped before its first block: no progress, no block file
+    assert not (out / "state").exists()  # stopped before its first block: no progress, no block
     assert not (out / "model").exists()

@@ -539,7 +539,8 @@ class BlockWorker:
         bs = self.cfg.eval.batch_size
         for stream in ("eval_q", "eval_fp"):
             if self.store.has(stream):
-                out[stream] = stream_nll(norm, head.weight, self.store.iter(stream), self.eval_tokens, bs)
+                batches = self.store.iter(stream)
+                out[stream] = stream_nll(norm, head.weight, batches, self.eval_tokens, bs)
         self.source.release(norm)
         self.source.release(head)
         return out

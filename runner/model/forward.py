@@ -118,7 +118,10 @@ def window_nll(
 
 
 def stream_nll(
-    norm: nn.Module, head_weight: torch.Tensor, batches: Iterable[torch.Tensor], tokens: torch.Tensor,
+    norm: nn.Module,
+    head_weight: torch.Tensor,
+    batches: Iterable[torch.Tensor],
+    tokens: torch.Tensor,
     batch_size: int,
 ) -> tuple[float, int]:
     """Summed next-token NLL and token count of a stream of hidden batches [b, T, H]; batch k
