@@ -69,6 +69,15 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _placement_error(workers: int, bundle: dict[str, float], total: dict[str, float]) -> UserError:
+    """The error for `workers` bundles that the Ray cluster (its resources `total`) cannot hold."""
+    return UserError(
+        f"cluster.workers: cannot place {workers} workers of {bundle} on the Ray cluster "
+        f"(it has CPU={total.get('CPU', 0):g}, GPU={total.get('GPU', 0):g}); lower "
+        "cluster.workers, cluster.cpus_per_worker or cluster.gpus_per_worker"
+    )
+
+
 def assign(costs: list[float], workers: int) -> list[int]:
     """Greedy bin packing: the worker of each item (largest first onto the least loaded)."""
     load = [0.0] * workers
@@ -132,21 +141,13 @@ class RayExecutor:
         for res, need in bundle.items():
             if need * c.workers > total.get(res, 0):
                 self._shutdown()
-                raise UserError(
-                    f"cluster.workers: cannot place {c.workers} workers of {bundle} on the Ray cluster "
-                    f"(it has CPU={total.get('CPU', 0):g}, GPU={total.get('GPU', 0):g}); lower cluster.workers, "
-                    "cluster.cpus_per_worker or cluster.gpus_per_worker"
-                )
+                raise _placement_error(c.workers, bundle, total)
         self._pg = placement_group([dict(bundle) for _ in range(c.workers)], strategy=c.placement.upper())
         ready, _ = ray.wait([self._pg.ready()], timeout=60)
         if not ready:
             ray.util.remove_placement_group(self._pg)
             self._shutdown()
-            raise UserError(
-                f"cluster.workers: cannot place {c.workers} workers of {bundle} on the Ray cluster "
-                f"(it has CPU={total.get('CPU', 0):g}, GPU={total.get('GPU', 0):g}); lower cluster.workers, "
-                "cluster.cpus_per_worker or cluster.gpus_per_worker"
-            )
+            raise _placement_error(c.workers, bundle, total)
         self._cfg_dict = config_dict(cfg)
         self.actors = [self._spawn(k) for k in range(c.workers)]
         self.names = [f"w{k}" for k in range(c.workers)]

@@ -80,7 +80,9 @@ class StageWorker(BlockWorker):
 
     def calibrate(self, index: int, block_file: str, qblock_file: str | None) -> dict[str, Any]:
         """Quantize block `index` on every window, write its exported tensors to
-        `block_file` and (for `evaluate`) its dequantized weights to `qblock_file`."""
+        `block_file` and (for `evaluate`) its dequantized weights to `qblock_file`; the result
+        carries both files' sha256 as written (`block_sha256`, `qblock_sha256`: None without
+        `qblock_file`)."""
         started = time.time()
         t0 = time.perf_counter()
         self.do_fp_eval = False
@@ -89,11 +91,14 @@ class StageWorker(BlockWorker):
         name = f"{self.adapter.blocks}.{index}"
         losses = calibrate_block(self.steps, name, self.source.skeleton.get_submodule(name), self.adapter,
                                  self.cfg.quant, prof)
+        qdigest = None
         if qblock_file is not None:
-            save_tensors(Path(qblock_file), {k: v.contiguous() for k, v in self.block.state_dict().items()})
+            dequantized = {k: v.contiguous() for k, v in self.block.state_dict().items()}
+            qdigest = save_tensors(Path(qblock_file), dequantized)
         part = self.end_block(block_file)
         return {"index": index, "seconds": time.perf_counter() - t0, "losses": losses, "profile": prof,
-                "part": part, "start": started, "end": time.time()}
+                "part": part, "start": started, "end": time.time(),
+                "block_sha256": part["block_sha256"], "qblock_sha256": qdigest}
 
     def evaluate(self, qblock_files: dict[int, str], eval_q: list[Tensor] | None = None) -> list[Tensor] | int:
         """The evaluation stream through this stage's quantized blocks (stage 0: from its

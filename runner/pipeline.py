@@ -19,11 +19,11 @@ import torch
 from shardquant.config import RunConfig, config_dict, parse_size
 from shardquant.errors import UserError
 from shardquant.execution.backends import executor_factory
-from shardquant.execution.block_loop import PHASES, run_blocks, stage_overlap
+from shardquant.execution.block_loop import PHASES, put_record, run_blocks, stage_overlap
 from shardquant.execution.protocol import ExecutorFactory
 from shardquant.export.manifest import write_manifest
 from shardquant.export.shards import plan_shards, shard_names, write_index, write_json_atomic
-from shardquant.model.forward import BlockRunner, embed_batches, window_nll
+from shardquant.model.forward import BlockRunner, embed_batches, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.prepare import Prepared, prepare
 from shardquant.record.report import own_peak_rss_bytes, peak_rss_bytes, write_report
@@ -45,11 +45,7 @@ def _perplexity(source: ModelSource, streams: dict[str, list[torch.Tensor]], tok
     head = source.load(ad.lm_head)
     out = {}
     for name, hidden in streams.items():
-        nll, count = 0.0, 0
-        for i, h in enumerate(hidden):
-            s, c = window_nll(norm, head.weight, h, tokens[i * batch_size : i * batch_size + len(h)])
-            nll += s
-            count += c
+        nll, count = stream_nll(norm, head.weight, hidden, tokens, batch_size)
         out[name] = math.exp(nll / count)
     source.release(norm)
     source.release(head)
@@ -96,12 +92,9 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
             bar.update(start)
 
         def on_record(rec: dict[str, Any]) -> None:
-            redone = [k for k, b in enumerate(blocks) if b["index"] == rec["index"]]
             tracker.log_block(rec)
-            if redone:  # redone after a lost worker: the new record replaces the old one
-                blocks[redone[0]] = rec
+            if put_record(blocks, rec):  # redone after a lost worker: replaced the old record
                 return
-            blocks.append(rec)
             if bar is not None:
                 worst = max(rec["loss"].values()) if rec["loss"] else 0.0
                 bar.set_postfix_str(f"max loss {worst:.3g}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -138,6 +139,31 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         shard = "100KB" if fam == "llama" else None
         out[fam] = save_tiny_model(root / fam, fam, shard=shard)
     return out
+
+
+def reference_ppl(model_dir, windows: torch.Tensor) -> float:
+    """Perplexity by transformers' own whole-model forward (independent of our pipeline)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(w.unsqueeze(0)).logits[0].float()
+            nll += torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum").item()
+            count += len(w) - 1
+    return math.exp(nll / count)
+
+
+def eval_windows(model_dir, texts, n=8, seq_len=64) -> torch.Tensor:
+    """The evaluation text's first n sequential windows, by the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from shardquant.data import load_text, token_windows
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = load_text(str(texts["eval"]), key="eval.path")
+    return token_windows(tok, text, n_samples=n, seq_len=seq_len, seed=0, mode="sequential", key="eval")
 
 
 def run_config(model: Path, texts: dict[str, Path], output: Path, **sections) -> dict:

@@ -12,13 +12,12 @@ import json
 import math
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
-from shardquant import assets
 from shardquant.data import load_text, token_windows
+from shardquant.tools import assets
 from shardquant.tools.assets import (
     AssetError,
     cache_dir,
@@ -30,6 +29,12 @@ from shardquant.tools.assets import (
 
 def _no_pip(*args, **kwargs):
     raise AssertionError(f"unexpected subprocess call: {args} {kwargs}")
+
+
+def _tree_stats(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every path under root, by relative path."""
+    stats = {p: p.stat() for p in root.rglob("*")}
+    return {str(p.relative_to(root)): (st.st_size, st.st_mtime_ns) for p, st in stats.items()}
 
 
 # ---- fast: no network ---------------------------------------------------------------------
@@ -125,6 +130,7 @@ def test_incomplete_dir_is_rebuilt(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first build downloads and converts; from the cache, seconds
 def test_smollm2_and_shakespeare_real(monkeypatch):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -145,12 +151,17 @@ def test_smollm2_and_shakespeare_real(monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert tokenizer("To be, or not to be")["input_ids"]
 
-    # Second calls hit the cache: no pip, no conversion.
+    # Second calls hit the cache: no pip, no conversion, no staging, nothing rewritten.
+    def _no_rebuild(*args, **kwargs):
+        raise AssertionError(f"cached asset rebuilt: {args}")
+
     monkeypatch.setattr(assets.subprocess, "run", _no_pip)
-    t0 = time.perf_counter()
+    for step in ("_pip_download", "_convert_gguf", "_staging", "_publish"):
+        monkeypatch.setattr(assets, step, _no_rebuild)
+    before = {d: _tree_stats(d) for d in (model_dir, calib.parent)}
     assert smollm2_dir(cache) == model_dir
     assert shakespeare_split(cache) == (calib, evaluation)
-    assert time.perf_counter() - t0 < 2.0
+    assert {d: _tree_stats(d) for d in (model_dir, calib.parent)} == before
 
     # Enough tokens for 128 x 512 calibration and 32 x 512 evaluation windows.
     n_calib = len(tokenizer(load_text(calib, key="calib.path"), verbose=False)["input_ids"])

@@ -6,8 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, read_checkpoint, run_config, save_tiny_model
-from test_pipeline import eval_windows, reference_ppl
+from conftest import (
+    FAMILIES,
+    eval_windows,
+    read_checkpoint,
+    reference_ppl,
+    run_config,
+    save_tiny_model,
+)
 
 from shardquant.algorithms import awq
 from shardquant.algorithms.hessian import HessianAccumulator

@@ -129,10 +129,25 @@ def test_refuses_outputs_not_a_multiple_of_8(odd_llama, texts, tmp_path):
     # Left in full precision, they need not fit the packing.
     cfg = build_config(run_config(odd_llama, texts, tmp_path / "out2", export={"format": "awq"},
                                   quant={"group_size": 4, "ignore": ["lm_head", "gate_proj", "up_proj"]}))
-    prepare(cfg)
+    plan = {s.name: s for s in prepare(cfg).exporter.block_plan(0)}
+    mlp = "model.layers.0.mlp"
+    for name in ("gate_proj", "up_proj"):
+        assert tuple(plan[f"{mlp}.{name}.weight"].shape) == (36, 64)
+        assert f"{mlp}.{name}.qweight" not in plan
+    # down_proj [64, 36] is packed: [in, out / 8] codes, [in / group, out] scales.
+    assert f"{mlp}.down_proj.weight" not in plan
+    assert tuple(plan[f"{mlp}.down_proj.qweight"].shape) == (36, 8)
+    assert tuple(plan[f"{mlp}.down_proj.scales"].shape) == (9, 64)
 
 
 def test_accepts_act_order_with_static_groups(tiny_models, texts, tmp_path):
     cfg = build_config(run_config(tiny_models["qwen3"], texts, tmp_path / "out",
                                   quant={"act_order": True, "static_groups": True}, export={"format": "awq"}))
-    prepare(cfg)
+    exporter = prepare(cfg).exporter
+    names = {s.name for s in exporter.block_plan(0)}
+    linears = exporter.quantized_linears(0)
+    assert len(linears) == 7
+    for lin in linears:
+        assert {f"model.layers.0.{lin}.{t}" for t in ("qweight", "qzeros", "scales")} <= names
+        assert f"model.layers.0.{lin}.weight" not in names
+    assert not any(n.endswith("g_idx") for n in names)  # AWQ has none: static groups need none

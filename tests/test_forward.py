@@ -65,3 +65,22 @@ def test_mask_builders_get_the_cache_argument_under_this_transformers_name():
 
     for make in (create_causal_mask, create_sliding_window_causal_mask):
         assert _cache_kwarg() in inspect.signature(make).parameters
+
+
+def test_stream_nll_sums_every_window_of_uneven_batches():
+    """5 windows in batches of 2, 2, 1: the summed NLL and count of all 5 at once."""
+    from shardquant.model.forward import stream_nll
+
+    g = torch.Generator().manual_seed(3)
+    norm = torch.nn.LayerNorm(16)
+    head = torch.randn(40, 16, generator=g)
+    hidden = torch.randn(5, 12, 16, generator=g)
+    tokens = torch.randint(0, 40, (5, 12), generator=g)
+    total, count = stream_nll(norm, head, [hidden[0:2], hidden[2:4], hidden[4:5]], tokens, 2)
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(norm(hidden), head)
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 40), tokens[:, 1:].reshape(-1), reduction="sum"
+    )
+    assert count == 5 * 11
+    assert total == pytest.approx(ref.item(), rel=1e-5)

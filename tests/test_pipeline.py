@@ -7,33 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, read_checkpoint, run_config
+from conftest import FAMILIES, eval_windows, read_checkpoint, reference_ppl, run_config
 
 from shardquant.config import build_config
-from shardquant.data import load_text, token_windows
+from shardquant.execution.block_loop import put_record
 from shardquant.pipeline import evaluate, quantize
-
-
-def reference_ppl(model_dir, windows: torch.Tensor) -> float:
-    """Perplexity by transformers' own whole-model forward (independent of our pipeline)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            logits = model(w.unsqueeze(0)).logits[0].float()
-            nll += torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum").item()
-            count += len(w) - 1
-    return math.exp(nll / count)
-
-
-def eval_windows(model_dir, texts, n=8, seq_len=64) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    text = load_text(str(texts["eval"]), key="eval.path")
-    return token_windows(tok, text, n_samples=n, seq_len=seq_len, seed=0, mode="sequential", key="eval")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -114,7 +92,11 @@ def test_report_contents(tiny_models, texts, tmp_path):
         assert all(v > 0 and math.isfinite(v) for v in b["loss"].values())
     assert on_disk["config"]["quant"]["method"] == "gptq"
     assert on_disk["config"]["model"]["path"] == str(tiny_models["qwen2"])
-    assert on_disk["export"] == {"format": "compressed-tensors", "path": str(out / "model"), "bytes": on_disk["export"]["bytes"]}
+    # export.bytes: the tensor data of the written checkpoint, counted from what is on disk.
+    written = sum(t.numel() * t.element_size() for t in read_checkpoint(out / "model").values())
+    assert on_disk["export"] == {
+        "format": "compressed-tensors", "path": str(out / "model"), "bytes": written,
+    }
     assert (out / "report.md").read_text().startswith("# shardquant run")
 
 
@@ -182,3 +164,10 @@ def test_reproducible_bytes(tiny_models, texts, tmp_path):
     b = sorted((tmp_path / "b" / "model").glob("*.safetensors"))
     assert [p.name for p in a] == [p.name for p in b]
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
+
+
+def test_put_record_replaces_a_redone_block_in_place():
+    records = [{"index": 0, "v": "a"}, {"index": 1, "v": "b"}]
+    assert put_record(records, {"index": 2, "v": "c"}) is False
+    assert put_record(records, {"index": 1, "v": "b2"}) is True  # redone after a lost worker
+    assert records == [{"index": 0, "v": "a"}, {"index": 1, "v": "b2"}, {"index": 2, "v": "c"}]

@@ -6,7 +6,6 @@ import json
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -104,16 +103,16 @@ def test_report_md_has_plots(tiny_models, texts, tmp_path):
     assert not (out / "wandb").exists()  # disabled: nothing written, nothing imported
 
 
+@pytest.mark.timeout(180)  # wandb.init gives up after its 25 s init_timeout at the latest
 def test_online_without_network_fails_fast(tiny_models, texts, tmp_path, wandb_env):
+    """No network for mode: online: one error line, before any block is calibrated."""
     cfg = tmp_path / "run.yaml"
     out = tmp_path / "out"
     cfg.write_text(yaml.safe_dump(run_config(tiny_models["llama"], texts, out, tracking={"wandb": {"mode": "online"}})))
-    t = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "shardquant", "quantize", str(cfg), "--quiet"],
                           capture_output=True, text=True, timeout=120)
-    elapsed = time.monotonic() - t
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("shardquant: error: tracking.wandb.mode=online: cannot start a W&B run")
-    assert elapsed < 60, elapsed  # a bound on hanging, not a performance target
+    assert not (out / "state").exists()  # stopped before its first block: no progress, no block
     assert not (out / "model").exists()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shardquant.calib.steps import BlockProfile, calibrate_block
-from shardquant.record.state import RunState, sha256_file
+from shardquant.record.state import RunState
 
 if TYPE_CHECKING:
     from shardquant.pipeline import Prepared
@@ -78,6 +78,17 @@ def _stages_with_recovery(ex, p: Prepared, state: RunState, progress: dict[str, 
             _record_fault(progress, e, progress["done"], t_fault, "redoing the unfinished blocks")
 
 
+def put_record(records: list[dict[str, Any]], record: dict[str, Any]) -> bool:
+    """Replace the record of the block with `record`'s index in place, else append it; True
+    when one was replaced (a block redone after a lost worker)."""
+    for k, old in enumerate(records):
+        if old["index"] == record["index"]:
+            records[k] = record
+            return True
+    records.append(record)
+    return False
+
+
 PHASES = ("load_s", "forward_s", "stats_s", "solve_s", "search_s", "eval_s", "export_s")
 
 
@@ -126,7 +137,7 @@ def _commit(ex, state: RunState, progress: dict[str, Any], done: int, block_dige
     progress["activations"] = [{"file": state.rel(x), "sha256": d} for x, d in zip(paths, digests, strict=True)]
     progress["files"][state.rel(state.block_file(done - 1))] = block_digest
     progress["done"] = done
-    progress["blocks"] = [b for b in progress["blocks"] if b["index"] != record["index"]] + [record]
+    put_record(progress["blocks"], record)
     state.write(progress)
     state.prune_activations([a["file"] for a in progress["activations"]])
 
@@ -150,13 +161,14 @@ def _run_stages(ex, p: Prepared, state: RunState, progress: dict[str, Any], on_r
         i = res["index"]
         rec = block_record(i, res["seconds"], res["losses"], res["profile"], [res["part"]])
         rec["start"], rec["end"] = res["start"], res["end"]
-        for f in (state.block_file(i), *([state.qblock_file(i)] if evaluating else [])):
-            progress["files"][state.rel(f)] = sha256_file(f)
+        progress["files"][state.rel(state.block_file(i))] = res["block_sha256"]  # the writer's
+        if evaluating:
+            progress["files"][state.rel(state.qblock_file(i))] = res["qblock_sha256"]
         done.add(i)
         progress["stage_done"] = sorted(done)
         while progress["done"] in done:
             progress["done"] += 1
-        progress["blocks"] = [b for b in progress["blocks"] if b["index"] != i] + [rec]
+        put_record(progress["blocks"], rec)
         state.write(progress)
         on_record(rec)
 

@@ -44,7 +44,7 @@ from shardquant.config import RunConfig
 from shardquant.execution.activations import ActivationStore
 from shardquant.execution.memory import trim_heap
 from shardquant.export.registry import get_exporter
-from shardquant.model.forward import BlockRunner, embed_batches, window_nll
+from shardquant.model.forward import BlockRunner, embed_batches, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.record.report import peak_rss_bytes
 from shardquant.record.state import assemble_shard, load_tensors, save_tensors
@@ -538,14 +538,9 @@ class BlockWorker:
         head = self.source.load(self.adapter.lm_head)
         bs = self.cfg.eval.batch_size
         for stream in ("eval_q", "eval_fp"):
-            if not self.store.has(stream):
-                continue
-            total, count = 0.0, 0
-            for i, h in enumerate(self.store.iter(stream)):
-                s, c = window_nll(norm, head.weight, h, self.eval_tokens[i * bs : i * bs + len(h)])
-                total += s
-                count += c
-            out[stream] = (total, count)
+            if self.store.has(stream):
+                batches = self.store.iter(stream)
+                out[stream] = stream_nll(norm, head.weight, batches, self.eval_tokens, bs)
         self.source.release(norm)
         self.source.release(head)
         return out

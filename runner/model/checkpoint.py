@@ -156,7 +156,3 @@ class CheckpointIndex:
     def names(self, prefix: str = "") -> list[str]:
         """Tensor names starting with prefix, in sorted order."""
         return sorted(n for n in self.files if n.startswith(prefix))
-
-    def nbytes(self, prefix: str = "") -> int:
-        """Bytes on disk of the tensors under prefix."""
-        return sum(self.infos[n].end - self.infos[n].start for n in self.names(prefix))

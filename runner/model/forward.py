@@ -76,31 +76,25 @@ class BlockRunner:
         index: int,
         batches: Iterable[torch.Tensor],
         *,
-        keep: bool = True,
         stop_at: nn.Module | None = None,
     ) -> list[torch.Tensor]:
-        """Run every batch through the block; return the outputs (or [] when keep is False).
+        """Run every batch through the block; return the outputs.
 
         With `stop_at`, each batch's forward ends just before that submodule runs (after its
         other pre-hooks, e.g. statistics, have seen its input); nothing is returned then.
         """
-        if stop_at is not None:
-            handle = stop_at.register_forward_pre_hook(_raise_stop)
-            try:
-                for hidden in batches:
-                    try:
-                        self.forward(block, index, hidden)
-                    except StopForward:
-                        pass
-            finally:
-                handle.remove()
-            return []
-        outs = []
-        for hidden in batches:
-            y = self.forward(block, index, hidden)
-            if keep:
-                outs.append(y)
-        return outs
+        if stop_at is None:
+            return [self.forward(block, index, hidden) for hidden in batches]
+        handle = stop_at.register_forward_pre_hook(_raise_stop)
+        try:
+            for hidden in batches:
+                try:
+                    self.forward(block, index, hidden)
+                except StopForward:
+                    pass
+        finally:
+            handle.remove()
+        return []
 
 
 def embed_batches(embedding: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> list[torch.Tensor]:
@@ -120,6 +114,24 @@ def window_nll(
         t = t.to(logits.device)
         total += torch.nn.functional.cross_entropy(logits[:-1], t[1:], reduction="sum").item()
         count += t.numel() - 1
+    return total, count
+
+
+def stream_nll(
+    norm: nn.Module,
+    head_weight: torch.Tensor,
+    batches: Iterable[torch.Tensor],
+    tokens: torch.Tensor,
+    batch_size: int,
+) -> tuple[float, int]:
+    """Summed next-token NLL and token count of a stream of hidden batches [b, T, H]; batch k
+    holds the windows `tokens[k * batch_size : k * batch_size + b]`."""
+    total, count = 0.0, 0
+    for k, hidden in enumerate(batches):
+        start = k * batch_size
+        s, c = window_nll(norm, head_weight, hidden, tokens[start : start + len(hidden)])
+        total += s
+        count += c
     return total, count
 
 

@@ -121,9 +121,6 @@ class ModelSource:
         block = self.skeleton.get_submodule(f"{self.adapter.blocks}.0")
         return {n: tuple(block.get_submodule(n).weight.shape) for n in self.adapter.linears()}
 
-    def block_nbytes(self, index: int) -> int:
-        return self.index.nbytes(self.adapter.block_prefix(index))
-
     # --- materialization ------------------------------------------------------------------
 
     def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
