@@ -146,7 +146,7 @@ def _worker_pids() -> list[int]:
     import psutil
 
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and p.info["cmdline"][0].startswith(("ray::BlockWorker", "ray::StageWorker"))]
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(("ray::RayBlockWorker", "ray::BlockWorker", "ray::StageWorker"))]
 
 
 @pytest.mark.parametrize("propagate", ["quantized", "fp"])

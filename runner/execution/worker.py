@@ -2,13 +2,16 @@
 
 A `BlockWorker` owns a contiguous share of the calibration and evaluation windows (their
 activations, kept in an `ActivationStore`) and, one at a time, a materialized block. The
-driver (see `calibrate.calibrate_block` and `pipeline.quantize`) calls its steps in order:
+driver (`calib.steps.calibrate_block`, `execution.block_loop`) calls its steps in order:
 `begin_block`, then per observation phase `observe` (statistics as exact (sum, count)
 accumulators, reduced by the executor), the AWQ steps, `solve` on the worker that owns a
 linear, `apply` everywhere, and `end_block` (propagate, evaluate, write the block's tensors).
 
 The local executor runs one worker in-process; the Ray executor wraps the same class in
-actors, so both go through exactly this code.
+actors, so both go through exactly this code. The worker holds the state; the work is done
+by `calib.observe` (statistics hooks), `calib.awq_search` (AWQ's candidate losses and clip
+rows), `calib.solvers` (one solver per method), `execution.streams` (the streams' passes
+through a block) and `execution.checkpoints` (the activation checkpoint).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class BlockWorker:
     # --- samples -------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """Who this worker is (report.json: cluster.workers)."""
+        """Who and where this worker is (also a liveness probe: `RayExecutor.recover`)."""
         return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.source.device)}
 
