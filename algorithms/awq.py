@@ -9,9 +9,10 @@ so the columns of every linear of the group are multiplied by ``s`` and the op t
 ``x`` (a norm's weight, or the rows of the previous linear) is divided by ``s``: the network
 computes the same function before rounding, but quantizing ``W * s`` rounds the salient
 columns on a finer relative grid. ``s = mean|x| ** alpha`` (optionally divided by
-``mean|w| ** (1 - alpha)``, "duo scaling"), and ``alpha`` is picked on a grid by the output
-error of the module that consumes ``x``, measured by a callback: this module never knows how
-that output is computed, nor how the weights get packed.
+``mean|w| ** (1 - alpha)``, "duo scaling"), and ``alpha`` is picked on a grid
+(``candidate_scales``, ``choose_index``) by the output error of the module that consumes ``x``,
+measured by the runner (``shardquant.calib.awq_search``): this module never knows how that
+output is computed, nor how the weights get packed.
 
 After scaling, a per-(row, group) clip search shrinks each group's range when that lowers the
 error of the group's partial products on a subsample of the (scaled) inputs.
@@ -21,8 +22,8 @@ Everything here is pure tensor math; hooks, forwards and modules live in the run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -125,23 +126,6 @@ def linear_output_error(delta: Tensor, gram: Tensor) -> float:
     return float(((d @ gram.float()) * d).sum())
 
 
-@dataclass
-class ScaleSearch:
-    """Outcome of a scale search.
-
-    ``ratio`` is the chosen grid ratio, or None when no grid point beat leaving the group
-    unscaled (``scales`` are then all ones). ``losses[i]`` is the loss at ``ratios[i]``;
-    ``identity_loss`` the loss with ``s = 1``.
-    """
-
-    ratio: float | None
-    scales: Tensor
-    loss: float
-    ratios: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    identity_loss: float = float("nan")
-
-
 def candidate_scales(x_mean: Tensor, *, grid: int = 20, w_mean: Tensor | None = None) -> list[Tensor]:
     """The scales a search tries, in order: ``s = 1`` first, then ``alpha = i / grid`` for ``i < grid``."""
     if grid < 1:
@@ -166,42 +150,6 @@ def choose_index(losses: Sequence[float]) -> Choice:
         if float(losses[i]) < float(losses[best]):
             best = i
     return Choice(best, float(losses[best]), float(losses[0]))
-
-
-def choose_scales(candidates: Sequence[Tensor], losses: Sequence[float]) -> ScaleSearch:
-    """The outcome of a search from the losses of ``candidate_scales`` (same order).
-
-    The identity (first) is kept unless a grid point is strictly better, so the search never
-    does worse than plain rounding on its own objective. Losses may come from many workers,
-    each summing its own samples' errors: only the numbers matter here.
-    """
-    if len(candidates) != len(losses) or len(candidates) < 2:
-        raise ValueError(f"need the identity plus grid candidates and one loss each, got {len(candidates)}/{len(losses)}")
-    grid = len(candidates) - 1
-    c = choose_index(losses)
-    ratio = None if c.index == 0 else (c.index - 1) / grid
-    best = ScaleSearch(ratio, candidates[c.index], c.loss, identity_loss=c.identity_loss)
-    best.ratios = [i / grid for i in range(grid)]
-    best.losses = [float(v) for v in losses[1:]]
-    return best
-
-
-def search_scales(
-    x_mean: Tensor,
-    loss_fn: Callable[[Tensor], float],
-    *,
-    grid: int = 20,
-    w_mean: Tensor | None = None,
-) -> ScaleSearch:
-    """Try ``alpha = i / grid`` for ``i < grid`` and keep the scales with the lowest loss.
-
-    ``loss_fn(s)`` returns the error of the consuming module when the group's weights are
-    ``Q(W * s) / s``. Unscaled quantization (``s = 1``) is always measured too, and kept when
-    nothing on the grid beats it, so the search never does worse than plain rounding on its
-    own objective (with duo scaling, ``alpha = 0`` is not the identity).
-    """
-    candidates = candidate_scales(x_mean, grid=grid, w_mean=w_mean)
-    return choose_scales(candidates, [float(loss_fn(s)) for s in candidates])
 
 
 @dataclass

@@ -281,11 +281,11 @@ class RayExecutor:
 
     # --- block steps (see calibrate.BlockSteps) --------------------------------------------
 
-    def observe(self, groups, *, hessian, channel, capture):
+    def observe(self, groups, *, channel, capture):
         import ray
 
         refs = [
-            a.observe_parts.options(num_returns=2).remote(groups, hessian=hessian, channel=channel, capture=capture)
+            a.observe_parts.options(num_returns=2).remote(groups, channel=channel, capture=capture)
             for a in self.actors
         ]
         self._stats = [r[0] for r in refs]

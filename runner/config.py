@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shardquant.errors import UserError
 
 Method = Literal["none", "rtn", "gptq", "awq", "awq+gptq"]
-GPTQ_METHODS = ("gptq", "awq+gptq")
+GPTQ_METHODS: tuple[str, ...] = ("gptq", "awq+gptq")  # methods solved by GPTQ (a Hessian, act order)
+AWQ_METHODS: tuple[str, ...] = ("awq", "awq+gptq")  # methods that search and fold AWQ scales
 
 
 def compute_dtype(dtype: str, device_type: str) -> str:

@@ -111,23 +111,37 @@ def _outlier_problem(seed: int = 0):
 
 @pytest.mark.parametrize("duo", [False, True])
 def test_scale_search_protects_the_outlier_channel(duo):
+    """The production search on one linear whose input has an outlier channel: the candidates
+    (`awq.candidate_scales`), their losses through the Gram matrix (`awq_search.linear_losses`)
+    checked against the error computed on the rows in float64, and the winner
+    (`awq.choose_index`) scales the outlier channel up and beats plain rounding."""
+    from shardquant.calib.awq_search import linear_losses
+
     x, w = _outlier_problem()
     spec = QuantSpec(bits=3, group_size=32)
-    stats = awq.ChannelStats(64)
+    stats, hessian = awq.ChannelStats(64), HessianAccumulator(64)
     for part in x.split(100):
         stats.add(part)
-    ref = x @ w.T
-
-    def loss(s):
-        return float((x @ awq.scaled_fake_quantize(w, s, spec).T - ref).pow(2).mean())
-
-    found = awq.search_scales(stats.mean(), loss, grid=20, w_mean=awq.weight_mean([w], spec) if duo else None)
-    assert found.ratio is not None and found.ratio > 0
-    assert int(found.scales.argmax()) == 5 and found.scales[5] > 2 * found.scales.median()
-    assert found.loss == min(found.losses) == found.losses[found.ratios.index(found.ratio)]
+        hessian.add(part)
+    w_mean = awq.weight_mean([w], spec) if duo else None
+    cands = awq.candidate_scales(stats.mean(), grid=20, w_mean=w_mean)
+    assert len(cands) == 21 and torch.equal(cands[0], torch.ones(64))
+    totals, count = linear_losses(hessian, [w], cands, spec)
+    assert count == 512 * 256
+    ref = x.double() @ w.double().T
+    direct = [float((x.double() @ awq.scaled_fake_quantize(w, s, spec).double().T - ref).pow(2).sum())
+              for s in cands]
+    for got, want in zip(totals, direct, strict=True):
+        assert got == pytest.approx(want, rel=1e-3)
+    found = awq.choose_index(totals)
+    assert found.index >= 2  # a grid ratio (index - 1) / 20 > 0, not the identity
+    assert found.loss == min(totals) == totals[found.index] and found.identity_loss == totals[0]
     assert found.loss < 0.75 * found.identity_loss
-    assert len(found.losses) == 20 and found.ratios[0] == 0.0 and found.ratios[-1] == 0.95
-    assert (found.scales > 0).all() and torch.isfinite(found.scales).all()
+    s = cands[found.index]
+    assert int(s.argmax()) == 5 and s[5] > 2 * s.median()
+    assert (s > 0).all() and torch.isfinite(s).all()
+    # The identity is kept unless a candidate is strictly better.
+    assert awq.choose_index([2.0, 2.0, 3.0]).index == 0 and awq.choose_index([2.0, 3.0, 1.0]).index == 2
 
 
 def test_scales_are_normalized_and_safe():
@@ -297,14 +311,15 @@ def test_linear_output_error_from_the_gram_matrix():
 def test_sampled_calls_are_the_same_windows_on_any_split():
     """The AWQ search sample: n windows evenly spaced over all windows, cut out of the batched
     calls (batch-sized tensors only), the same windows however the calls are split over workers."""
-    from shardquant.execution.worker import _Capture, sample_calls
+    from shardquant.calib.awq_search import sample_calls
+    from shardquant.calib.observe import Capture
 
     gen = torch.Generator().manual_seed(6)
     windows = torch.randn(11, 5, 3, generator=gen)
     rotary = torch.randn(1, 5, 2, generator=gen)  # batch-free: must stay whole
 
-    def capture(part: torch.Tensor, batch: int) -> _Capture:
-        cap = _Capture()
+    def capture(part: torch.Tensor, batch: int) -> Capture:
+        cap = Capture()
         for i in range(0, len(part), batch):
             x = part[i : i + batch]
             cap.inputs.append(x)
@@ -326,47 +341,67 @@ def test_sampled_calls_are_the_same_windows_on_any_split():
     assert torch.equal(torch.cat([a[0] for a, _ in everything]), windows)
 
 
-def test_linear_consumer_search_is_exact_and_sampling_is_a_subset(tiny_models, tmp_path):
-    """A linear consumer's candidate errors through the Gram matrix equal running the layer on
-    every row; a module consumer's errors on the sample equal running it on those windows."""
-    from shardquant.calib.steps import block_work
-    from shardquant.config import RunConfig
-    from shardquant.execution.local import LocalExecutor
-    from shardquant.execution.worker import sample_calls
+def test_linear_consumer_search_is_exact_and_sampling_is_a_subset(tiny_models):
+    """The production search on a real block (`observe.observing`, `awq_search.search_losses`),
+    against errors computed here from the captured inputs: a linear consumer (down_proj) is
+    measured exactly on every row through the Gram matrix; a module consumer (the MLP) on the
+    sampled windows 0, 4, 8 of 9, as a copy of the module run on them gives."""
+    from copy import deepcopy
 
-    cfg = RunConfig.model_validate({
-        "model": {"path": str(tiny_models["llama"]), "device": "cpu"},
-        "quant": {"method": "awq", "bits": 3, "group_size": 32, "awq_grid": 5, "awq_search_samples": 3},
-        "export": {"format": "fake"},
-        "output": str(tmp_path),
-    })
-    ex = LocalExecutor(cfg)
-    w = ex.worker
+    from shardquant.calib.awq_search import module_losses, sample_calls, search_losses
+    from shardquant.calib.observe import observing
+    from shardquant.calib.steps import block_work, quant_spec
+    from shardquant.config import QuantConfig
+
+    q = QuantConfig(method="awq", bits=3, group_size=32, awq_grid=5, awq_search_samples=3)
+    spec = quant_spec(q)
+    src = ModelSource(tiny_models["llama"], device="cpu")
+    runner = BlockRunner(src.adapter, src.skeleton.config, src.rotary())
+    block = src.block(0)
     gen = torch.Generator().manual_seed(7)
-    w.store.put("calib", [torch.randn(3, 32, 64, generator=gen) for _ in range(3)])
-    ex.begin_block(0)
-    groups = {g.name: (g, q) for g, q in block_work(w.adapter, "model.layers.0", cfg.quant)}
-    means = ex.observe([(n, g.linears[0]) for n, (g, _) in groups.items()],
-                       hessian=True, channel=True, capture={n: g.consumer for n, (g, _) in groups.items()})
+    batches = [torch.randn(3, 32, 64, generator=gen) for _ in range(3)]
+    groups = {g.name: (g, q_) for g, q_ in block_work(src.adapter, "model.layers.0", q)}
+    with observing(block, [(n, g.linears[0]) for n, (g, _) in groups.items()], channel=True,
+                   capture={n: g.consumer for n, (g, _) in groups.items()}) as obs:
+        runner.forward_all(block, 0, batches)
     for name in ("mlp_out", "mlp_in"):
         g, quantized = groups[name]
-        totals, count = w.awq_losses(name, g.linears, quantized, g.consumer, means[name])
-        lins = {n: w._lin(n) for n in g.linears}
-        originals = {n: lin.weight.detach().clone() for n, lin in lins.items()}
-        cands = w.candidates[name]
-        module = w.block.get_submodule(g.consumer)
-        cap = w.captures[name]
-        if name == "mlp_out":  # exact, on all 9 windows
-            ref, ref_count = w._module_losses(module, lins, quantized, originals, cands, list(cap.calls))
-            assert count == ref_count == 9 * 32 * 64
-        else:  # windows 0, 4, 8 of 9
-            calls = sample_calls(cap, 3)
-            assert torch.equal(torch.cat([a[0] for a, _ in calls]), torch.cat(cap.inputs)[[0, 4, 8]])
-            ref, ref_count = w._module_losses(module, lins, quantized, originals, cands, calls)
-            assert count == ref_count == 3 * 32 * 64
-        assert len(totals) == len(cands) == 6
-        for a, b in zip(totals, ref, strict=True):
+        cap = obs.captures[name]
+        lins = {n: block.get_submodule(n) for n in g.linears}
+        before = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+        found = search_losses(block, cap, g.linears, quantized, g.consumer, obs.stats[name].channel.mean(), q, spec)
+        assert len(found.totals) == len(found.candidates) == 6
+        assert all(torch.equal(lins[n].weight, before[n]) for n in lins)  # restored after the search
+        assert set(found.originals) == set(quantized)
+        assert all(torch.equal(found.originals[n], before[n].float()) for n in quantized)
+        with torch.no_grad():
+            if name == "mlp_out":  # exact, on every row of all 9 windows
+                assert g.consumer in quantized
+                w = before[g.consumer].double()
+                x = torch.cat(cap.inputs).reshape(-1, w.shape[1]).double()
+                ref = [float((x @ (awq.scaled_fake_quantize(w, s, spec).double() - w).T).pow(2).sum())
+                       for s in found.candidates]
+                assert found.count == 9 * 32 * 64
+                # the other production path, running the layer on every call, agrees
+                run, run_count = module_losses(lins[g.consumer], lins, quantized, before, found.candidates,
+                                               list(cap.calls), spec)
+                assert run_count == found.count
+                for a, b in zip(run, ref, strict=True):
+                    assert a == pytest.approx(b, rel=1e-3)
+            else:  # windows 0, 4, 8 of 9
+                windows = torch.cat(cap.inputs)[[0, 4, 8]]
+                calls = sample_calls(cap, 3)
+                assert torch.equal(torch.cat([a[0] for a, _ in calls]), windows)
+                mlp = block.get_submodule(g.consumer)
+                copy, want = deepcopy(mlp), mlp(windows)
+                ref = []
+                for s in found.candidates:
+                    for n in quantized:
+                        w = copy.get_submodule(n.removeprefix(g.consumer + ".")).weight
+                        w.copy_(awq.scaled_fake_quantize(before[n], s, spec))
+                    ref.append(float((copy(windows) - want).pow(2).sum()))
+                assert found.count == 3 * 32 * 64
+        assert found.totals[0] > 0
+        for a, b in zip(found.totals, ref, strict=True):
             assert a == pytest.approx(b, rel=1e-3)
-        # the weights are restored after the search
-        assert all(torch.equal(lins[n].weight, originals[n]) for n in lins)
-    ex.close()
+    src.release(block)

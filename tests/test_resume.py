@@ -143,7 +143,8 @@ def test_resume_without_state_and_corrupt_state(deep_model, texts, tmp_path):
 def test_checkpoint_written_in_the_background_is_the_snapshot(tmp_path):
     """The activation checkpoint is written while the next block runs: the file holds the
     streams as they were when the write began (the store replaces batches, never edits them),
-    its sha256 is the file's, and a failed write is raised when waited for."""
+    its sha256 is the file's, loading it gives back every stream in order, a spilling store
+    is written at once, and a failed write is raised when waited for."""
     import hashlib
 
     import torch
@@ -151,25 +152,49 @@ def test_checkpoint_written_in_the_background_is_the_snapshot(tmp_path):
 
     from shardquant.errors import UserError
     from shardquant.execution.activations import ActivationStore
-    from shardquant.execution.worker import BlockWorker
+    from shardquant.execution.checkpoints import ActivationCheckpointer
 
-    w = BlockWorker.__new__(BlockWorker)  # only the store and the saver are needed here
-    w.store, w._saver, w._saving = ActivationStore(), None, None
+    store = ActivationStore()
+    ck = ActivationCheckpointer(store)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(4, 64, 32, generator=gen) for _ in range(3)]
-    w.store.put("calib", batches)
-    before = [b.clone() for b in batches]
+    before = {
+        "calib": [torch.randn(4, 64, 32, generator=gen) for _ in range(12)],
+        "eval_q": [torch.randn(2, 64, 32, generator=gen) for _ in range(2)],
+    }
+    for stream, batches in before.items():
+        store.put(stream, list(batches))
     path = tmp_path / "acts" / "acts-00001-w0.safetensors"
-    w.begin_save_activations(str(path))
-    w.store.map("calib", lambda h: h * 2 + 1)  # the next block replaces the stream meanwhile
-    digest = w.end_save_activations()
+    ck.begin(str(path))
+    store.map("calib", lambda h: h * 2 + 1)  # the next block replaces the stream meanwhile
+    digest = ck.end()
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     saved = load_file(str(path))
-    assert all(torch.equal(saved[f"calib.{i:06d}"], b) for i, b in enumerate(before))
-    assert w.end_save_activations() is None  # nothing pending any more
+    assert set(saved) == {f"{s}.{i:06d}" for s, bs in before.items() for i in range(len(bs))}
+    assert all(torch.equal(saved[f"calib.{i:06d}"], b) for i, b in enumerate(before["calib"]))
+    assert ck.end() is None  # nothing pending any more
+    # Loading replaces every stream of another store with the snapshot, batches in order.
+    other = ActivationStore()
+    other.put("calib_next", [torch.zeros(1)])
+    ActivationCheckpointer(other).load(path)
+    assert sorted(other.streams()) == ["calib", "eval_q"]
+    for stream, batches in before.items():
+        got = list(other.iter(stream))
+        assert len(got) == len(batches) and all(torch.equal(a, b) for a, b in zip(got, batches, strict=True))
+    # A store over its memory budget (spilled batches) is written before `begin` returns.
+    spilling = ActivationStore(budget=40_000, spill_dir=str(tmp_path))
+    spilling.put("calib", list(before["calib"]))
+    assert spilling.spilled > 0
+    sync = ActivationCheckpointer(spilling)
+    sync_path = tmp_path / "acts" / "spilled.safetensors"
+    sync.begin(sync_path)
+    assert sync_path.exists()
+    assert sync.end() == hashlib.sha256(sync_path.read_bytes()).hexdigest()
+    assert all(torch.equal(load_file(str(sync_path))[f"calib.{i:06d}"], b) for i, b in enumerate(before["calib"]))
+    sync.close()
+    spilling.clear()
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro" / "acts").write_text("a file where a folder should be")
-    w.begin_save_activations(str(tmp_path / "ro" / "acts" / "x.safetensors"))
+    ck.begin(str(tmp_path / "ro" / "acts" / "x.safetensors"))
     with pytest.raises((OSError, UserError)):
-        w.end_save_activations()
-    w.close()
+        ck.end()
+    ck.close()

@@ -11,13 +11,16 @@ the whole stage. Quantizing a block then costs about one forward pass of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from shardquant.model.adapters import Stage
+from shardquant.calib.steps import block_work
+from shardquant.config import QuantConfig
+from shardquant.model.adapters import Adapter, Stage
 
 
 def _first(out: object) -> Tensor:
@@ -71,6 +74,25 @@ class StageCache:
             if prev.startswith(inside) or any(n.startswith(inside) for n in group):
                 self.outputs.pop(st.module, None)
                 self.tail_inputs.pop(st.tail, None)
+
+    @classmethod
+    def for_block(cls, block: nn.Module, adapter: Adapter, index: int, q: QuantConfig) -> StageCache:
+        """A cache for the calibration of block `index`: its linears that `q` does not
+        quantize are final from the start."""
+        block_name = adapter.block_prefix(index).rstrip(".")
+        quantized = {n for _, names in block_work(adapter, block_name, q) for n in names}
+        linears = adapter.linears()
+        return cls(block, adapter.stages, linears, [n for n in linears if n not in quantized])
+
+    def in_order(self, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """`fn` telling the cache, call by call, which batch (0, 1, ...) it runs."""
+        order = itertools.count()
+
+        def step(h: Tensor) -> Tensor:
+            self.batch = next(order)
+            return fn(h)
+
+        return step
 
     def batches(self, items: Iterable[Tensor]) -> Iterator[Tensor]:
         """`items` in order, telling the cache which batch is being run."""

@@ -22,7 +22,7 @@ from torch import nn
 from shardquant.algorithms import awq
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec
-from shardquant.config import QuantConfig, is_ignored
+from shardquant.config import AWQ_METHODS, QuantConfig, is_ignored
 from shardquant.model.adapters import Adapter, InputGroup
 
 
@@ -169,8 +169,11 @@ class BlockSteps(Protocol):
     worker, or on the worker that owns the task, and comes back reduced."""
 
     def observe(
-        self, groups: list[tuple[str, str]], *, hessian: bool, channel: bool, capture: dict[str, str | None]
-    ) -> dict[str, torch.Tensor]: ...
+        self, groups: list[tuple[str, str]], *, channel: bool, capture: dict[str, str | None]
+    ) -> dict[str, torch.Tensor]:
+        """Every group gets a Hessian (GPTQ's solve; AWQ: the exact errors of linear
+        consumers and the reported losses); `channel`: AWQ's mean |x| too."""
+        ...
 
     def awq_losses(
         self, group: str, linears: tuple[str, ...], quantized: tuple[str, ...], consumer: str, x_mean: torch.Tensor
@@ -216,13 +219,12 @@ def calibrate_block(
         losses = ex.solve([SolveTask(g.name, quantized, "rtn") for g, quantized in work])
         ex.apply()
         return losses
-    use_awq = q.method in ("awq", "awq+gptq")
+    use_awq = q.method in AWQ_METHODS
     phases = [[w] for w in work] if q.true_sequential else [work]
     losses: dict[str, float] = {}
     for phase in phases:
         means = ex.observe(
             [(g.name, g.linears[0]) for g, _ in phase],
-            hessian=True,  # GPTQ's solve; AWQ: exact errors of linear consumers and the reported losses
             channel=use_awq,
             capture={g.name: g.consumer for g, _ in phase} if use_awq else {},
         )

@@ -75,8 +75,8 @@ class LocalExecutor:
 
     # --- block steps (see calibrate.BlockSteps) --------------------------------------------
 
-    def observe(self, groups, *, hessian, channel, capture):
-        self._stats = self.worker.observe(groups, hessian=hessian, channel=channel, capture=capture)
+    def observe(self, groups, *, channel, capture):
+        self._stats = self.worker.observe(groups, channel=channel, capture=capture)
         return {g: st.channel.mean() for g, st in self._stats.items() if st.channel is not None}
 
     def awq_losses(self, group, linears, quantized, consumer, x_mean):

@@ -2,95 +2,54 @@
 
 A `BlockWorker` owns a contiguous share of the calibration and evaluation windows (their
 activations, kept in an `ActivationStore`) and, one at a time, a materialized block. The
-driver (see `calibrate.calibrate_block` and `pipeline.quantize`) calls its steps in order:
+driver (`calib.steps.calibrate_block`, `execution.block_loop`) calls its steps in order:
 `begin_block`, then per observation phase `observe` (statistics as exact (sum, count)
 accumulators, reduced by the executor), the AWQ steps, `solve` on the worker that owns a
 linear, `apply` everywhere, and `end_block` (propagate, evaluate, write the block's tensors).
 
 The local executor runs one worker in-process; the Ray executor wraps the same class in
-actors, so both go through exactly this code.
+actors, so both go through exactly this code. The worker holds the state; the work is done
+by `calib.observe` (statistics hooks), `calib.awq_search` (AWQ's candidate losses and clip
+rows), `calib.solvers` (one solver per method), `execution.streams` (the streams' passes
+through a block) and `execution.checkpoints` (the activation checkpoint).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from shardquant.algorithms import awq
-from shardquant.algorithms.gptq import GPTQSolver
-from shardquant.algorithms.hessian import HessianAccumulator
-from shardquant.algorithms.quantizer import MSEGrid, QuantizedWeight
-from shardquant.algorithms.rtn import quantize_rtn
+from shardquant.algorithms.quantizer import QuantizedWeight
+from shardquant.calib import awq_search
+from shardquant.calib.observe import Capture, observing
+from shardquant.calib.solvers import solve_task
 from shardquant.calib.stage_cache import StageCache
 from shardquant.calib.steps import (
     BlockProfile,
     GroupStats,
     LayerResult,
     SolveTask,
-    _first,
-    block_work,
     fold_scales,
     merge_stats,
     quant_spec,
 )
 from shardquant.config import RunConfig
 from shardquant.execution.activations import ActivationStore
+from shardquant.execution.checkpoints import ActivationCheckpointer
 from shardquant.execution.memory import trim_heap
+from shardquant.execution.streams import Streams
 from shardquant.export.registry import get_exporter
-from shardquant.model.forward import BlockRunner, embed_batches, stream_nll
+from shardquant.model.forward import BlockRunner, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.record.report import peak_rss_bytes
-from shardquant.record.state import assemble_shard, load_tensors, save_tensors
-from shardquant.tools.plan import split_range
-
-
-@dataclass
-class _Capture:
-    inputs: list[Tensor] = field(default_factory=list)
-    calls: list[tuple[tuple, dict]] = field(default_factory=list)
-    hessian: HessianAccumulator | None = None
-
-
-def _take_windows(obj: Any, rows: Tensor, batch: int) -> Any:
-    """``obj`` (a call's args or kwargs, nested) with every tensor whose leading dim is the
-    batch cut to the windows ``rows``; batch-free tensors (rotary tables, a [1, T] position
-    row) are left whole."""
-    if isinstance(obj, Tensor):
-        return obj[rows.to(obj.device)] if obj.dim() and obj.shape[0] == batch else obj
-    if isinstance(obj, tuple | list):
-        return type(obj)(_take_windows(o, rows, batch) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _take_windows(v, rows, batch) for k, v in obj.items()}
-    return obj
-
-
-def sample_calls(cap: _Capture, n: int | None, offset: int = 0, total: int | None = None) -> list[tuple[tuple, dict]]:
-    """The captured consumer calls cut to ``n`` whole windows evenly spaced over all workers'
-    windows (this worker's are [offset, offset + own) of ``total``; None: this worker alone);
-    every call when ``n`` is None or covers them all."""
-    sizes = [x.shape[0] for x in cap.inputs]
-    own = sum(sizes)
-    total = own if total is None else total
-    if n is None or n >= total or len(sizes) != len(cap.calls):
-        return list(cap.calls)
-    idx = awq.even_indices(total, n)
-    idx = idx[(idx >= offset) & (idx < offset + own)] - offset
-    out, start = [], 0
-    for (args, kwargs), b in zip(cap.calls, sizes, strict=True):
-        mine = idx[(idx >= start) & (idx < start + b)] - start
-        start += b
-        if len(mine) == b:
-            out.append((args, kwargs))
-        elif len(mine):
-            out.append((_take_windows(args, mine, b), _take_windows(kwargs, mine, b)))
-    return out
+from shardquant.record.state import assemble_shard, save_tensors
 
 
 class BlockWorker:
@@ -109,12 +68,12 @@ class BlockWorker:
         self.spec = quant_spec(c.quant)
         budget = c.cluster.activation_memory
         self.store = ActivationStore(budget, c.cluster.spill_dir, tag=f"{name}")
+        self.streams = Streams(self.store, self.runner)
         self.block: nn.Module | None = None
         self.index = -1
         self.results: dict[str, LayerResult] = {}
-        self.captures: dict[str, _Capture] = {}
-        self._saver: ThreadPoolExecutor | None = None
-        self._saving: Future[str] | None = None
+        self.captures: dict[str, Capture] = {}
+        self.checkpoints = ActivationCheckpointer(self.store)
         self.originals: dict[str, Tensor] = {}
         self.candidates: dict[str, list[Tensor]] = {}
         self.scales: dict[str, Tensor] = {}
@@ -127,34 +86,21 @@ class BlockWorker:
     # --- samples -------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        import os
-        import socket
-
-        return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "device": str(self.source.device)}
+        """Who and where this worker is (also a liveness probe: `RayExecutor.recover`)."""
+        return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": str(self.source.device)}
 
     def setup(self, calib: Tensor | None, evals: Tensor | None, *, do_fp_eval: bool) -> int:
         """Embed this worker's share of the calibration and evaluation windows; return its
         number of calibration windows."""
-        dev = self.source.device
         emb = self.source.load(self.adapter.embed)
-        n_calib = 0
-        if calib is not None:
-            a, b = split_range(len(calib), self.world, self.rank)
-            n_calib = b - a
-            self.store.put("calib", embed_batches(emb, calib[a:b], self.cfg.calib.batch_size, dev))
-        if evals is not None:
-            a, b = split_range(len(evals), self.world, self.rank)
-            self.eval_tokens = evals[a:b]
-            batches = embed_batches(emb, self.eval_tokens, self.cfg.eval.batch_size, dev)
-            self.store.put("eval_q", batches)
-            if do_fp_eval:
-                self.store.put("eval_fp", [b.clone() for b in batches])
+        n_calib, self.eval_tokens = self.streams.embed(
+            emb, calib, evals, world=self.world, rank=self.rank, calib_batch=self.cfg.calib.batch_size,
+            eval_batch=self.cfg.eval.batch_size, fp_eval=do_fp_eval, device=self.source.device,
+        )
         self.do_fp_eval = do_fp_eval
         self.source.release(emb)
         return n_calib
-
-    def activation_bytes(self) -> int:
-        return self.store.nbytes("calib")
 
     # --- one block -----------------------------------------------------------------------
 
@@ -169,110 +115,42 @@ class BlockWorker:
         self.results, self.captures, self.originals, self.candidates, self.scales = {}, {}, {}, {}, {}
         self.stage_cache = None
         if self.cfg.calib.reuse_stages and self.cfg.quant.true_sequential:
-            block_name = self.adapter.block_prefix(index).rstrip(".")
-            quantized = {n for _, names in block_work(self.adapter, block_name, self.cfg.quant) for n in names}
-            linears = self.adapter.linears()
-            self.stage_cache = StageCache(
-                self.block, self.adapter.stages, linears, [n for n in linears if n not in quantized]
-            )
+            self.stage_cache = StageCache.for_block(self.block, self.adapter, index, self.cfg.quant)
         t = time.perf_counter()
         if self.do_fp_eval and self.store.has("eval_fp"):
-            self.store.map("eval_fp", lambda h: self.runner.forward(self.block, index, h))
+            self.streams.through("eval_fp", self.block, index)
         self.profile.extra["eval_s"] = time.perf_counter() - t
         if self.cfg.calib.propagate == "fp" and self.cfg.quant.method != "none":
             t = time.perf_counter()
-            self.store.put("calib_next", [self.runner.forward(self.block, index, h) for h in self.store.iter("calib")])
+            self.streams.calib_fp(self.block, index)
             self.profile.forward_s += time.perf_counter() - t
 
     def _lin(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
 
     def observe(
-        self, groups: list[tuple[str, str]], *, hessian: bool, channel: bool, capture: dict[str, str | None]
+        self, groups: list[tuple[str, str]], *, channel: bool, capture: dict[str, str | None]
     ) -> dict[str, GroupStats]:
         """Run the calibration share through the block up to the last group's input and
-        accumulate each group's statistics. `groups` is [(group name, first linear)];
-        `capture` maps a group to its consumer module when its inputs (and the consumer's
-        calls) must be kept for the AWQ search."""
-        stats: dict[str, GroupStats] = {}
-        handles = []
-        stats_time = [0.0]
-        stop_inputs: list[Tensor] = []
-        for gname, first_name in groups:
-            first = self._lin(first_name)
-            st = stats[gname] = GroupStats(
-                HessianAccumulator(first.in_features, device=first.weight.device) if hessian else None,
-                awq.ChannelStats(first.in_features, device=first.weight.device) if channel else None,
-            )
-            cap = None
-            if gname in capture:
-                cap = self.captures[gname] = _Capture(hessian=st.hessian)
-                consumer = capture[gname]
-                if consumer:
-
-                    def call_hook(_mod, args, kwargs, cap=cap):
-                        cap.calls.append((args, kwargs))
-
-                    handles.append(self._lin(consumer).register_forward_pre_hook(call_hook, with_kwargs=True))
-
-            keep = stop_inputs if (gname, first_name) == groups[-1] else None
-
-            def hook(_mod, args, st=st, cap=cap, keep=keep):
-                t0 = time.perf_counter()
-                x = args[0].detach()
-                if cap is not None:
-                    cap.inputs.append(x)
-                if keep is not None:
-                    keep.append(x)
-                if st.hessian is not None:
-                    st.hessian.add(x)
-                if st.channel is not None:
-                    st.channel.add(x)
-                stats_time[0] += time.perf_counter() - t0
-
-            handles.append(first.register_forward_pre_hook(hook))
-        t = time.perf_counter()
-        try:
-            self._forward_calib(stop_at=self._lin(groups[-1][1]))
-        finally:
-            for h in handles:
-                h.remove()
+        accumulate each group's statistics (`calib.observe.observing`: `groups` is
+        [(group name, first linear)], `capture` maps a group to its consumer for AWQ)."""
+        with observing(self.block, groups, channel=channel, capture=capture) as obs:
+            self.captures.update(obs.captures)
+            t = time.perf_counter()
+            self.streams.observe_pass(self.block, self.index, self.stage_cache, stop_at=self._lin(groups[-1][1]))
         if self.stage_cache is not None:
             last, first = groups[-1]
-            self.stage_cache.offer_tail(first, self.groups[last].linears, stop_inputs)
-        self.profile.forward_s += time.perf_counter() - t - stats_time[0]
-        self.profile.stats_s += stats_time[0]
-        return stats
-
-    def _forward_calib(self, *, stop_at: nn.Module | None = None) -> list[Tensor]:
-        """The calibration share through the current block (reusing finished stages)."""
-        batches = self.store.iter("calib")
-        if self.stage_cache is None:
-            return self.runner.forward_all(self.block, self.index, batches, stop_at=stop_at)
-        with self.stage_cache.active(self.store.count("calib")):
-            return self.runner.forward_all(self.block, self.index, self.stage_cache.batches(batches), stop_at=stop_at)
-
-    def _propagate_calib(self) -> None:
-        """Replace the calibration share by the current block's output, batch by batch."""
-        cache = self.stage_cache
-        if cache is None:
-            self.store.map("calib", lambda h: self.runner.forward(self.block, self.index, h))
-            return
-        order = iter(range(self.store.count("calib")))
-
-        def step(h: Tensor) -> Tensor:
-            cache.batch = next(order)
-            return self.runner.forward(self.block, self.index, h)
-
-        with cache.active(self.store.count("calib"), record=False):
-            self.store.map("calib", step)
+            self.stage_cache.offer_tail(first, self.groups[last].linears, obs.last_inputs)
+        self.profile.forward_s += time.perf_counter() - t - obs.stats_s
+        self.profile.stats_s += obs.stats_s
+        return obs.stats
 
     def observe_parts(
-        self, groups: list[tuple[str, str]], *, hessian: bool, channel: bool, capture: dict[str, str | None]
+        self, groups: list[tuple[str, str]], *, channel: bool, capture: dict[str, str | None]
     ) -> tuple[dict[str, GroupStats], dict[str, tuple[Tensor, int]]]:
         """`observe`, plus each group's channel (sum, count) apart: the small part a driver
         fetches (for AWQ) while the Hessians go straight to the workers that solve."""
-        stats = self.observe(groups, hessian=hessian, channel=channel, capture=capture)
+        stats = self.observe(groups, channel=channel, capture=capture)
         return stats, {g: (st.channel.sum, st.channel.count) for g, st in stats.items() if st.channel is not None}
 
     # --- AWQ -----------------------------------------------------------------------------
@@ -287,78 +165,19 @@ class BlockWorker:
         offset: int = 0,
         total: int | None = None,
     ) -> tuple[list[float], int]:
-        """Summed squared error of the consumer's output for each candidate scale (weights
-        restored after), and the element count, over this worker's part of the sample.
-
-        A consumer that is one of the group's linears (or, with `quant.awq_search_objective:
-        linears`, the group's own linears in place of any consumer) is measured exactly on
-        every captured row through the group's Gram matrix; any other (attention, MLP) is run on
-        `quant.awq_search_samples` whole windows evenly spaced over all workers' windows
-        (this worker's are [offset, offset + own) of `total`)."""
+        """Summed squared error of the consumer's output for each candidate scale, and the
+        element count, over this worker's part of the sample (`awq_search.search_losses`;
+        this worker's windows are [offset, offset + own) of `total`). The candidates and the
+        unscaled weights are kept for `fold` and `solve`."""
         t = time.perf_counter()
-        q = self.cfg.quant
-        lins = {n: self._lin(n) for n in linears}
-        originals = {n: lin.weight.detach().clone() for n, lin in lins.items()}
-        self.originals.update({n: originals[n].float().clone() for n in quantized})
-        w_mean = awq.weight_mean([originals[n] for n in quantized], self.spec) if q.awq_duo_scaling else None
-        candidates = awq.candidate_scales(x_mean.to(originals[quantized[0]].device), grid=q.awq_grid, w_mean=w_mean)
-        self.candidates[group] = candidates
-        cap = self.captures[group]
-        if q.awq_search_objective == "linears" and cap.hessian is not None:
-            totals, count = self._linear_losses(cap.hessian, [originals[n] for n in quantized], candidates)
-        elif consumer in quantized and cap.hessian is not None:
-            totals, count = self._linear_losses(cap.hessian, [originals[consumer]], candidates)
-        else:
-            totals, count = self._module_losses(
-                self.block.get_submodule(consumer), lins, quantized, originals, candidates,
-                sample_calls(cap, q.awq_search_samples, offset, total),
-            )
+        found = awq_search.search_losses(
+            self.block, self.captures[group], linears, quantized, consumer, x_mean,
+            self.cfg.quant, self.spec, offset, total,
+        )
+        self.originals.update(found.originals)
+        self.candidates[group] = found.candidates
         self.profile.extra["search_s"] = self.profile.extra.get("search_s", 0.0) + time.perf_counter() - t
-        return totals, count
-
-    def _linear_losses(
-        self, hessian: HessianAccumulator, weights: list[Tensor], candidates: list[Tensor]
-    ) -> tuple[list[float], int]:
-        """Summed output error of linears sharing the input, exactly, through its Gram matrix."""
-        gram = hessian.gram()
-        ws = [w.float() for w in weights]
-        totals = [
-            sum(awq.linear_output_error(awq.scaled_fake_quantize(w, s, self.spec) - w, gram) for w in ws)
-            for s in candidates
-        ]
-        return totals, hessian.count * sum(w.shape[0] for w in ws)
-
-    def _module_losses(
-        self,
-        module: nn.Module,
-        lins: dict[str, nn.Linear],
-        quantized: tuple[str, ...],
-        originals: dict[str, Tensor],
-        candidates: list[Tensor],
-        calls: list[tuple[tuple, dict]],
-    ) -> tuple[list[float], int]:
-        with torch.no_grad():
-            refs = [_first(module(*a, **kw)) for a, kw in calls]
-        totals, count = [], 0
-        try:
-            with torch.no_grad():
-                for s in candidates:
-                    for n, lin in lins.items():
-                        if n in quantized:
-                            lin.weight.copy_(awq.scaled_fake_quantize(originals[n], s, self.spec).to(lin.weight.dtype))
-                        else:
-                            lin.weight.copy_(originals[n])
-                    total, count = 0.0, 0
-                    for (a, kw), ref in zip(calls, refs, strict=True):
-                        y = _first(module(*a, **kw))
-                        total += float((y.float() - ref.float()).pow(2).sum())
-                        count += y.numel()
-                    totals.append(total)
-        finally:
-            with torch.no_grad():
-                for n, lin in lins.items():
-                    lin.weight.copy_(originals[n])
-        return totals, count
+        return found.totals, found.count
 
     def fold(self, group: str, choice: int | None, prev: str, linears: tuple[str, ...]) -> None:
         """Apply candidate `choice` of the last search (None: leave unscaled) to the group."""
@@ -370,22 +189,19 @@ class BlockWorker:
         s = self.candidates.pop(group)[choice].to(self._lin(linears[0]).weight.device)
         self.scales[group] = s
         fold_scales(self.block, InputGroup(group, prev, linears), s, self.results)
+        # Dropped, not rescaled: results must be bit-identical with and without the cache, and
+        # no rescaling of kept tensors gives the bits the folded block computes. A quantized
+        # `prev` (v_proj, up_proj) has its row scales divided and re-rounded through the scale
+        # dtype (`awq.rescale_rows`), and even unrounded (x W^T) / s != x (W / s)^T in floats.
+        # A norm `prev` lies in no stage, and the group's stage has nothing kept yet (its
+        # linears are not final), so there the drop costs nothing.
         if self.stage_cache is not None:
             self.stage_cache.invalidate(prev, linears)
 
     def sample_rows(self, group: str, n: int, offset: int = 0, total: int | None = None) -> Tensor:
-        """This worker's part of n rows evenly spaced over all workers' captured inputs of
-        `group` (its rows are [offset, offset + own) of `total`; None: this worker alone),
-        divided by the group's scales when it was scaled."""
+        """This worker's part of the clip search's n rows of `group` (`awq_search.sample_rows`)."""
         inputs = self.captures[group].inputs
-        if total is None:
-            rows = awq.subsample_rows(inputs, n)
-        else:
-            idx = awq.even_indices(total, n)
-            own = sum(x.reshape(-1, x.shape[-1]).shape[0] for x in inputs)
-            rows = awq.take_rows(inputs, idx[(idx >= offset) & (idx < offset + own)] - offset)
-        s = self.scales.get(group)
-        return rows if s is None else rows / s.to(rows.device)
+        return awq_search.sample_rows(inputs, n, offset, total, self.scales.get(group))
 
     # --- solving -------------------------------------------------------------------------
 
@@ -402,63 +218,22 @@ class BlockWorker:
         """A part as handed in; a remote worker fetches a reference here (see cluster/)."""
         return part
 
-    def solve(self, tasks: list[SolveTask], *stats: dict[str, GroupStats]) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
-        """Quantize the tasks' linears from the (per-worker) statistics; weights are not
-        changed here (see `apply`). Returns the quantized weights and losses by linear."""
+    def solve(
+        self, tasks: list[SolveTask], *stats: dict[str, GroupStats]
+    ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+        """Quantize the tasks' linears from the (per-worker) statistics (`solvers.solve_task`);
+        weights are not changed here (see `apply`). The quantized weights and losses by linear."""
         t = time.perf_counter()
-        q = self.cfg.quant
         merged = merge_stats(self._each_part(stats)) if stats else {}
-        mse = MSEGrid(grid=q.mse_grid, max_shrink=q.mse_max_shrink, norm=q.mse_norm) if q.mse else None
         weights: dict[str, QuantizedWeight] = {}
         losses: dict[str, float] = {}
         for task in tasks:
-            s = self.scales.get(task.group)
-            if task.kind == "rtn":
-                for name in task.linears:
-                    w = self._lin(name).weight.float()
-                    qw = quantize_rtn(w, self.spec, mse=mse)
-                    weights[name] = qw
-                    losses[name] = float((w - qw.dequantize().to(w.device)).pow(2).sum())
-                continue
-            if task.kind in ("gptq", "awq+gptq"):
-                H = merged[task.group].hessian.hessian()
-                if s is not None:
-                    H = awq.scaled_hessian(H, s)
-                solver = GPTQSolver(H, damp=q.damp, act_order=q.act_order, reorder=q.reorder,
-                                    group_size=q.group_size)
-                ws = [self._weight(name, s) for name in task.linears]
-                solved = solver.quantize_many(ws, self.spec, block_size=q.block_size,
-                                              static_groups=q.static_groups, mse=mse, group_range=q.group_range)
-                for name, res in zip(task.linears, solved, strict=True):
-                    weights[name], losses[name] = res.weight, float(res.loss)
-                del solver, ws, solved
-                continue
-            # awq: RTN on the scaled weights, with a clip search on the sampled rows.
-            clip_x = task.clip_rows
-            acc = merged[task.group].hessian
-            gram = acc.gram()
-            for name in task.linears:
-                w = self._weight(name, s)
-                target = w
-                if task.clip and name not in task.clip_skip and clip_x is not None:
-                    found = awq.search_clip(
-                        w, clip_x.to(w.device), self.spec, grid=q.awq_clip_grid, max_shrink=q.awq_clip_max_shrink
-                    )
-                    target = awq.apply_clip(w, self.spec, found.ratio)
-                qw = quantize_rtn(target, self.spec)
-                weights[name] = qw
-                delta = w - qw.dequantize().to(w.device)
-                if s is not None:
-                    delta = delta / s.to(delta.device)  # the error seen by the unscaled inputs
-                losses[name] = awq.linear_output_error(delta, gram) / acc.count
+            w, loss = solve_task(task, self.block, merged, scales=self.scales, originals=self.originals,
+                                 spec=self.spec, q=self.cfg.quant)
+            weights.update(w)
+            losses.update(loss)
         self.profile.solve_s += time.perf_counter() - t
         return weights, losses
-
-    def _weight(self, name: str, s: Tensor | None) -> Tensor:
-        """The float32 weight to quantize: the original times the group's scales, if any."""
-        if s is not None and name in self.originals:
-            return self.originals[name] * s
-        return self._lin(name).weight.float()
 
     def apply(self, *parts: dict[str, QuantizedWeight]) -> None:
         """Set the solved linears' weights to their dequantized codes (every worker)."""
@@ -484,7 +259,7 @@ class BlockWorker:
         if self.store.has("calib_next"):
             self.store.rename("calib_next", "calib")
         elif self.store.has("calib"):
-            self._propagate_calib()
+            self.streams.through("calib", self.block, self.index, self.stage_cache)
         if self.stage_cache is not None:
             cache_bytes = self.stage_cache.nbytes()
             self.stage_cache.clear()
@@ -492,7 +267,7 @@ class BlockWorker:
         self.profile.forward_s += time.perf_counter() - t
         t = time.perf_counter()
         if self.store.has("eval_q"):
-            self.store.map("eval_q", lambda h: self.runner.forward(self.block, self.index, h))
+            self.streams.through("eval_q", self.block, self.index)
         self.profile.extra["eval_s"] = self.profile.extra.get("eval_s", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         digest = None
@@ -547,57 +322,21 @@ class BlockWorker:
 
     # --- resumable state ------------------------------------------------------------------
 
-    def save_activations(self, path: str) -> str:
-        """Every stream of this worker's share, exactly, in one file (atomic); its sha256."""
-        self.begin_save_activations(path)
-        return self.end_save_activations()
-
     def begin_save_activations(self, path: str) -> None:
-        """Start `save_activations` in a background thread, so the next block calibrates
-        while the checkpoint is written; `end_save_activations` waits for it. The batches are
-        never changed in place (a stream's batches are replaced), so the ones being written
-        stay valid. A store that spills is written now: its batches, read back for the
-        write, would otherwise stay in memory, over its budget, while the next block runs."""
-        self.end_save_activations()
-        tensors = {}
-        for stream in self.store.streams():
-            for i, h in enumerate(self.store.iter(stream)):
-                tensors[f"{stream}.{i:06d}"] = h
-        if self.store.spilled:
-            done: Future[str] = Future()
-            try:
-                done.set_result(save_tensors(Path(path), tensors))
-            except BaseException as e:
-                done.set_exception(e)
-            self._saving = done
-            return
-        if self._saver is None:
-            self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardquant-save")
-        self._saving = self._saver.submit(save_tensors, Path(path), tensors)
+        """Start writing this share's streams to `path` in the background (`ActivationCheckpointer`)."""
+        self.checkpoints.begin(path)
 
     def end_save_activations(self) -> str | None:
-        """Wait for the checkpoint `begin_save_activations` started (re-raising its error);
-        its sha256, or None when none was pending."""
-        saving, self._saving = self._saving, None
-        return None if saving is None else saving.result()
+        """Wait for that write; its sha256, or None when none was pending."""
+        return self.checkpoints.end()
 
     def load_activations(self, path: str) -> None:
-        """Replace this worker's streams with those saved by `save_activations`."""
-        tensors = load_tensors(Path(path), device=self.source.device)
-        streams: dict[str, list[tuple[int, Tensor]]] = {}
-        for key, t in tensors.items():
-            stream, i = key.rsplit(".", 1)
-            streams.setdefault(stream, []).append((int(i), t))
-        self.store.clear()
-        for stream, items in streams.items():
-            self.store.put(stream, [t for _, t in sorted(items, key=lambda x: x[0])])
+        """Replace this worker's streams with a saved checkpoint."""
+        self.checkpoints.load(path, device=self.source.device)
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()
 
     def close(self) -> None:
-        if self._saver is not None:
-            self._saver.shutdown(wait=True)
-            self._saver = None
-        self._saving = None
+        self.checkpoints.close()
         self.store.clear()

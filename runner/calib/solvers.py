@@ -1,0 +1,120 @@
+"""One solver per method: a `SolveTask`'s linears of a block to quantized weights and losses.
+
+Every solver has the signature of `Solver`: the task, the block (its linears hold the
+current weights), the task group's merged statistics, the group's AWQ scales (None when
+unscaled), the float32 weights from before the scaling (`originals`), the scheme and the
+quantization config. Nothing here changes the block: the caller sets the dequantized
+weights (`BlockWorker.apply`) on every worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from shardquant.algorithms import awq
+from shardquant.algorithms.gptq import GPTQSolver
+from shardquant.algorithms.quantizer import MSEGrid, QuantizedWeight, QuantSpec
+from shardquant.algorithms.rtn import quantize_rtn
+from shardquant.calib.steps import GroupStats, SolveTask
+from shardquant.config import GPTQ_METHODS, QuantConfig
+
+Solved = tuple[dict[str, QuantizedWeight], dict[str, float]]
+Solver = Callable[
+    [SolveTask, nn.Module, GroupStats | None, Tensor | None, dict[str, Tensor], QuantSpec, QuantConfig],
+    Solved,
+]
+
+
+def mse_grid(q: QuantConfig) -> MSEGrid | None:
+    """The MSE range search of `quant.mse*`, or None (plain min/max ranges)."""
+    return MSEGrid(grid=q.mse_grid, max_shrink=q.mse_max_shrink, norm=q.mse_norm) if q.mse else None
+
+
+def task_weight(block: nn.Module, name: str, s: Tensor | None, originals: dict[str, Tensor]) -> Tensor:
+    """The float32 weight to quantize: the original times the group's scales, if any."""
+    if s is not None and name in originals:
+        return originals[name] * s
+    return block.get_submodule(name).weight.float()
+
+
+def solve_rtn(
+    task: SolveTask, block: nn.Module, stats: GroupStats | None, s: Tensor | None,
+    originals: dict[str, Tensor], spec: QuantSpec, q: QuantConfig,
+) -> Solved:
+    """Round to nearest, each linear on its own; the loss is the weight's squared error."""
+    mse = mse_grid(q)
+    weights: dict[str, QuantizedWeight] = {}
+    losses: dict[str, float] = {}
+    for name in task.linears:
+        w = block.get_submodule(name).weight.float()
+        qw = quantize_rtn(w, spec, mse=mse)
+        weights[name] = qw
+        losses[name] = float((w - qw.dequantize().to(w.device)).pow(2).sum())
+    return weights, losses
+
+
+def solve_gptq(
+    task: SolveTask, block: nn.Module, stats: GroupStats | None, s: Tensor | None,
+    originals: dict[str, Tensor], spec: QuantSpec, q: QuantConfig,
+) -> Solved:
+    """GPTQ with one factorization of the group's Hessian for all its linears; with AWQ scales
+    (`awq+gptq`) the scaled weights and the Hessian of the scaled inputs."""
+    H = stats.hessian.hessian()
+    if s is not None:
+        H = awq.scaled_hessian(H, s)
+    solver = GPTQSolver(H, damp=q.damp, act_order=q.act_order, reorder=q.reorder, group_size=q.group_size)
+    ws = [task_weight(block, name, s, originals) for name in task.linears]
+    solved = solver.quantize_many(ws, spec, block_size=q.block_size, static_groups=q.static_groups,
+                                  mse=mse_grid(q), group_range=q.group_range)
+    weights: dict[str, QuantizedWeight] = {}
+    losses: dict[str, float] = {}
+    for name, res in zip(task.linears, solved, strict=True):
+        weights[name], losses[name] = res.weight, float(res.loss)
+    return weights, losses
+
+
+def solve_awq(
+    task: SolveTask, block: nn.Module, stats: GroupStats | None, s: Tensor | None,
+    originals: dict[str, Tensor], spec: QuantSpec, q: QuantConfig,
+) -> Solved:
+    """RTN on the scaled weights, after a clip search on the task's sampled rows; the loss is
+    the output error seen by the unscaled inputs (through the Gram matrix), per row."""
+    clip_x = task.clip_rows
+    acc = stats.hessian
+    gram = acc.gram()
+    weights: dict[str, QuantizedWeight] = {}
+    losses: dict[str, float] = {}
+    for name in task.linears:
+        w = task_weight(block, name, s, originals)
+        target = w
+        if task.clip and name not in task.clip_skip and clip_x is not None:
+            found = awq.search_clip(
+                w, clip_x.to(w.device), spec, grid=q.awq_clip_grid, max_shrink=q.awq_clip_max_shrink
+            )
+            target = awq.apply_clip(w, spec, found.ratio)
+        qw = quantize_rtn(target, spec)
+        weights[name] = qw
+        delta = w - qw.dequantize().to(w.device)
+        if s is not None:
+            delta = delta / s.to(delta.device)  # the error seen by the unscaled inputs
+        losses[name] = awq.linear_output_error(delta, gram) / acc.count
+    return weights, losses
+
+
+SOLVERS: dict[str, Solver] = {"rtn": solve_rtn, "awq": solve_awq, **dict.fromkeys(GPTQ_METHODS, solve_gptq)}
+
+
+def solve_task(
+    task: SolveTask,
+    block: nn.Module,
+    stats: dict[str, GroupStats],
+    *,
+    scales: dict[str, Tensor],
+    originals: dict[str, Tensor],
+    spec: QuantSpec,
+    q: QuantConfig,
+) -> Solved:
+    """The solver of `task.kind` on the task, with its group's statistics and scales."""
+    return SOLVERS[task.kind](task, block, stats.get(task.group), scales.get(task.group), originals, spec, q)
