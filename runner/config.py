@@ -206,8 +206,9 @@ class ExportConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    backend: Literal["local", "ray"] = Field(
-        "local", description="Executor: local (one process) or ray (actors on a Ray cluster, data parallel)."
+    backend: str = Field(
+        "local", description="Executor: local (one process), ray (actors on a Ray cluster), or another installed "
+        "`shardquant.executors` entry point."
     )
     address: str | None = Field(
         None, description="Ray cluster address (e.g. 'auto', '10.0.0.1:6379'); unset: $RAY_ADDRESS, else a local Ray."
@@ -223,6 +224,16 @@ class ClusterConfig(_Section):
     )
     spill_dir: str | None = Field(None, description="Local directory for spilled activations (default: the temp dir).")
     max_failures: int = Field(3, ge=0, description="Lost Ray workers replaced (and their block redone) before giving up.")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from importlib.metadata import entry_points
+
+        names = {"local", "ray"} | {ep.name for ep in entry_points(group="shardquant.executors")}
+        if v not in names:
+            raise ValueError(f"not an installed executor (installed: {', '.join(sorted(names))})")
+        return v
 
     @field_validator("activation_memory")
     @classmethod

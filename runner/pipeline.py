@@ -66,7 +66,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     p = prepared or prepare(cfg)
     src, q = p.source, cfg.quant
     state = RunState(p.output)
-    workers = cfg.cluster.workers if cfg.cluster.backend == "ray" else 1
+    workers = 1 if cfg.cluster.backend == "local" else cfg.cluster.workers
     progress = state.start(config_dict(cfg), resume=cfg.resume, workers=workers)
     start = progress["done"]
     if start:

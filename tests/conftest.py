@@ -54,14 +54,14 @@ def build_tokenizer(directory: Path, vocab_size: int = 320):
     return fast
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
 
 def tiny_config(
     family: str, *, layers: int = 3, vocab: int = 320, hidden: int = 64, inter: int = 128, kv_heads: int = 2
 ):
     """A small transformers config of the family; sliding windows smaller than test windows."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, SmolLM3Config
 
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -76,6 +76,10 @@ def tiny_config(
         return Qwen2Config(**common, use_sliding_window=True, sliding_window=24, max_window_layers=1)
     if family == "qwen3":
         return Qwen3Config(**common, head_dim=16, use_sliding_window=True, sliding_window=24, max_window_layers=2)
+    if family == "smollm3":  # layer 1 without rotary, layer 2 with a sliding window
+        return SmolLM3Config(**common, no_rope_layers=[1, 0, 1][:layers] + [1] * max(0, layers - 3),
+                             use_sliding_window=True, sliding_window=24, max_window_layers=2,
+                             pad_token_id=None, bos_token_id=0, eos_token_id=0)
     raise ValueError(family)
 
 

@@ -162,6 +162,11 @@ ADAPTERS: dict[str, Adapter] = {
         norms=(*_NORMS, ("self_attn.q_norm", "head_dim"), ("self_attn.k_norm", "head_dim")),
         biases=(Biases(_ATTN, "attention_bias"),),
     ),
+    # Llama's layout; the layers in config.no_rope_layers skip rotary inside their own attention.
+    "smollm3": Adapter(
+        "smollm3", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="layer_types", norms=_NORMS,
+        biases=(Biases(_ATTN, "attention_bias"), Biases(_MLP, "mlp_bias")),
+    ),
 }
 
 
