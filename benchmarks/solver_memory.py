@@ -13,28 +13,50 @@ Modes:
   accumulator  ``GPTQSolver.from_accumulator(acc)``: H is built in the accumulator's
                buffer and the solver factorizes in it (the accumulator is consumed)
 
+``--rev REV`` adds the hessian mode with algorithms/ as it was at git revision REV (its files
+copied into a temporary package), for a before/after in one invocation.
+
 Usage: python benchmarks/solver_memory.py [--in 8192] [--out 1024] [--modes hessian accumulator]
+       [--rev 890c421]
 Measured, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
+import importlib
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from shardquant.algorithms.gptq import GPTQSolver  # noqa: E402
-from shardquant.algorithms.hessian import HessianAccumulator  # noqa: E402
-from shardquant.algorithms.quantizer import QuantSpec  # noqa: E402
+
+def _algorithms_at(rev: str) -> str:
+    """algorithms/ at git revision ``rev`` as an importable package; returns its name."""
+    tmp = Path(tempfile.mkdtemp(prefix="solver_memory_"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    pkg = tmp / "algorithms_at_rev"
+    pkg.mkdir()
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:algorithms"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in names:
+        if name.endswith(".py"):
+            text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:algorithms/{name}"],
+                                  capture_output=True, text=True, check=True).stdout
+            (pkg / name).write_text(text)
+    sys.path.insert(0, str(tmp))
+    return pkg.name
 
 
 def _status(key: str) -> int:
@@ -54,6 +76,10 @@ def _reset_peak() -> bool:
 
 def child(args: argparse.Namespace) -> dict[str, object]:
     """Fill an accumulator, then measure the solve of ``args.mode``; returns the numbers."""
+    pkg = _algorithms_at(args.rev) if args.mode == "rev" else "shardquant.algorithms"
+    GPTQSolver = importlib.import_module(f"{pkg}.gptq").GPTQSolver  # noqa: N806
+    HessianAccumulator = importlib.import_module(f"{pkg}.hessian").HessianAccumulator  # noqa: N806
+    QuantSpec = importlib.import_module(f"{pkg}.quantizer").QuantSpec  # noqa: N806
     n, rows = args.in_features, args.rows
     gen = torch.Generator().manual_seed(0)
     col_scale = torch.exp(torch.randn(n, generator=gen))  # channels of very different size
@@ -71,7 +97,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     base = _status("VmRSS")
     exact = _reset_peak()
     t0 = time.perf_counter()
-    if args.mode == "hessian":
+    if args.mode in ("hessian", "rev"):
         solver = GPTQSolver(acc.hessian(), damp=0.01, act_order=args.act_order)
     else:
         solver = GPTQSolver.from_accumulator(acc, damp=0.01, act_order=args.act_order)
@@ -104,6 +130,7 @@ def main() -> None:
     p.add_argument("--no-act-order", dest="act_order", action="store_false")
     p.add_argument("--modes", nargs="+", default=["hessian", "accumulator"],
                    choices=["hessian", "accumulator"])
+    p.add_argument("--rev", help="also measure the hessian mode with algorithms/ at this git revision")
     p.add_argument("--mode", help=argparse.SUPPRESS)  # set in the child process
     args = p.parse_args()
     if args.mode:
@@ -115,14 +142,16 @@ def main() -> None:
     print("| mode | build peak | held after build | solve peak | incl. accumulator | build s | quantize s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     checks = []
-    for mode in args.modes:
+    modes = (["rev"] if args.rev else []) + args.modes
+    for mode in modes:
         cmd = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         note = "" if r["peak_reset"] else " (VmHWM not reset: peaks are upper bounds)"
-        print(f"| {mode} | {r['build_peak']:.2f} | {r['held_after_build']:.2f} | {r['solve_peak']:.2f} "
+        label = f"hessian @{args.rev}" if mode == "rev" else mode
+        print(f"| {label} | {r['build_peak']:.2f} | {r['held_after_build']:.2f} | {r['solve_peak']:.2f} "
               f"| {r['solve_peak'] + 1:.2f} | {r['build_s']:.1f} | {r['quantize_s']:.1f} |{note}")
-        checks.append(f"{mode}: loss {r['loss']:.6g}, sum of codes {r['codes_sum']}")
+        checks.append(f"{label}: loss {r['loss']:.6g}, sum of codes {r['codes_sum']}")
     print("\n".join(checks))
 
 
