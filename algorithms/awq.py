@@ -305,7 +305,15 @@ def rescale_rows(qw: QuantizedWeight, s: Tensor) -> QuantizedWeight:
     return QuantizedWeight(codes=qw.codes, scales=scales, zeros=qw.zeros, g_idx=qw.g_idx, spec=qw.spec)
 
 
-def scaled_hessian(H: Tensor, s: Tensor) -> Tensor:
-    """The Hessian of the scaled inputs ``x / s``: ``H / (s s^T)``, from the Hessian of ``x``."""
+def scaled_hessian(H: Tensor, s: Tensor, *, inplace: bool = False, panel: int = 256) -> Tensor:
+    """The Hessian of the scaled inputs ``x / s``: ``H / (s s^T)``, from the Hessian of ``x``.
+
+    ``inplace`` divides ``H`` itself, a row panel at a time (same values, no in×in temporary:
+    for a solver that then takes H over, see ``GPTQSolver(overwrite_h=True)``).
+    """
     s = s.to(device=H.device, dtype=H.dtype)
-    return H / (s.unsqueeze(1) * s.unsqueeze(0))
+    if not inplace:
+        return H / (s.unsqueeze(1) * s.unsqueeze(0))
+    for i in range(0, H.shape[0], panel):
+        H[i : i + panel].div_(s[i : i + panel].unsqueeze(1) * s.unsqueeze(0))
+    return H

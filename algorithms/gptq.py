@@ -17,6 +17,7 @@ from torch import Tensor
 
 from shardquant.algorithms.counts import n_groups
 
+from .hessian import HessianAccumulator
 from .quantizer import MSEGrid, QuantizedWeight, QuantSpec, group_qparams, search_qparams
 
 _DAMP_RETRIES = 4  # each retry multiplies the damping by 10
@@ -73,6 +74,13 @@ class GPTQSolver:
     diagonal and the columns of a group by decreasing diagonal, so ``g_idx`` stays
     ``j // group_size`` and the checkpoint needs none. The group size is fixed at
     construction (``group_size``, -1 = one group) because it shapes the order.
+
+    Memory: the factorization holds two in×in matrices, H (the caller's own with
+    ``overwrite_h=True``, which leaves it garbage, else one copy) and a work buffer where the
+    factor, the inverse and its factor are computed in place; only that buffer (``hinv``) is
+    kept. ``from_accumulator`` builds H in the accumulator's buffer, so a solve needs one
+    in×in matrix beyond the statistics it is fed. The factorization does not depend on the
+    weights, so a linear may be solved in row slices (``split_rows``, ``concat_rows``).
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class GPTQSolver:
         act_order: bool = False,
         reorder: Reorder = "none",
         group_size: int | None = None,
+        overwrite_h: bool = False,
     ) -> None:
         if H.dim() != 2 or H.shape[0] != H.shape[1]:
             raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
@@ -94,28 +103,56 @@ class GPTQSolver:
             raise ValueError("act_order and reorder='group' exclude each other")
         if reorder == "group" and group_size is None:
             raise ValueError("reorder='group' needs the group_size it orders by")
-        if not torch.isfinite(H).all():
+        if not _all_finite(H):
             raise ValueError("H has non-finite entries")
         self.dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
-        H = H.to(dtype=self.dtype, copy=True)
+        # The working matrix: H itself when the caller hands it over, else its one copy.
+        owned = overwrite_h and H.dtype == self.dtype and H.is_contiguous()
+        H = H if owned else torch.empty(H.shape, dtype=self.dtype, device=H.device).copy_(H)
         n = H.shape[0]
-        self.dead = torch.diagonal(H) == 0
-        H[self.dead, self.dead] = 1
+        diag = torch.diagonal(H)
+        self.dead = diag == 0
+        diag.masked_fill_(self.dead, 1)
         self.act_order = act_order
         self.reorder = reorder
         self.group_size = group_size
         self.perm: Tensor | None = None
         self.invperm: Tensor | None = None
         if act_order:
-            self.perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            self.perm = torch.argsort(diag, descending=True, stable=True)
         elif reorder == "group":
             glen = n if group_size == -1 else group_size
-            self.perm = group_aware_order(torch.diagonal(H), glen)
+            self.perm = group_aware_order(diag, glen)
+        # The second matrix: the permuted rows, then the factors and the result.
+        work = torch.empty_strided((n, n), (1, n), dtype=self.dtype, device=H.device)
         if self.perm is not None:
             self.invperm = torch.argsort(self.perm)
-            H = H[self.perm][:, self.perm]
+            rows = work.T  # row-major view of the same buffer
+            torch.index_select(H, 0, self.perm, out=rows)
+            torch.index_select(rows, 1, self.perm, out=H)
         with _one_cpu_thread(H, H.numel()):
-            self.hinv, self.damp = _damped_inverse_cholesky(H, damp)
+            self.hinv, self.damp = _damped_inverse_cholesky(H, damp, work)
+
+    @classmethod
+    def from_accumulator(
+        cls,
+        acc: HessianAccumulator,
+        *,
+        consume: bool = True,
+        damp: float = 0.01,
+        act_order: bool = False,
+        reorder: Reorder = "none",
+        group_size: int | None = None,
+    ) -> GPTQSolver:
+        """A solver for ``acc``'s Hessian; the other arguments as for the constructor.
+
+        With ``consume`` (default) H is built in the accumulator's buffer and factorized there,
+        so the solve holds one in×in matrix beyond it (and none after); the accumulator is spent.
+        """
+        return cls(
+            acc.hessian(consume=consume), damp=damp, act_order=act_order, reorder=reorder,
+            group_size=group_size, overwrite_h=consume,
+        )
 
     @property
     def in_features(self) -> int:
@@ -227,6 +264,22 @@ class GPTQSolver:
             results.append(GPTQResult(weight=qweight, loss=loss_rows[r0:r1].sum().item() / 2))
             r0 = r1
         return results
+
+
+def split_rows(out_features: int, k: int) -> list[tuple[int, int]]:
+    """``k`` contiguous row ranges ``[start, end)`` covering ``out_features`` rows, the first
+    ``out_features % k`` one row longer (the split of runner/tools/plan.py ``split_range``).
+
+    A linear's rows may be quantized in such slices, by one solver (or copies of it: it is
+    plain tensors) each: GPTQ treats each row on its own and the factorization depends on H
+    alone, so ``concat_rows`` of the slices' weights equals one solve's, and the whole loss is
+    the sum of the slices' losses.
+    """
+    if not 1 <= k <= out_features:
+        raise ValueError(f"cannot split {out_features} rows into {k} slices")
+    base, extra = divmod(out_features, k)
+    bounds = [r * base + min(r, extra) for r in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def group_aware_order(diag: Tensor, group_len: int) -> Tensor:
@@ -344,29 +397,60 @@ def gptq_quantize(
     group_range: GroupRange = "current",
 ) -> GPTQResult:
     """One-shot GPTQ of one weight; computes in float64 if ``weight`` or ``H`` is float64."""
-    if weight.dtype == torch.float64:
-        H = H.to(torch.float64)
-    solver = GPTQSolver(H, damp=damp, act_order=act_order, reorder=reorder, group_size=spec.group_size)
+    fresh = weight.dtype == torch.float64 and H.dtype != torch.float64
+    if fresh:
+        H = H.to(torch.float64)  # a new matrix the solver may work in
+    solver = GPTQSolver(H, damp=damp, act_order=act_order, reorder=reorder, group_size=spec.group_size,
+                        overwrite_h=fresh)
     return solver.quantize(weight, spec, block_size=block_size, static_groups=static_groups, mse=mse,
                            group_range=group_range)
 
 
-def _damped_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp on failure."""
-    mean_diag = torch.diagonal(H).mean()
+def _damped_inverse_cholesky(H: Tensor, damp: float, work: Tensor) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp on failure.
+
+    ``H``'s diagonal is damped in place; the factor, the inverse and its upper factor are all
+    computed in ``work`` (an in×in buffer in column-major layout, where LAPACK works in place;
+    a row-major one would cost a hidden copy per step), so H survives for a retry and nothing
+    else in×in is allocated. The factor is returned row-major, transposed in place in ``work``.
+    """
+    diag = torch.diagonal(H)
+    mean_diag = diag.mean()  # of the strided view, as ever: a contiguous copy sums in another order
+    undamped = diag.clone()
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     tried = []
     for attempt in range(_DAMP_RETRIES + 1):
         frac = damp if attempt == 0 else max(damp, 1e-3) * 10**attempt
         tried.append(frac)
-        Hd = H.clone()
-        torch.diagonal(Hd).add_(frac * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        diag.copy_(undamped.add(frac * mean_diag))
+        torch.linalg.cholesky_ex(H, out=(work, info))
         if info.item() != 0:
             continue
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if info.item() == 0 and torch.isfinite(U).all():
-            return U, frac
+        torch.cholesky_inverse(work, out=work)
+        torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+        if info.item() == 0 and _all_finite(work):
+            return _transpose_(work.T), frac
     raise ValueError(
         f"Hessian is not positive definite even with damping fractions {tried}; "
         "the calibration activations are degenerate (too few tokens or NaNs upstream?)"
     )
+
+
+def _transpose_(m: Tensor, panel: int = 256) -> Tensor:
+    """Transpose square ``m`` in place, a row panel and its mirrored column panel at a time
+    (one panel-sized temporary). Returns ``m``."""
+    n = m.shape[0]
+    for i in range(0, n, panel):
+        j = min(i + panel, n)
+        d = m[i:j, i:j]
+        d.copy_(d.T.clone())
+        if j < n:
+            top = m[i:j, j:].clone()
+            m[i:j, j:].copy_(m[j:, i:j].T)
+            m[j:, i:j].copy_(top.T)
+    return m
+
+
+def _all_finite(t: Tensor, panel: int = 256) -> bool:
+    """Whether every entry of ``t`` is finite, checked by row panels (no full-size mask)."""
+    return all(bool(torch.isfinite(t[i : i + panel]).all()) for i in range(0, t.shape[0], panel))

@@ -7,6 +7,7 @@ fixed zero 2**(bits-1), which makes ``code - zero`` the signed code in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -188,3 +189,26 @@ class QuantizedWeight:
         """Float32 [out, in] weights the codes stand for."""
         g = self.g_idx.long()
         return dequantize_codes(self.codes, self.scales[:, g], self.zeros[:, g])
+
+
+def concat_rows(parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    """One weight from slices of its output rows, in order (a linear solved in row slices).
+
+    The parts must share the spec and ``g_idx``: rows are quantized independently, and a
+    GPTQ solver's column order comes from H alone, so slices of one linear always do.
+    """
+    if not parts:
+        raise ValueError("no parts to concatenate")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.spec != first.spec:
+            raise ValueError(f"parts have different specs: {first.spec} and {p.spec}")
+        if not torch.equal(p.g_idx, first.g_idx):
+            raise ValueError("parts have different g_idx: they were not solved with one column order")
+    return QuantizedWeight(
+        codes=torch.cat([p.codes for p in parts]),
+        scales=torch.cat([p.scales for p in parts]),
+        zeros=torch.cat([p.zeros for p in parts]),
+        g_idx=first.g_idx.clone(),
+        spec=first.spec,
+    )

@@ -349,3 +349,159 @@ def test_mse_search_in_gptq(static: bool) -> None:
     dW = (W - deq).double()
     H_damped = H.double() + 0.01 * H.diag().mean().double() * torch.eye(IN, dtype=torch.float64)
     assert searched.loss == pytest.approx(float((dW @ H_damped * dW).sum()) / 2, rel=1e-4)
+
+
+# --- memory: the accumulator's buffer taken over, in-place factorization ------------------
+
+
+@pytest.mark.parametrize("panel", [16, 50, 256])
+def test_hessian_consume_builds_h_in_the_accumulator(panel: int) -> None:
+    x = correlated_inputs(300, torch.float64)
+    acc = HessianAccumulator(IN, dtype=torch.float64, panel=panel)
+    acc.add(x[:100])
+    acc.add(x[100:])
+    ref = 2 * x.T @ x / 300
+    copied = acc.hessian()
+    torch.testing.assert_close(copied, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(copied, copied.T)
+    buffer = acc.sum
+    consumed = acc.hessian(consume=True)
+    assert consumed.data_ptr() == buffer.data_ptr()  # no copy: the accumulator's own buffer
+    assert torch.equal(consumed, copied)
+    for use in (acc.hessian, acc.gram, lambda: acc.add(x), lambda: HessianAccumulator(IN).merge(acc)):
+        with pytest.raises(ValueError, match="consumed"):
+            use()
+
+
+@pytest.mark.parametrize(("act_order", "reorder"), [(False, "none"), (True, "none"), (False, "group")])
+def test_solver_from_accumulator_equals_copying_solver(act_order: bool, reorder: str) -> None:
+    x = correlated_inputs(512, torch.float32)
+    x[:, 11] = 0  # a dead channel
+    acc = HessianAccumulator(IN, panel=48)
+    acc.add(x)
+    H = acc.hessian()
+    W = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(10))
+    spec = QuantSpec(bits=4, group_size=32, symmetric=False)
+    kw = {"act_order": act_order, "reorder": reorder, "group_size": 32}
+    copying = GPTQSolver(H, **kw)
+    consuming = GPTQSolver.from_accumulator(acc, **kw)
+    given = H.clone()
+    owning = GPTQSolver(given, overwrite_h=True, **kw)
+    # the upper factor of the damped inverse, against a float64 reference
+    perm = torch.arange(IN) if copying.perm is None else copying.perm
+    Hp = H.double()[perm][:, perm]
+    Hp[Hp.diag() == 0, Hp.diag() == 0] = 1
+    Hp += 0.01 * Hp.diag().mean() * torch.eye(IN, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(Hp), upper=True)
+    torch.testing.assert_close(copying.hinv.double(), U, rtol=1e-4, atol=1e-5)
+    assert copying.hinv.is_contiguous()
+    ref = copying.quantize(W, spec, block_size=32)
+    for solver in (consuming, owning):
+        assert torch.equal(solver.hinv, copying.hinv)
+        got = solver.quantize(W, spec, block_size=32)
+        assert torch.equal(got.weight.codes, ref.weight.codes)
+        assert torch.equal(got.weight.scales, ref.weight.scales)
+        assert torch.equal(got.weight.g_idx, ref.weight.g_idx)
+        assert got.loss == ref.loss
+    assert acc.consumed and acc.sum.numel() == 0
+
+
+def test_damping_retry_keeps_h_for_the_next_try() -> None:
+    """Damping 0 fails on a singular H; the retry must start again from the undamped H."""
+    x = correlated_inputs(16, torch.float64)  # 16 rows: H of rank 16 in 128 dims
+    H = hessian_of(x)
+    solver = GPTQSolver(H, damp=0.0)
+    assert solver.damp == pytest.approx(1e-2)
+    Hd = H + solver.damp * H.diag().mean() * torch.eye(IN, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    torch.testing.assert_close(solver.hinv, U, rtol=1e-8, atol=1e-10)
+
+
+def test_scaled_hessian_in_place() -> None:
+    from shardquant.algorithms.awq import scaled_hessian
+
+    H = hessian_of(correlated_inputs(256, torch.float32))
+    s = torch.rand(IN, generator=torch.Generator().manual_seed(11)) + 0.5
+    ref = H.double() / torch.outer(s.double(), s.double())
+    out = scaled_hessian(H, s)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    buffer = H.clone()
+    assert scaled_hessian(buffer, s, inplace=True, panel=48) is buffer
+    assert torch.equal(buffer, out)
+
+
+# --- row-split solves ----------------------------------------------------------------------
+
+ROWS = 50
+SPLITS = [[(0, ROWS)], "2", "3", [(0, 7), (7, 31), (31, ROWS)]]
+SPLIT_CASES = [
+    (act, sym, group, static, reorder)
+    for act in (False, True)
+    for sym in (True, False)
+    for group, static, reorder in [(32, False, "none"), (32, True, "none"), (32, False, "group"), (-1, False, "none")]
+    if not (act and reorder == "group")
+]
+
+
+def test_split_rows() -> None:
+    from shardquant.algorithms.gptq import split_rows
+
+    assert split_rows(50, 1) == [(0, 50)]
+    assert split_rows(50, 3) == [(0, 17), (17, 34), (34, 50)]
+    assert split_rows(5, 5) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="cannot split"):
+            split_rows(5, bad)
+
+
+@pytest.mark.parametrize(("act_order", "sym", "group", "static", "reorder"), SPLIT_CASES)
+def test_row_slices_equal_one_solve(act_order, sym, group, static, reorder) -> None:
+    """Row slices of one linear (k = 1, 2, 3 and uneven), each solved alone with one shared
+    solver, concatenated: the same codes, scales, zeros and g_idx as one solve (float32 and
+    float64), and as the float64 textbook."""
+    from shardquant.algorithms.gptq import split_rows
+    from shardquant.algorithms.quantizer import concat_rows
+
+    x = correlated_inputs(512, torch.float64)
+    x[:, 5] = 0
+    H = hessian_of(x)
+    spec = QuantSpec(bits=4, group_size=group, symmetric=sym)
+    kw = {"act_order": act_order, "reorder": reorder, "group_size": group}
+    W = torch.randn(ROWS, IN, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    codes, scales, zeros, g_idx, loss = textbook_gptq(
+        W, H, bits=4, group=group, sym=sym, act_order=act_order, static_groups=static, reorder=reorder
+    )
+    for dtype in (torch.float32, torch.float64):
+        solver = GPTQSolver(H.to(dtype), **kw)
+        Wd = W.to(dtype)
+        whole = solver.quantize(Wd, spec, block_size=20, static_groups=static)
+        for split in SPLITS:
+            slices = split_rows(ROWS, int(split)) if isinstance(split, str) else split
+            parts = [solver.quantize(Wd[a:b], spec, block_size=20, static_groups=static) for a, b in slices]
+            got = concat_rows([p.weight for p in parts])
+            for key in ("codes", "scales", "zeros", "g_idx"):
+                assert torch.equal(getattr(got, key), getattr(whole.weight, key)), (dtype, split, key)
+            assert sum(p.loss for p in parts) == pytest.approx(whole.loss, rel=1e-6)
+    # float64: also the textbook's numbers
+    assert torch.equal(got.codes.long(), codes)
+    assert torch.equal(got.scales.double(), scales)
+    assert torch.equal(got.zeros.long(), zeros)
+    assert torch.equal(got.g_idx.long(), g_idx)
+    assert sum(p.loss for p in parts) == pytest.approx(loss, rel=1e-9)
+
+
+def test_concat_rows_refuses_parts_of_different_solves() -> None:
+    from shardquant.algorithms.quantizer import concat_rows
+
+    H = hessian_of(correlated_inputs(256, torch.float32))
+    W = torch.randn(8, IN, generator=torch.Generator().manual_seed(13))
+    spec = QuantSpec(bits=4, group_size=32)
+    act = GPTQSolver(H, act_order=True).quantize(W, spec).weight
+    plain = GPTQSolver(H).quantize(W, spec).weight
+    with pytest.raises(ValueError, match="g_idx"):
+        concat_rows([act, plain])
+    other = GPTQSolver(H).quantize(W, QuantSpec(bits=3, group_size=32)).weight
+    with pytest.raises(ValueError, match="specs"):
+        concat_rows([plain, other])
+    with pytest.raises(ValueError, match="no parts"):
+        concat_rows([])
