@@ -91,7 +91,9 @@ def assign(costs: list[float], workers: int) -> list[int]:
 
 class RayBlockWorker(BlockWorker):
     """A `BlockWorker` in a Ray actor: statistics handed in as object refs are fetched one at
-    a time, when the solve reaches them."""
+    a time, when the solve reaches them; they are read-only, so the running sum is a new one."""
+
+    owns_parts = False
 
     def resolve(self, part: Any) -> Any:
         import ray

@@ -60,11 +60,11 @@ def solve_gptq(
     originals: dict[str, Tensor], spec: QuantSpec, q: QuantConfig,
 ) -> Solved:
     """GPTQ with one factorization of the group's Hessian for all its linears; with AWQ scales
-    (`awq+gptq`) the scaled weights and the Hessian of the scaled inputs."""
-    H = stats.hessian.hessian()
-    if s is not None:
-        H = awq.scaled_hessian(H, s)
-    solver = GPTQSolver(H, damp=q.damp, act_order=q.act_order, reorder=q.reorder, group_size=q.group_size)
+    (`awq+gptq`) the scaled weights and the Hessian of the scaled inputs.
+
+    The factorization is built in the statistics' own buffer (they are spent: see
+    `factorize`) and kept on `stats`, so the group's other tasks on this worker reuse it."""
+    solver = factorize(stats, s, q)
     ws = [task_weight(block, name, s, originals) for name in task.linears]
     solved = solver.quantize_many(ws, spec, block_size=q.block_size, static_groups=q.static_groups,
                                   mse=mse_grid(q), group_range=q.group_range)
@@ -73,6 +73,20 @@ def solve_gptq(
     for name, res in zip(task.linears, solved, strict=True):
         weights[name], losses[name] = res.weight, float(res.loss)
     return weights, losses
+
+
+def factorize(stats: GroupStats, s: Tensor | None, q: QuantConfig) -> GPTQSolver:
+    """The group's `GPTQSolver`, built once: H is formed in the accumulator's buffer (scaled
+    there for `awq+gptq`) and factorized in it, so the solve holds one in×in matrix beyond the
+    statistics; the accumulator is spent and the solver is cached on `stats.solver`."""
+    if stats.solver is None:
+        H = stats.hessian.hessian(consume=True)
+        if s is not None:
+            H = awq.scaled_hessian(H, s, inplace=True)
+        stats.solver = GPTQSolver(H, damp=q.damp, act_order=q.act_order, reorder=q.reorder,
+                                  group_size=q.group_size, overwrite_h=True)
+        stats.hessian = None
+    return stats.solver
 
 
 def solve_awq(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shardquant.algorithms import awq
+from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec
 from shardquant.config import AWQ_METHODS, QuantConfig, is_ignored
@@ -128,13 +129,19 @@ class GroupStats:
 
     hessian: HessianAccumulator | None = None
     channel: awq.ChannelStats | None = None
+    solver: GPTQSolver | None = None  # the factorized Hessian, once a GPTQ solve built it
 
 
-def merge_stats(parts: Iterable[dict[str, GroupStats]]) -> dict[str, GroupStats]:
-    """Sum per-worker statistics group by group (exact: sums and counts add) into new
-    accumulators; the parts are left untouched (received ones may be read-only buffers)."""
+def merge_stats(parts: Iterable[dict[str, GroupStats]], *, own_first: bool = False) -> dict[str, GroupStats]:
+    """Sum per-worker statistics group by group (exact: sums and counts add), one part at a
+    time. The parts are left untouched (received ones may be read-only buffers), except with
+    `own_first`: the first part is this worker's own, which becomes the running sum, so no
+    in×in copy is made (the solve may then spend it, see `solvers.factorize`)."""
     out: dict[str, GroupStats] = {}
-    for part in parts:
+    for k, part in enumerate(parts):
+        if k == 0 and own_first:
+            out = {name: GroupStats(st.hessian, st.channel) for name, st in part.items()}
+            continue
         for name, st in part.items():
             acc = out.setdefault(name, GroupStats())
             if st.hessian is not None:

@@ -214,6 +214,11 @@ class BlockWorker:
             else:
                 yield self.resolve(part)
 
+    # The statistics handed to `solve` are this process's own (the local executor's): the
+    # first becomes the running sum instead of being copied. A remote worker receives read-only
+    # buffers instead (see cluster/).
+    owns_parts = True
+
     def resolve(self, part: Any) -> dict[str, GroupStats]:
         """A part as handed in; a remote worker fetches a reference here (see cluster/)."""
         return part
@@ -224,7 +229,7 @@ class BlockWorker:
         """Quantize the tasks' linears from the (per-worker) statistics (`solvers.solve_task`);
         weights are not changed here (see `apply`). The quantized weights and losses by linear."""
         t = time.perf_counter()
-        merged = merge_stats(self._each_part(stats)) if stats else {}
+        merged = merge_stats(self._each_part(stats), own_first=self.owns_parts) if stats else {}
         weights: dict[str, QuantizedWeight] = {}
         losses: dict[str, float] = {}
         for task in tasks:
