@@ -29,6 +29,8 @@ from shardquant.prepare import Prepared, prepare
 from shardquant.record.report import own_peak_rss_bytes, peak_rss_bytes, write_report
 from shardquant.record.state import RunState
 from shardquant.record.tracking import make_tracker
+from shardquant.tools.fit import Fit, choose
+from shardquant.tools.plan import read_model_config
 
 
 def _progress(total: int, desc: str):
@@ -75,7 +77,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     tracker.start(config_dict(cfg))
     do_fp = p.evals is not None and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
-    ex = (executors or executor_factory(cfg.cluster.backend))(cfg, src)
+    fit = fit_run(cfg, src)
+    ex = (executors or executor_factory(cfg.cluster.backend))(fit.cfg, src)
     bar = None
     try:
         t = time.perf_counter()
@@ -152,7 +155,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     report = {
         "ppl": ppl,
         "timing": timing,
-        "memory": {"peak_rss_bytes": peak, "driver_peak_rss_bytes": driver_peak},
+        "memory": {"peak_rss_bytes": peak, "driver_peak_rss_bytes": driver_peak, "planned_peak_bytes": fit.plan.peak,
+                   "auto": fit.to_json()},
         "blocks": sorted(blocks, key=lambda b: b["index"]),
         "config": config_dict(cfg),
         "export": {"format": cfg.export.format, "path": str(export_path), "bytes": total_bytes},
@@ -170,6 +174,22 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     files = write_report(p.output, report)
     tracker.finish(report, files)
     return report
+
+
+def fit_run(cfg: RunConfig, source: ModelSource) -> Fit:
+    """The run's `auto` settings chosen against its workers' budget (`tools.fit.choose`):
+    `cluster.worker_memory`, else a local CUDA device's memory, else none (all stay on)."""
+    ray = cfg.cluster.backend != "local"
+    device = ("cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu") if ray else source.device.type
+    budget = None
+    if cfg.cluster.worker_memory is not None:
+        budget = parse_size(cfg.cluster.worker_memory)
+    elif not ray and source.device.type == "cuda":
+        budget = torch.cuda.get_device_properties(source.device).total_memory
+    fit = choose(read_model_config(source.root), cfg, device=device, budget=budget)
+    for line in fit.reasons:
+        print(f"shardquant: {line}", file=sys.stderr)
+    return fit
 
 
 def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:

@@ -35,7 +35,7 @@ def mse_grid(q: QuantConfig) -> MSEGrid | None:
 def task_weight(block: nn.Module, name: str, s: Tensor | None, originals: dict[str, Tensor]) -> Tensor:
     """The float32 weight to quantize: the original times the group's scales, if any."""
     if s is not None and name in originals:
-        return originals[name] * s
+        return originals[name].float() * s
     return block.get_submodule(name).weight.float()
 
 

@@ -50,6 +50,7 @@ from shardquant.model.forward import BlockRunner, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.record.report import peak_rss_bytes
 from shardquant.record.state import assemble_shard, save_tensors
+from shardquant.tools.plan import activation_cap
 
 
 class BlockWorker:
@@ -66,7 +67,7 @@ class BlockWorker:
         self.exporter = get_exporter(c.export.format, self.source, c.quant)
         self.runner = BlockRunner(self.adapter, self.source.skeleton.config, self.source.rotary())
         self.spec = quant_spec(c.quant)
-        budget = c.cluster.activation_memory
+        budget = activation_cap(c)
         self.store = ActivationStore(budget, c.cluster.spill_dir, tag=f"{name}")
         self.streams = Streams(self.store, self.runner)
         self.block: nn.Module | None = None
@@ -176,6 +177,9 @@ class BlockWorker:
         )
         self.originals.update(found.originals)
         self.candidates[group] = found.candidates
+        # This worker's own Hessian part served the search; the solve reads the reduced sum
+        # (in one process the same object), so the capture lets go of it.
+        self.captures[group].hessian = None
         self.profile.extra["search_s"] = self.profile.extra.get("search_s", 0.0) + time.perf_counter() - t
         return found.totals, found.count
 
@@ -252,9 +256,11 @@ class BlockWorker:
                     self.stage_cache.mark_final([name])
 
     def end_group(self, group: str) -> None:
-        """Drop what was kept for a group's AWQ search."""
+        """Drop what was kept for a group's AWQ search (the groups are searched and solved one
+        after another, so the unscaled weights kept are this group's)."""
         self.captures.pop(group, None)
         self.scales.pop(group, None)
+        self.originals.clear()
 
     def end_block(self, block_file: str | None) -> dict[str, Any]:
         """Propagate calibration and evaluation streams, write the block's exported tensors
