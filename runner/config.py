@@ -230,6 +230,12 @@ class ClusterConfig(_Section):
     )
     spill_dir: str | None = Field(None, description="Local directory for spilled activations (default: the temp dir).")
     max_failures: int = Field(3, ge=0, description="Lost Ray workers replaced (and their block redone) before giving up.")
+    row_split: Literal["auto", "never", "always"] = Field(
+        "auto", description="Ray, 2+ workers: GPTQ solves of one linear split by output rows over several workers "
+        "(each reduces and factorizes the full Hessian, solves its rows; same result as one solve). auto: a linear "
+        "whose column loop (out x in^2) exceeds the average load per worker goes to ceil(that / average) workers; "
+        "never: every linear whole on one worker; always: every GPTQ linear over all workers."
+    )
 
     @field_validator("backend")
     @classmethod
