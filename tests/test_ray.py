@@ -248,10 +248,16 @@ def test_fp_stages_calibrate_at_once(ray_local, deep_llama, texts, tmp_path, one
 
 
 def _worker_pids() -> list[int]:
+    """This test process's Ray workers (ray.init here started the raylet, whose children they
+    are): another Ray on the machine keeps its own."""
+    import os
+
     import psutil
 
+    me = os.getpid()
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and p.info["cmdline"][0].startswith(("ray::RayBlockWorker", "ray::StageWorker"))]
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(("ray::RayBlockWorker", "ray::StageWorker"))
+            and any(a.pid == me for a in p.parents())]
 
 
 @pytest.mark.parametrize("propagate", ["quantized", "fp"])
