@@ -365,7 +365,7 @@ def _solve(
         if i2 < n:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
         loss_rows += E1.square().sum(0)
-    return Q.T.to(torch.int32), loss_rows
+    return Q.T.to(torch.uint8), loss_rows
 
 
 def _current_rows(

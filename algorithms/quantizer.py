@@ -156,8 +156,9 @@ def group_qparams(
 
 
 def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """Unsigned integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` as int32."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq).to(torch.int32)
+    """Unsigned integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` as uint8 (bits <= 8:
+    a quarter of int32's memory while a block's solved weights wait to be written)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq).to(torch.uint8)
 
 
 def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
@@ -179,7 +180,7 @@ class QuantizedWeight:
     act-order without static groups, where groups follow the processing order.
     """
 
-    codes: Tensor  # int32 [out, in], unsigned 0..maxq
+    codes: Tensor  # uint8 [out, in], unsigned 0..maxq
     scales: Tensor  # float32 [out, n_groups]
     zeros: Tensor  # int32 [out, n_groups]
     g_idx: Tensor  # int32 [in]

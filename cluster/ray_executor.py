@@ -3,8 +3,8 @@
 Each actor holds a contiguous share of the calibration and evaluation windows and loads the
 current block itself (from the model directory, which every node must see). Per observation
 phase every actor accumulates its statistics; the Hessians go, as object refs, straight to the
-actors that solve (each linear on one actor, bin-packed by cost), which sum them exactly
-(sum, count); the quantized weights go, as refs, to every actor, so all hold the same
+actors that solve (each linear on one actor, or a large GPTQ linear's row slices on several:
+`solve_units`; bin-packed by cost), which sum them exactly (sum, count); the quantized weights go, as refs, to every actor, so all hold the same
 quantized block and propagate their own samples. The driver only moves small things (AWQ
 channel means and losses, per-layer losses) and never loads a weight. Block files and the
 final shards are written by the actors, spread over them, in parallel.
@@ -16,13 +16,16 @@ redoes the block.
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from shardquant.algorithms.gptq import split_rows
 from shardquant.calib.steps import SolveTask
-from shardquant.config import RunConfig, config_dict
+from shardquant.config import GPTQ_METHODS, RunConfig, config_dict
 from shardquant.errors import UserError
 from shardquant.execution.worker import BlockWorker
 
@@ -87,6 +90,47 @@ def assign(costs: list[float], workers: int) -> list[int]:
         owner[i] = k
         load[k] += costs[i]
     return owner
+
+
+def solve_units(
+    tasks: list[SolveTask], shapes: dict[str, tuple[int, int]], world: int, row_split: str = "auto"
+) -> tuple[list[SolveTask], list[float]]:
+    """The units a solve of `tasks` is packed as onto `world` workers, and each unit's cost.
+
+    One worker: the tasks as they are. Otherwise one unit per linear (`shapes`: its (out, in)),
+    costing rows·in² (GPTQ's column loop) + in³ (the factorization, paid again by every worker
+    that gets a unit of the group). A GPTQ linear ('gptq', 'awq+gptq') becomes k row slices
+    (`split_rows`, one unit each, same factorization) where k > 1: 'auto' k = min(world, out,
+    ceil(out·in² / average)) with average = the whole units' total cost / world, so only a
+    linear whose column loop exceeds the average load per worker is split; 'always' k =
+    min(world, out); 'never' k = 1. RTN and AWQ linears stay whole.
+    """
+
+    def cost(rows: int, in_f: int) -> float:
+        return float(rows * in_f * in_f + in_f**3)
+
+    if world == 1:
+        costs = [cost(sum(shapes[n][0] for n in t.linears), shapes[t.linears[0]][1]) for t in tasks]
+        return list(tasks), costs
+    whole = [replace(t, linears=(n,)) for t in tasks for n in t.linears]
+    average = sum(cost(*shapes[u.linears[0]]) for u in whole) / world
+    units: list[SolveTask] = []
+    costs: list[float] = []
+    for u in whole:
+        out_f, in_f = shapes[u.linears[0]]
+        k = 1
+        if u.kind in GPTQ_METHODS and row_split == "always":
+            k = min(world, out_f)
+        elif u.kind in GPTQ_METHODS and row_split == "auto":
+            k = min(world, out_f, math.ceil(out_f * in_f * in_f / average))
+        if k == 1:
+            units.append(u)
+            costs.append(cost(out_f, in_f))
+            continue
+        for a, b in split_rows(out_f, k):
+            units.append(replace(u, rows=(a, b)))
+            costs.append(cost(b - a, in_f))
+    return units, costs
 
 
 class RayBlockWorker(BlockWorker):
@@ -329,17 +373,12 @@ class RayExecutor:
         return torch.cat([p.cpu() for p in parts])
 
     def solve(self, tasks: list[SolveTask]) -> dict[str, float]:
-        """Each linear on one actor (bin-packed by its solve cost), from every actor's stats."""
+        """Each linear, or each row slice of a large GPTQ linear (`solve_units`), on one actor
+        (bin-packed by solve cost), from every actor's stats; a split linear's loss is the sum
+        of its slices'."""
         import ray
 
-        if self.world == 1:
-            units = tasks
-        else:
-            units = [SolveTask(t.group, (n,), t.kind, t.clip, t.clip_skip, t.clip_rows) for t in tasks for n in t.linears]
-        costs = []
-        for u in units:
-            in_f = self._shapes[u.linears[0]][1]
-            costs.append(sum(self._shapes[n][0] for n in u.linears) * in_f * in_f + in_f**3)
+        units, costs = solve_units(tasks, self._shapes, self.world, self.cfg.cluster.row_split)
         owner = assign(costs, self.world)
         weights, losses = [], []
         for k, a in enumerate(self.actors):
@@ -353,7 +392,8 @@ class RayExecutor:
         self._pending = weights
         out: dict[str, float] = {}
         for part in ray.get(losses):
-            out.update(part)
+            for name, loss in part.items():
+                out[name] = out.get(name, 0.0) + loss
         return out
 
     def apply(self) -> None:
@@ -364,4 +404,4 @@ class RayExecutor:
         self._all("end_group", group)
 
 
-__all__ = ["RayBlockWorker", "RayExecutor", "assign"]
+__all__ = ["RayBlockWorker", "RayExecutor", "assign", "solve_units"]

@@ -193,17 +193,27 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     from shardquant.config import load_config
 
     if args.command == "plan":
-        from shardquant.tools.plan import plan_from_config
+        from shardquant.tools.fit import choose, suggest
+        from shardquant.tools.plan import read_model_config
         from shardquant.tools.plan_text import parse_capacity, render
 
-        capacity = None if args.worker_memory is None else parse_capacity(args.worker_memory)
-        plan = plan_from_config(load_config(args.config, extra), device=args.device)
+        cfg = load_config(args.config, extra)
+        memory = args.worker_memory or cfg.cluster.worker_memory
+        capacity = None if memory is None else parse_capacity(memory)
+        raw = read_model_config(cfg.model.path)
+        fit = choose(raw, cfg, device=args.device, budget=capacity)
+        advice = suggest(raw, fit, device=args.device)
         if args.json:
             import json
 
-            print(json.dumps(plan.to_json(capacity), indent=2))
+            out = fit.plan.to_json(capacity) | {"auto": fit.to_json(), "suggestion": advice}
+            print(json.dumps(out, indent=2))
         else:
-            print(render(plan, capacity))
+            print(render(fit.plan, capacity))
+            for line in fit.reasons:
+                print(f"auto: {line}")
+            if advice:
+                print(f"to fit: {advice}")
         return 0
     if args.command == "quickstart":
         if extra:

@@ -69,10 +69,11 @@ class CalibConfig(_Section):
     propagate: Literal["quantized", "fp"] = Field(
         "quantized", description="Inputs of block i: outputs of the quantized (GPTQ) or fp blocks < i."
     )
-    reuse_stages: bool = Field(
-        True,
+    reuse_stages: bool | Literal["auto"] = Field(
+        "auto",
         description="Keep a block's finished attention/MLP outputs between true-sequential passes, so a block "
-        "costs about one forward pass instead of ~3.5 (extra memory: tokens x (2 hidden + intermediate)).",
+        "costs about one forward pass instead of ~3.5 (extra memory: tokens x (hidden + intermediate)). auto: on, "
+        "unless the plan says the run would not fit cluster.worker_memory with it.",
     )
 
 
@@ -220,10 +221,21 @@ class ClusterConfig(_Section):
         "spread", description="Placement-group strategy for the workers: spread over nodes, or pack."
     )
     activation_memory: str | None = Field(
-        None, description="Per-worker memory for activations (e.g. 8GB); beyond it they spill to disk. Unset: no cap."
+        "auto", description="Per-worker memory for activations (e.g. 8GB); beyond it they spill to disk. null: no cap; "
+        "auto: no cap, unless the plan says the run would not fit cluster.worker_memory, then the cap that fits."
+    )
+    worker_memory: str | None = Field(
+        None, description="Memory per worker (GPU memory on CUDA, else host RAM), e.g. 80GB: the budget the auto "
+        "settings are chosen for. Unset: a local CUDA device's total memory, else none (auto keeps everything on).",
     )
     spill_dir: str | None = Field(None, description="Local directory for spilled activations (default: the temp dir).")
     max_failures: int = Field(3, ge=0, description="Lost Ray workers replaced (and their block redone) before giving up.")
+    row_split: Literal["auto", "never", "always"] = Field(
+        "auto", description="Ray, 2+ workers: GPTQ solves of one linear split by output rows over several workers "
+        "(each reduces and factorizes the full Hessian, solves its rows; same result as one solve). auto: a linear "
+        "whose column loop (out x in^2) exceeds the average load per worker goes to ceil(that / average) workers; "
+        "never: every linear whole on one worker; always: every GPTQ linear over all workers."
+    )
 
     @field_validator("backend")
     @classmethod
@@ -235,10 +247,10 @@ class ClusterConfig(_Section):
             raise ValueError(f"not an installed executor (installed: {', '.join(sorted(names))})")
         return v
 
-    @field_validator("activation_memory")
+    @field_validator("activation_memory", "worker_memory")
     @classmethod
     def _mem(cls, v: str | None) -> str | None:
-        if v is not None:
+        if v is not None and v != "auto":
             parse_size(v)
         return v
 

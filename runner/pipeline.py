@@ -19,7 +19,13 @@ import torch
 from shardquant.config import RunConfig, config_dict, parse_size
 from shardquant.errors import UserError
 from shardquant.execution.backends import executor_factory
-from shardquant.execution.block_loop import PHASES, put_record, run_blocks, stage_overlap
+from shardquant.execution.block_loop import (
+    PHASES,
+    put_record,
+    retry_lost,
+    run_blocks,
+    stage_overlap,
+)
 from shardquant.execution.protocol import ExecutorFactory
 from shardquant.export.manifest import write_manifest
 from shardquant.export.shards import plan_shards, shard_names, write_index, write_json_atomic
@@ -29,6 +35,8 @@ from shardquant.prepare import Prepared, prepare
 from shardquant.record.report import own_peak_rss_bytes, peak_rss_bytes, write_report
 from shardquant.record.state import RunState
 from shardquant.record.tracking import make_tracker
+from shardquant.tools.fit import Fit, choose
+from shardquant.tools.plan import read_model_config
 
 
 def _progress(total: int, desc: str):
@@ -75,7 +83,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     tracker.start(config_dict(cfg))
     do_fp = p.evals is not None and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
-    ex = (executors or executor_factory(cfg.cluster.backend))(cfg, src)
+    fit = fit_run(cfg, src)
+    ex = (executors or executor_factory(cfg.cluster.backend))(fit.cfg, src)
     bar = None
     try:
         t = time.perf_counter()
@@ -107,24 +116,21 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
             bar = None
         loop_s = time.perf_counter() - t_loop
 
-        ppl: dict[str, float | None] = {"fp": None, "quantized": None}
+        def restore() -> None:  # a replaced worker needs its streams as they were after the blocks
+            if staged:  # every block is done: the stages only stream the fp inputs again
+                ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+                run_blocks(ex, p, state, progress, start=start, staged=True, do_fp=do_fp, on_record=on_record)
+            else:
+                ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
+
         t = time.perf_counter()
-        if p.evals is not None:
-            sums: dict[str, list[float]] = {}
-            for part in ex.nll():
-                for stream, (total, count) in part.items():
-                    acc = sums.setdefault(stream, [0.0, 0])
-                    acc[0] += total
-                    acc[1] += count
-            ppl["quantized"] = math.exp(sums["eval_q"][0] / sums["eval_q"][1]) if "eval_q" in sums else None
-            if "eval_fp" in sums:
-                ppl["fp"] = math.exp(sums["eval_fp"][0] / sums["eval_fp"][1])
-            if q.method == "none" and cfg.eval.fp:
-                ppl["fp"] = ppl["quantized"]
+        ppl = retry_lost(ex, progress, lambda: _perplexities(ex, cfg, p.evals is not None), restore,
+                         "evaluating again from the last checkpoint")
         final_eval_s = time.perf_counter() - t
 
         t = time.perf_counter()
-        export_path, total_bytes = _export(ex, p, state)
+        export_path, total_bytes = retry_lost(ex, progress, lambda: _export(ex, p, state), lambda: None,
+                                              "exporting again")
         export_s = time.perf_counter() - t
         state.finish(progress)
         worker_peaks = ex.peak_rss()
@@ -152,7 +158,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     report = {
         "ppl": ppl,
         "timing": timing,
-        "memory": {"peak_rss_bytes": peak, "driver_peak_rss_bytes": driver_peak},
+        "memory": {"peak_rss_bytes": peak, "driver_peak_rss_bytes": driver_peak, "planned_peak_bytes": fit.plan.peak,
+                   "auto": fit.to_json()},
         "blocks": sorted(blocks, key=lambda b: b["index"]),
         "config": config_dict(cfg),
         "export": {"format": cfg.export.format, "path": str(export_path), "bytes": total_bytes},
@@ -170,6 +177,41 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     files = write_report(p.output, report)
     tracker.finish(report, files)
     return report
+
+
+def _perplexities(ex, cfg: RunConfig, evaluating: bool) -> dict[str, float | None]:
+    """fp and quantized perplexity from every worker's summed NLL of its evaluation windows."""
+    ppl: dict[str, float | None] = {"fp": None, "quantized": None}
+    if not evaluating:
+        return ppl
+    sums: dict[str, list[float]] = {}
+    for part in ex.nll():
+        for stream, (total, count) in part.items():
+            acc = sums.setdefault(stream, [0.0, 0])
+            acc[0] += total
+            acc[1] += count
+    ppl["quantized"] = math.exp(sums["eval_q"][0] / sums["eval_q"][1]) if "eval_q" in sums else None
+    if "eval_fp" in sums:
+        ppl["fp"] = math.exp(sums["eval_fp"][0] / sums["eval_fp"][1])
+    if cfg.quant.method == "none" and cfg.eval.fp:
+        ppl["fp"] = ppl["quantized"]
+    return ppl
+
+
+def fit_run(cfg: RunConfig, source: ModelSource) -> Fit:
+    """The run's `auto` settings chosen against its workers' budget (`tools.fit.choose`):
+    `cluster.worker_memory`, else a local CUDA device's memory, else none (all stay on)."""
+    ray = cfg.cluster.backend != "local"
+    device = ("cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu") if ray else source.device.type
+    budget = None
+    if cfg.cluster.worker_memory is not None:
+        budget = parse_size(cfg.cluster.worker_memory)
+    elif not ray and source.device.type == "cuda":
+        budget = torch.cuda.get_device_properties(source.device).total_memory
+    fit = choose(read_model_config(source.root), cfg, device=device, budget=budget)
+    for line in fit.reasons:
+        print(f"shardquant: {line}", file=sys.stderr)
+    return fit
 
 
 def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:

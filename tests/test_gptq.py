@@ -137,7 +137,7 @@ def test_matches_textbook_gptq(block_size, bits, sym, group, act_order, static) 
         W, H, bits=bits, group=group, sym=sym, act_order=act_order, static_groups=static
     )
     qw = got.weight
-    assert qw.codes.dtype == torch.int32 and qw.zeros.dtype == torch.int32
+    assert qw.codes.dtype == torch.uint8 and qw.zeros.dtype == torch.int32
     assert qw.g_idx.dtype == torch.int32 and qw.scales.dtype == torch.float32
     assert torch.equal(qw.codes.long(), codes)
     assert torch.equal(qw.scales.double(), scales)

@@ -53,7 +53,7 @@ def test_rtn_matches_direct_formula(bits: int, group: int, sym: bool) -> None:
     w[0] = w[0].abs()  # a row with no negative values: range must still include 0
     qw = quantize_rtn(w, QuantSpec(bits=bits, group_size=group, symmetric=sym))
     codes, scales, zeros = reference_rtn(w, bits, group, sym)
-    assert qw.codes.dtype == torch.int32 and qw.zeros.dtype == torch.int32
+    assert qw.codes.dtype == torch.uint8 and qw.zeros.dtype == torch.int32
     assert qw.scales.dtype == torch.float32
     assert torch.equal(qw.codes.long(), codes)
     assert torch.equal(qw.scales, scales)
@@ -120,7 +120,7 @@ def test_symmetric_codes_are_signed_range_shifted() -> None:
     scale, zero = compute_qparams(torch.tensor([[-1.0, 0.5, 1.0]]), spec)
     assert zero.item() == 8
     codes = quantize_codes(torch.tensor([[-1.0, 0.0, 1.0]]), scale, zero, spec.maxq)
-    assert (codes - 8).tolist() == [[-8, 0, 7]]
+    assert codes.dtype == torch.uint8 and (codes.long() - 8).tolist() == [[-8, 0, 7]]
 
 
 def test_spec_validation_and_groups() -> None:

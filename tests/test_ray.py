@@ -12,8 +12,9 @@ import torch
 from conftest import read_checkpoint, run_config, save_tiny_model
 
 from shardquant import pipeline
-from shardquant.cluster import make_executor
-from shardquant.cluster.ray_executor import ZERO_COPY, RayExecutor, assign
+from shardquant.calib.steps import SolveTask
+from shardquant.cluster import make_executor, ray_executor
+from shardquant.cluster.ray_executor import ZERO_COPY, RayExecutor, assign, solve_units
 from shardquant.config import RunConfig
 from shardquant.errors import UserError
 
@@ -50,6 +51,111 @@ def test_assign_balances_cost():
     owner = assign([9.0, 1.0, 1.0, 4.0, 4.0], 2)
     loads = [sum(c for c, o in zip([9.0, 1.0, 1.0, 4.0, 4.0], owner, strict=True) if o == k) for k in range(2)]
     assert sorted(loads) == [9.0, 10.0]
+
+
+SHAPES = {"q": (64, 64), "k": (16, 64), "v": (16, 64), "gate": (256, 64), "up": (256, 64),
+          "down": (64, 256), "wide": (512, 64)}
+
+
+def _units(tasks, world, mode="auto"):
+    units, costs = solve_units(tasks, SHAPES, world, mode)
+    for u, c in zip(units, costs, strict=True):
+        out_f, in_f = SHAPES[u.linears[0]]
+        rows = u.rows[1] - u.rows[0] if u.rows else sum(SHAPES[n][0] for n in u.linears)
+        assert c == rows * in_f**2 + in_f**3  # column loop + factorization, per unit
+    return [(u.linears, u.rows) for u in units]
+
+
+def test_solve_units_split_only_what_exceeds_the_average_load():
+    """The packing rule, without Ray: one worker keeps the tasks; more get one unit per linear,
+    and a GPTQ linear whose column loop (out·in²) exceeds total cost / world is split into
+    min(world, ceil(that / average)) row slices (`split_rows`)."""
+    attn = [SolveTask("attn", ("q", "k", "v"), "gptq")]
+    mlp = [SolveTask("mlp", ("gate", "up"), "gptq")]
+    down = [SolveTask("down", ("down",), "gptq")]
+    wide = [SolveTask("wide", ("wide",), "gptq")]
+    for tasks in (attn, mlp, down, wide):
+        assert _units(tasks, 1) == [(tasks[0].linears, None)]
+        assert _units(tasks, 1, "always") == [(tasks[0].linears, None)]  # one worker: nothing to share
+    # small linears, or ones whose factorization (in³) dominates: whole, one unit per linear
+    for world in (2, 3):
+        assert _units(attn, world) == [(("q",), None), (("k",), None), (("v",), None)]
+        assert _units(down, world) == [(("down",), None)]
+    # gate/up: column loop 1048576 each, total 2621440: under the average on 2, over it on 3
+    assert _units(mlp, 2) == [(("gate",), None), (("up",), None)]
+    assert _units(mlp, 3) == [(("gate",), (0, 128)), (("gate",), (128, 256)),
+                              (("up",), (0, 128)), (("up",), (128, 256))]
+    # a lone wide linear: ceil(2097152 / (2359296 / world)) = 2 on 2, 3 on 3 workers
+    assert _units(wide, 2) == [(("wide",), (0, 256)), (("wide",), (256, 512))]
+    assert _units(wide, 3) == [(("wide",), (0, 171)), (("wide",), (171, 342)), (("wide",), (342, 512))]
+    assert _units(wide, 3, "never") == [(("wide",), None)]
+    assert _units(attn, 3, "always") == [
+        (("q",), (0, 22)), (("q",), (22, 43)), (("q",), (43, 64)),
+        (("k",), (0, 6)), (("k",), (6, 11)), (("k",), (11, 16)),
+        (("v",), (0, 6)), (("v",), (6, 11)), (("v",), (11, 16)),
+    ]
+    # only GPTQ kinds are split: RTN and AWQ stay whole; awq+gptq splits like gptq
+    for kind in ("rtn", "awq"):
+        assert _units([SolveTask("wide", ("wide",), kind)], 3, "always") == [(("wide",), None)]
+    assert _units([SolveTask("wide", ("wide",), "awq+gptq")], 2) == _units(wide, 2)
+    # the slices' costs balance: two slices of a linear go to two workers
+    units, costs = solve_units(wide, SHAPES, 2)
+    assert sorted(assign(costs, 2)) == [0, 1]
+
+
+def test_row_slices_join_in_row_order():
+    from shardquant.algorithms.quantizer import QuantSpec
+    from shardquant.algorithms.rtn import quantize_rtn
+    from shardquant.calib.steps import RowSlice, join_row_slices
+
+    w = torch.randn(10, 32, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(bits=4, group_size=16)
+    whole = quantize_rtn(w, spec)
+    parts = [RowSlice(a, b, quantize_rtn(w[a:b], spec)) for a, b in [(4, 10), (0, 4)]]
+    got = join_row_slices("x", parts, 10)
+    for key in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(got, key), getattr(whole, key))
+    with pytest.raises(ValueError, match="gap or overlap"):
+        join_row_slices("x", parts[:1], 10)
+    with pytest.raises(ValueError, match=r"cover rows \[0, 4\) of 10"):
+        join_row_slices("x", parts[1:], 10)
+
+
+@pytest.mark.parametrize(("workers", "act_order", "method"),
+                         [(2, False, "gptq"), (2, True, "gptq"), (3, False, "gptq"), (3, True, "gptq"),
+                          (3, False, "awq+gptq")])
+def test_row_split_solves_export_the_same_bytes(ray_local, tiny_models, texts, tmp_path, one_thread,
+                                                 monkeypatch, workers, act_order, method):
+    """`cluster.row_split: always` (every GPTQ linear in row slices over the workers, each
+    factorizing the full Hessian) exports the same bytes as `never` (each linear whole on one
+    worker); losses are the sums of the slices'."""
+    split: list[tuple[str, tuple[int, int]]] = []
+    original = ray_executor.solve_units
+
+    def spy(tasks, shapes, world, row_split="auto"):
+        units, costs = original(tasks, shapes, world, row_split)
+        split.extend((u.linears[0], u.rows) for u in units if u.rows is not None)
+        return units, costs
+
+    monkeypatch.setattr(ray_executor, "solve_units", spy)
+    quant = {"method": method, "bits": 4, "group_size": 16, "act_order": act_order}
+    reports = {}
+    for mode in ("never", "always"):
+        cluster = {"backend": "ray", "workers": workers, "cpus_per_worker": 0.5, "row_split": mode}
+        reports[mode] = quantize(_cfg(tiny_models["llama"], texts, tmp_path / mode, cluster=cluster, quant=quant,
+                                      export={"format": "gptq"}), show_progress=False)
+        if mode == "never":
+            assert split == []
+    assert {name for name, _ in split} >= {"mlp.down_proj", "self_attn.q_proj"}
+    assert {rows for _, rows in split if rows[0] == 0} >= {(0, 64 // workers + (64 % workers > 0))}
+    files = sorted(p.name for p in (tmp_path / "never" / "model").glob("*.safetensors"))
+    assert files
+    for name in files:
+        assert (tmp_path / "never" / "model" / name).read_bytes() == (tmp_path / "always" / "model" / name).read_bytes()
+    assert reports["always"]["ppl"] == reports["never"]["ppl"]
+    for a, b in zip(reports["never"]["blocks"], reports["always"]["blocks"], strict=True):
+        assert a["loss"].keys() == b["loss"].keys()
+        assert all(b["loss"][k] == pytest.approx(a["loss"][k], rel=1e-5) for k in a["loss"])
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +248,16 @@ def test_fp_stages_calibrate_at_once(ray_local, deep_llama, texts, tmp_path, one
 
 
 def _worker_pids() -> list[int]:
+    """This test process's Ray workers (ray.init here started the raylet, whose children they
+    are): another Ray on the machine keeps its own."""
+    import os
+
     import psutil
 
+    me = os.getpid()
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and p.info["cmdline"][0].startswith(("ray::RayBlockWorker", "ray::StageWorker"))]
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(("ray::RayBlockWorker", "ray::StageWorker"))
+            and any(a.pid == me for a in p.parents())]
 
 
 @pytest.mark.parametrize("propagate", ["quantized", "fp"])

@@ -114,7 +114,7 @@ def module_losses(
 @dataclass
 class SearchLosses:
     """One worker's part of a scale search: the candidates (`awq.candidate_scales` order),
-    each one's summed consumer error and the element count, and float32 copies of the
+    each one's summed consumer error and the element count, and copies (compute dtype) of the
     quantized linears' weights before any scaling (what the solve scales)."""
 
     candidates: list[Tensor]
@@ -145,7 +145,7 @@ def search_losses(
     """
     lins = {n: block.get_submodule(n) for n in linears}
     originals = {n: lin.weight.detach().clone() for n, lin in lins.items()}
-    kept = {n: originals[n].float().clone() for n in quantized}
+    kept = {n: originals[n] for n in quantized}  # in the compute dtype: exact, half of fp32 in bf16
     w_mean = awq.weight_mean([originals[n] for n in quantized], spec) if q.awq_duo_scaling else None
     candidates = awq.candidate_scales(
         x_mean.to(originals[quantized[0]].device), grid=q.awq_grid, w_mean=w_mean

@@ -35,7 +35,7 @@ def mse_grid(q: QuantConfig) -> MSEGrid | None:
 def task_weight(block: nn.Module, name: str, s: Tensor | None, originals: dict[str, Tensor]) -> Tensor:
     """The float32 weight to quantize: the original times the group's scales, if any."""
     if s is not None and name in originals:
-        return originals[name] * s
+        return originals[name].float() * s
     return block.get_submodule(name).weight.float()
 
 
@@ -63,9 +63,16 @@ def solve_gptq(
     (`awq+gptq`) the scaled weights and the Hessian of the scaled inputs.
 
     The factorization is built in the statistics' own buffer (they are spent: see
-    `factorize`) and kept on `stats`, so the group's other tasks on this worker reuse it."""
+    `factorize`) and kept on `stats`, so the group's other tasks on this worker reuse it.
+    A row-split task (`task.rows`) quantizes only those rows of its one linear: the weight
+    and loss of that slice, under the linear's name."""
     solver = factorize(stats, s, q)
     ws = [task_weight(block, name, s, originals) for name in task.linears]
+    if task.rows is not None:
+        if len(ws) != 1:
+            raise ValueError(f"a row-split task has one linear, got {task.linears}")
+        start, end = task.rows
+        ws = [ws[0][start:end]]
     solved = solver.quantize_many(ws, spec, block_size=q.block_size, static_groups=q.static_groups,
                                   mse=mse_grid(q), group_range=q.group_range)
     weights: dict[str, QuantizedWeight] = {}
@@ -131,4 +138,6 @@ def solve_task(
     q: QuantConfig,
 ) -> Solved:
     """The solver of `task.kind` on the task, with its group's statistics and scales."""
+    if task.rows is not None and task.kind not in GPTQ_METHODS:
+        raise ValueError(f"only GPTQ solves can be row-split, not '{task.kind}' ({task.linears})")
     return SOLVERS[task.kind](task, block, stats.get(task.group), scales.get(task.group), originals, spec, q)

@@ -22,7 +22,7 @@ from torch import nn
 from shardquant.algorithms import awq
 from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.hessian import HessianAccumulator
-from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec
+from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec, concat_rows
 from shardquant.config import AWQ_METHODS, QuantConfig, is_ignored
 from shardquant.model.adapters import Adapter, InputGroup
 
@@ -161,6 +161,8 @@ class SolveTask:
 
     kind: 'rtn', 'gptq' (Hessian of the group's inputs), 'awq' (scaled weights, RTN after an
     optional clip search on `clip_rows`) or 'awq+gptq' (scaled weights, scaled Hessian).
+    `rows` (GPTQ kinds, one linear): solve only the output rows [start, end) of it; the
+    worker still reduces and factorizes the group's whole Hessian (`RowSlice`).
     """
 
     group: str
@@ -169,6 +171,30 @@ class SolveTask:
     clip: bool = False
     clip_skip: tuple[str, ...] = ()
     clip_rows: torch.Tensor | None = None
+    rows: tuple[int, int] | None = None
+
+
+@dataclass
+class RowSlice:
+    """Output rows [start, end) of a linear's quantized weight: the result of a row-split task."""
+
+    start: int
+    end: int
+    weight: QuantizedWeight
+
+
+def join_row_slices(name: str, slices: Iterable[RowSlice], out_features: int) -> QuantizedWeight:
+    """A linear's quantized weight from its row slices (any order; `concat_rows` in row order).
+    The slices must cover rows [0, out_features) exactly once."""
+    ordered = sorted(slices, key=lambda r: r.start)
+    edge = 0
+    for r in ordered:
+        if r.start != edge:
+            raise ValueError(f"{name}: row slices leave a gap or overlap at row {min(edge, r.start)}")
+        edge = r.end
+    if edge != out_features:
+        raise ValueError(f"{name}: row slices cover rows [0, {edge}) of {out_features}")
+    return concat_rows([r.weight for r in ordered])
 
 
 class BlockSteps(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from shardquant.calib.steps import BlockProfile, calibrate_block
 from shardquant.record.state import RunState
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from shardquant.pipeline import Prepared
 
 Record = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 def run_blocks(ex, p: Prepared, state: RunState, progress: dict[str, Any], *, start: int, staged: bool,
@@ -140,6 +141,20 @@ def _commit(ex, state: RunState, progress: dict[str, Any], done: int, block_dige
     put_record(progress["blocks"], record)
     state.write(progress)
     state.prune_activations([a["file"] for a in progress["activations"]])
+
+
+def retry_lost(ex, progress: dict[str, Any], step: Callable[[], T], restore: Callable[[], None], redo: str) -> T:
+    """`step()`, again after `restore()` each time a lost worker was replaced (the work after
+    the blocks: evaluation, export), with the fault recorded like the blocks' ones."""
+    while True:
+        try:
+            return step()
+        except Exception as e:
+            t_fault = time.perf_counter()
+            if not ex.recover(e):
+                raise
+            _record_fault(progress, e, progress["done"], t_fault, redo)
+            restore()
 
 
 def _record_fault(progress: dict[str, Any], error: BaseException, block: int, t_fault: float, redo: str) -> None:

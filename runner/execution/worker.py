@@ -35,8 +35,10 @@ from shardquant.calib.steps import (
     BlockProfile,
     GroupStats,
     LayerResult,
+    RowSlice,
     SolveTask,
     fold_scales,
+    join_row_slices,
     merge_stats,
     quant_spec,
 )
@@ -50,6 +52,7 @@ from shardquant.model.forward import BlockRunner, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.record.report import peak_rss_bytes
 from shardquant.record.state import assemble_shard, save_tensors
+from shardquant.tools.plan import activation_cap
 
 
 class BlockWorker:
@@ -66,7 +69,7 @@ class BlockWorker:
         self.exporter = get_exporter(c.export.format, self.source, c.quant)
         self.runner = BlockRunner(self.adapter, self.source.skeleton.config, self.source.rotary())
         self.spec = quant_spec(c.quant)
-        budget = c.cluster.activation_memory
+        budget = activation_cap(c)
         self.store = ActivationStore(budget, c.cluster.spill_dir, tag=f"{name}")
         self.streams = Streams(self.store, self.runner)
         self.block: nn.Module | None = None
@@ -176,6 +179,9 @@ class BlockWorker:
         )
         self.originals.update(found.originals)
         self.candidates[group] = found.candidates
+        # This worker's own Hessian part served the search; the solve reads the reduced sum
+        # (in one process the same object), so the capture lets go of it.
+        self.captures[group].hessian = None
         self.profile.extra["search_s"] = self.profile.extra.get("search_s", 0.0) + time.perf_counter() - t
         return found.totals, found.count
 
@@ -225,36 +231,55 @@ class BlockWorker:
 
     def solve(
         self, tasks: list[SolveTask], *stats: dict[str, GroupStats]
-    ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    ) -> tuple[dict[str, QuantizedWeight | list[RowSlice]], dict[str, float]]:
         """Quantize the tasks' linears from the (per-worker) statistics (`solvers.solve_task`);
-        weights are not changed here (see `apply`). The quantized weights and losses by linear."""
+        weights are not changed here (see `apply`). The quantized weights and losses by
+        linear; a row-split task's weight comes as a `RowSlice` in a list (a worker may get
+        several slices of one linear), its loss added to the linear's."""
         t = time.perf_counter()
         merged = merge_stats(self._each_part(stats), own_first=self.owns_parts) if stats else {}
-        weights: dict[str, QuantizedWeight] = {}
+        weights: dict[str, QuantizedWeight | list[RowSlice]] = {}
         losses: dict[str, float] = {}
         for task in tasks:
             w, loss = solve_task(task, self.block, merged, scales=self.scales, originals=self.originals,
                                  spec=self.spec, q=self.cfg.quant)
-            weights.update(w)
-            losses.update(loss)
+            for name, qw in w.items():
+                if task.rows is None:
+                    weights[name] = qw
+                else:
+                    weights.setdefault(name, []).append(RowSlice(*task.rows, qw))
+            for name, value in loss.items():
+                losses[name] = losses.get(name, 0.0) + value
         self.profile.solve_s += time.perf_counter() - t
         return weights, losses
 
-    def apply(self, *parts: dict[str, QuantizedWeight]) -> None:
-        """Set the solved linears' weights to their dequantized codes (every worker)."""
+    def apply(self, *parts: dict[str, QuantizedWeight | list[RowSlice]]) -> None:
+        """Set the solved linears' weights to their dequantized codes (every worker); a
+        row-split linear's slices, from all parts, are joined in row order first."""
+        slices: dict[str, list[RowSlice]] = {}
         for part in parts:
             for name, qw in part.items():
-                lin = self._lin(name)
-                with torch.no_grad():
-                    lin.weight.copy_(qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype))
-                self.results[name] = LayerResult(qw, 0.0)
-                if self.stage_cache is not None:
-                    self.stage_cache.mark_final([name])
+                if isinstance(qw, list):
+                    slices.setdefault(name, []).extend(qw)
+                else:
+                    self._set_quantized(name, qw)
+        for name, got in slices.items():
+            self._set_quantized(name, join_row_slices(name, got, self._lin(name).out_features))
+
+    def _set_quantized(self, name: str, qw: QuantizedWeight) -> None:
+        lin = self._lin(name)
+        with torch.no_grad():
+            lin.weight.copy_(qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype))
+        self.results[name] = LayerResult(qw, 0.0)
+        if self.stage_cache is not None:
+            self.stage_cache.mark_final([name])
 
     def end_group(self, group: str) -> None:
-        """Drop what was kept for a group's AWQ search."""
+        """Drop what was kept for a group's AWQ search (the groups are searched and solved one
+        after another, so the unscaled weights kept are this group's)."""
         self.captures.pop(group, None)
         self.scales.pop(group, None)
+        self.originals.clear()
 
     def end_block(self, block_file: str | None) -> dict[str, Any]:
         """Propagate calibration and evaluation streams, write the block's exported tensors

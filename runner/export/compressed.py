@@ -141,7 +141,7 @@ class CompressedTensorsExporter(PackedExporter):
         pack = _library()["pack_to_int32"]
         offset = 2 ** (q.bits - 1)
         out = {
-            f"{name}.weight_packed": pack((weight.codes - offset).to(torch.int8), q.bits),
+            f"{name}.weight_packed": pack((weight.codes.to(torch.int16) - offset).to(torch.int8), q.bits),
             f"{name}.weight_scale": weight.scales.to(self.source.dtype),  # the compute dtype
             f"{name}.weight_shape": torch.tensor(tuple(weight.codes.shape), dtype=torch.int64),
         }

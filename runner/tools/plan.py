@@ -27,19 +27,19 @@ conservative sum of terms that can be alive together:
 - ``weights``: the block's tensors in the compute dtype (its linears, norms, biases).
 - ``activations``: the resident activations above.
 - ``solved_codes``: solved weights are kept until the block is written, every linear's
-  int32 codes, float32 scales and int32 zeros per group and int32 g_idx:
-  ``sum(out·in·4 + out·groups·8 + in·4)`` over the block's quantized linears.
-- ``fp32_copies``: rtn/gptq: the linear being solved in float32 and its working or
-  dequantized copy, ``2 · max(out·in) · 4``; awq/awq+gptq add the float32 originals kept for
-  every quantized linear of the block (``sum(out·in) · 4``).
+  uint8 codes, float32 scales and int32 zeros per group and int32 g_idx:
+  ``sum(out·in + out·groups·8 + in·4)`` over the block's quantized linears.
+- ``fp32_copies``: the linear being solved in float32 and its working or dequantized copy,
+  ``2 · max(out·in) · 4``; awq/awq+gptq add the unscaled weights of the group being solved,
+  kept in the compute dtype from its scale search to its solve (``max over groups of
+  Σ out·in · d``).
 - ``hessians`` (gptq, awq, awq+gptq): a phase is one input group with ``quant.true_sequential``,
-  otherwise all groups at once. The solving worker fetches the workers' ``in × in`` float32
-  accumulators one at a time into a running sum (two sets of the phase's groups), plus 7 more ``in × in`` matrices of the widest
-  group while solving (the reduced sum, H = 2·sum/n, the solver's copy, the damped copy, the
-  Cholesky factor, its inverse and the upper factor of the inverse):
-  ``max over phases of (2 · Σ in_g² + 7 · max in_g²) · 4``. awq keeps them for the exact
-  output errors of its scale search and its losses (the Gram matrix ``X^T X``, built with 3
-  ``in × in`` matrices instead of the solver's 7).
+  otherwise all groups at once. Every worker accumulates one ``in × in`` float32 matrix per
+  group of the phase. The solving worker sums the workers' parts into one running sum, one
+  part at a time (in one process the worker's own part is the running sum); then H is formed
+  and factorized in that sum's buffer, with one work matrix (``GPTQSolver``), and awq builds
+  one Gram matrix ``X^T X`` for its scale search and losses (from the worker's own part, which
+  it lets go of before the solve). So ``max over phases of (Σ in_g² + max in_g²) · 4``.
 - ``awq_captures`` (awq, awq+gptq): the captured inputs of the phase's groups and the
   consumer's reference outputs: ``tokens · (Σ in_g + hidden) · d`` with
   ``tokens = calib windows of the share × calib.seq_len``.
@@ -49,8 +49,10 @@ conservative sum of terms that can be alive together:
   pass: ``tokens · (hidden + max(heads · head_dim, intermediate)) · d``.
 - ``workspace``: one forward batch (B = the stream's batch size, capped by its windows,
   T = its seq_len): ``max(B · heads · T² · 4, 2 · B · T · intermediate · d) + B · T · hidden · d``
-  (fp32 attention scores of the sdpa math fallback, or the MLP's gate and up outputs; plus
-  the batch being produced); the larger of the calibration and evaluation streams.
+  on CPU workers (fp32 attention scores of the sdpa math fallback, or the MLP's gate and up
+  outputs; plus the batch being produced), and on GPU workers, whose sdpa kernels never hold
+  the T × T scores, ``2 · B · T · intermediate · d + B · T · hidden · d``; the larger of the
+  calibration and evaluation streams.
 
 ``block phase = weights + activations + solved_codes + fp32_copies + hessians +
 awq_captures + stage_cache + workspace``. Outside the blocks (embedding at setup, final norm and lm_head
@@ -90,15 +92,20 @@ from pathlib import Path
 from typing import Any
 
 from shardquant.algorithms.counts import n_groups
-from shardquant.config import RunConfig, compute_dtype, parse_size
+from shardquant.config import AWQ_METHODS, RunConfig, compute_dtype, parse_size
 from shardquant.errors import UserError
 from shardquant.export.formats import BlockLinears, get_layout, quantized_linears
 from shardquant.model.adapters import Adapter, get_adapter
 from shardquant.tools.plan_text import human
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SOLVE_COPIES = 7  # in×in float32 matrices beyond the accumulators while a Hessian is solved
-GRAM_COPIES = 3  # awq: the triangle's copy, its transposed part and the full Gram matrix
+SOLVE_COPIES = 1  # in×in float32 matrices beside the running sum: GPTQ's work matrix, AWQ's Gram
+
+
+def activation_cap(cfg: RunConfig) -> int | None:
+    """`cluster.activation_memory` in bytes; None for no cap (null, or `auto` not yet chosen)."""
+    v = cfg.cluster.activation_memory
+    return None if v in (None, "auto") else parse_size(v)
 
 
 def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -275,7 +282,7 @@ class Plan:
             "activations": {
                 "streams": dict(self.streams), "total": self.activation_bytes, "resident": self.resident,
                 "spilled": self.spilled,
-                "cap": None if c.cluster.activation_memory is None else parse_size(c.cluster.activation_memory),
+                "cap": activation_cap(c),
             },
             "block_bytes": self.block_bytes,
             "hessian": None if self.hessian_group is None else {
@@ -302,7 +309,7 @@ def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
     return total + shape.outside_numel() * d
 
 
-def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, world: int, tokens: int) -> dict[str, Any]:
+def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int) -> dict[str, Any]:
     """Solve-time memory terms of block `index` (see the module docstring)."""
     q, d, lins, blocks = cfg.quant, DTYPE_BYTES[cfg.model.dtype], shape.linears(), shape.adapter.blocks
     work = []  # (group, in_features, [(out, in) of its quantized linears])
@@ -313,23 +320,22 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, world: int, toke
     phases = [[w] for w in work] if q.true_sequential else [work] if work else []
     quantized = [lin for _, _, qs in work for lin in qs]
     terms: dict[str, Any] = {
-        "solved_codes": sum(o * i * 4 + o * n_groups(i, q.group_size) * 8 + i * 4 for o, i in quantized),
+        "solved_codes": sum(o * i + o * n_groups(i, q.group_size) * 8 + i * 4 for o, i in quantized),
         "fp32_copies": 2 * max((o * i for o, i in quantized), default=0) * 4,
         "hessians": 0, "awq_captures": 0, "stage_cache": 0, "hessian_group": None, "hessian_in": 0,
     }
-    if work and q.method in ("gptq", "awq", "awq+gptq") and q.true_sequential and cfg.calib.reuse_stages:
+    if work and q.method in ("gptq", *AWQ_METHODS) and q.true_sequential and cfg.calib.reuse_stages is not False:
         tails = max(lins[s.tail][1] for s in shape.adapter.stages)  # o_proj's, down_proj's inputs
         terms["stage_cache"] = tokens * (shape.hidden + tails) * d
-    if q.method in ("awq", "awq+gptq"):
-        terms["fp32_copies"] += sum(o * i for o, i in quantized) * 4
+    if q.method in AWQ_METHODS:
+        terms["fp32_copies"] += max((sum(o * i for o, i in qs) for _, _, qs in work), default=0) * d
         terms["awq_captures"] = max(
             (tokens * (sum(i for _, i, _ in p) + shape.hidden) * d for p in phases), default=0
         )
     if q.method in ("gptq", "awq", "awq+gptq"):
-        extra = GRAM_COPIES if q.method == "awq" else SOLVE_COPIES
         for phase in phases:
             ins = [i for _, i, _ in phase]
-            terms["hessians"] = max(terms["hessians"], (2 * sum(i * i for i in ins) + extra * max(ins) ** 2) * 4)
+            terms["hessians"] = max(terms["hessians"], (sum(i * i for i in ins) + SOLVE_COPIES * max(ins) ** 2) * 4)
         for g, i, _ in work:
             if i > terms["hessian_in"]:
                 terms["hessian_group"], terms["hessian_in"] = g, i
@@ -370,7 +376,8 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
             notes.append("eval.n_samples is null (every window of the text): evaluation streams not counted")
         else:
             n_eval = cfg.eval.n_samples
-    if cfg.cluster.backend == "ray" and cfg.calib.propagate == "fp" and quantizing:
+    staged = cfg.cluster.backend == "ray" and cfg.calib.propagate == "fp" and quantizing
+    if staged:
         # Pipeline stages: the model is split, every stage holds every window.
         calib_w, eval_w = [n_calib] * world, [n_eval] * world
         a, b = split_range(shape.layers, world, 0)
@@ -396,17 +403,18 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         if cfg.eval.fp and quantizing:
             streams["eval_fp"] = eval_bytes
     total = sum(streams.values())
-    cap = None if cfg.cluster.activation_memory is None else parse_size(cfg.cluster.activation_memory)
+    cap = activation_cap(cfg)
     resident = total if cap is None else min(total, cap)
 
     tokens = nc * cfg.calib.seq_len
-    terms = max((_block_terms(shape, cfg, i, world, tokens) for i in range(shape.layers)), key=lambda t: t["sum"])
+    terms = max((_block_terms(shape, cfg, i, tokens) for i in range(shape.layers)), key=lambda t: t["sum"])
 
     def work(b: int, t: int, windows: int) -> int:
         b = min(b, windows)
         if not b:
             return 0
-        return max(b * shape.heads * t * t * 4, 2 * b * t * shape.intermediate * d) + b * t * h * d
+        scores = b * shape.heads * t * t * 4 if dev == "cpu" else 0
+        return max(scores, 2 * b * t * shape.intermediate * d) + b * t * h * d
 
     workspace = max(
         work(cfg.calib.batch_size, cfg.calib.seq_len, nc) if quantizing else 0,

@@ -1,0 +1,102 @@
+"""Fitting a run into its workers' memory: the `auto` settings, and what to change when it does not fit.
+
+`choose` resolves `calib.reuse_stages: auto` and `cluster.activation_memory: auto` against a
+per-worker budget (`cluster.worker_memory`, `plan --worker-memory`, or a local GPU's memory):
+everything stays on while the plan fits; otherwise the stage cache goes first (it is the
+largest term that only buys speed), then activations spill to disk, capped at what fits.
+Neither is ever chosen so that the run cannot fit. `suggest` names the smallest single change
+that makes a plan that still does not fit fit: more workers, fewer calibration windows per
+worker, a smaller forward batch, spilling, or the dtype. No torch: the numbers are
+`tools.plan`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardquant.config import RunConfig
+from shardquant.tools.plan import Plan, plan_run
+
+
+@dataclass
+class Fit:
+    """The plan with the auto settings chosen, and what was chosen and why."""
+
+    plan: Plan
+    cfg: RunConfig  # the config with `auto` replaced by the choice
+    budget: int | None
+    choices: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"budget": self.budget, **self.choices, "reasons": list(self.reasons)}
+
+
+def _with(cfg: RunConfig, section: str, **values: Any) -> RunConfig:
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
+def choose(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None, budget: int | None = None) -> Fit:
+    """Resolve the `auto` settings of `cfg` for workers of `budget` bytes (None: keep them on)."""
+    reuse_auto = cfg.calib.reuse_stages == "auto"
+    spill_auto = cfg.cluster.activation_memory == "auto"
+    out = cfg
+    if reuse_auto:
+        out = _with(out, "calib", reuse_stages=True)
+    if spill_auto:
+        out = _with(out, "cluster", activation_memory=None)
+    plan = plan_run(raw, out, device=device)
+    fit = Fit(plan, out, budget)
+    if budget is not None and plan.peak > budget and reuse_auto and plan.memory["stage_cache"]:
+        off = plan_run(raw, _with(out, "calib", reuse_stages=False), device=device)
+        fit.reasons.append(
+            f"calib.reuse_stages auto: off, the stage cache ({plan.memory['stage_cache']} B) would take the "
+            f"peak to {plan.peak} B, over the budget of {budget} B"
+        )
+        out, plan = off.cfg, off
+    if budget is not None and plan.peak > budget and spill_auto and plan.resident:
+        others = max(plan.memory["block_phase"], plan.memory["outside_phase"]) - plan.resident
+        cap = budget - others
+        if cap > 0:
+            out = _with(out, "cluster", activation_memory=str(cap))
+            plan = plan_run(raw, out, device=device)
+            fit.reasons.append(
+                f"cluster.activation_memory auto: {cap} B in memory, {plan.spilled} B of activations spilled "
+                "to disk (cluster.spill_dir)"
+            )
+    fit.plan, fit.cfg = plan, out
+    if reuse_auto:
+        fit.choices["calib.reuse_stages"] = out.calib.reuse_stages
+    if spill_auto:
+        fit.choices["cluster.activation_memory"] = out.cluster.activation_memory
+    return fit
+
+
+def suggest(raw: dict[str, Any], fit: Fit, *, device: str | None = None) -> str | None:
+    """For a plan over its budget: the first single change, in order of how little it costs
+    the user, whose plan fits (None when none does, or it fits already)."""
+    budget, cfg = fit.budget, fit.cfg
+    if budget is None or fit.plan.peak <= budget:
+        return None
+    tries: list[tuple[str, RunConfig]] = []
+    if cfg.model.dtype in ("auto", "float32") and fit.plan.cfg.model.dtype == "float32":
+        tries.append(("model.dtype: bfloat16", _with(cfg, "model", dtype="bfloat16")))
+    if cfg.calib.batch_size > 1:
+        for b in (cfg.calib.batch_size // 2, cfg.calib.batch_size // 4, 1):
+            if b >= 1:
+                tries.append((f"calib.batch_size: {b}", _with(cfg, "calib", batch_size=b)))
+    if cfg.calib.reuse_stages is not False:
+        tries.append(("calib.reuse_stages: false", _with(cfg, "calib", reuse_stages=False)))
+    if fit.plan.resident:
+        others = max(fit.plan.memory["block_phase"], fit.plan.memory["outside_phase"]) - fit.plan.resident
+        if budget - others > 0:
+            tries.append((f"cluster.activation_memory: {budget - others} (spill the rest to disk)",
+                          _with(cfg, "cluster", activation_memory=str(budget - others))))
+    if cfg.cluster.backend != "local":
+        for workers in range(cfg.cluster.workers + 1, 4 * cfg.cluster.workers + 1):
+            tries.append((f"cluster.workers: {workers}", _with(cfg, "cluster", workers=workers)))
+    for change, trial in tries:
+        if plan_run(raw, trial, device=device).peak <= budget:
+            return change
+    return None
