@@ -13,7 +13,12 @@ if TYPE_CHECKING:
 def make_executor(cfg: RunConfig, source: ModelSource) -> Executor:
     """The executor of `cluster.backend: ray` (an `ExecutorFactory`, registered as the `ray`
     entry point of `shardquant.executors`): Ray actors, data parallel, or pipeline stages with
-    `calib.propagate: fp`. Ray is imported only when one is built."""
+    `calib.propagate: fp`; `cluster.backend: local` gets the in-process one. Ray is imported
+    only when one is built."""
+    if cfg.cluster.backend == "local":
+        from shardquant.execution.local import LocalExecutor
+
+        return LocalExecutor(cfg)
     if cfg.calib.propagate == "fp" and cfg.quant.method != "none":
         from shardquant.cluster.stage_executor import StageExecutor
 

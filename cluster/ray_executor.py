@@ -306,11 +306,15 @@ class RayExecutor:
     def close(self) -> None:
         import ray
 
-        for a in getattr(self, "actors", []):
+        actors = getattr(self, "actors", [])
+        try:  # let each worker remove its spill files before it is killed
+            ray.get([a.close.remote() for a in actors], timeout=60)
+        except Exception:  # noqa: BLE001 - best effort on the way out: a lost worker has none left
+            pass
+        for a in actors:
             try:
-                a.close.remote()
                 ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - best effort on the way out
+            except Exception:  # noqa: BLE001
                 pass
         try:
             ray.util.remove_placement_group(self._pg)

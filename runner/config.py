@@ -303,6 +303,8 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"'{text}' is not a size like 500MB or 2GB") from None
     if value <= 0:
         raise ValueError(f"'{text}' must be positive")
+    if value * _UNITS[unit] >= 2**63:  # also inf: 1E400 parses as a float
+        raise ValueError(f"'{text}' is too large")
     return int(value * _UNITS[unit])
 
 
