@@ -16,9 +16,9 @@ def make_executor(cfg: RunConfig, source: ModelSource) -> Executor:
     `calib.propagate: fp`; `cluster.backend: local` gets the in-process one. Ray is imported
     only when one is built."""
     if cfg.cluster.backend == "local":
-        from shardquant.execution.local import LocalExecutor
+        from shardquant.execution.local import local_executor
 
-        return LocalExecutor(cfg)
+        return local_executor(cfg, source)
     if cfg.calib.propagate == "fp" and cfg.quant.method != "none":
         from shardquant.cluster.stage_executor import StageExecutor
 
