@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .quantizer import QuantizedWeight, QuantSpec, compute_qparams, fake_quantize, grouped
 
+ROW_CHUNK_ELEMENTS = 1 << 24  # per-row work on a weight goes this many elements (64 MB in fp32) at a time
 SCALE_MIN = 1e-4  # raw scales are clamped to [SCALE_MIN, SCALE_MAX] before normalization
 SCALE_MAX = 1e4
 _EPS = 1e-12
@@ -76,17 +77,30 @@ class ChannelStats:
         return self.sum / self.count
 
 
+def row_chunks(out_features: int, in_features: int, elements: int | None = None) -> list[slice]:
+    """Contiguous row ranges of a weight [out, in], each about `elements` large (at least one
+    row; default `ROW_CHUNK_ELEMENTS`): per-row work (grouping, fake quantization, errors) done
+    a chunk at a time holds a chunk's temporaries instead of whole-weight copies."""
+    step = max(1, (elements or ROW_CHUNK_ELEMENTS) // max(1, in_features))
+    return [slice(a, min(a + step, out_features)) for a in range(0, out_features, step)]
+
+
 def weight_mean(weights: Sequence[Tensor], spec: QuantSpec) -> Tensor:
     """Mean over all output rows of ``|w| / max|w|`` of its quantization group, per input column.
 
-    The weights [out_i, in] of every linear of a group are stacked; normalizing within each
+    The rows [out_i, in] of every linear of a group count alike; normalizing within each
     group makes the statistic say where a column sits in its group's range, not how large the
-    layer is.
+    layer is. Summed a chunk of rows at a time (float64 sum: no copy of a whole weight).
     """
-    w = torch.cat([t.float() for t in weights], dim=0)
-    g = grouped(w.abs(), spec)
-    g = g / (g.amax(dim=-1, keepdim=True) + _EPS)
-    return g.reshape(w.shape[0], -1)[:, : w.shape[1]].mean(dim=0)
+    total, rows = None, 0
+    for t in weights:
+        for r in row_chunks(*t.shape):
+            g = grouped(t[r].float().abs(), spec)
+            g = g / (g.amax(dim=-1, keepdim=True) + _EPS)
+            part = g.reshape(g.shape[0], -1)[:, : t.shape[1]].sum(dim=0, dtype=torch.float64)
+            total = part if total is None else total + part
+            rows += g.shape[0]
+    return (total / rows).float()
 
 
 def awq_scales(x_mean: Tensor, ratio: float, w_mean: Tensor | None = None) -> Tensor:
@@ -124,6 +138,16 @@ def linear_output_error(delta: Tensor, gram: Tensor) -> float:
     (``out * in^2`` flops instead of ``rows * out * in``). Float32."""
     d = delta.to(device=gram.device, dtype=torch.float32)
     return float(((d @ gram.float()) * d).sum())
+
+
+def scaled_quantization_error(w: Tensor, s: Tensor, spec: QuantSpec, gram: Tensor) -> float:
+    """``linear_output_error(Q(w * s) / s - w, gram)`` summed a chunk of rows at a time: the
+    output error candidate scale ``s`` causes, without a whole-weight temporary."""
+    total = 0.0
+    for r in row_chunks(*w.shape):
+        wr = w[r].float()
+        total += linear_output_error(scaled_fake_quantize(wr, s, spec) - wr, gram)
+    return total
 
 
 def candidate_scales(x_mean: Tensor, *, grid: int = 20, w_mean: Tensor | None = None) -> list[Tensor]:

@@ -8,7 +8,8 @@ heads, 4 at width 1024; 3 blocks, 2 at width 4096; every block >= 50 MB) are qua
 (4-bit, group 128, AWQ grids 4, defaults otherwise; 16 x 256 calibration tokens, batch 4, no
 eval) locally and on 2 private Ray workers, each run in a fresh process. Prints, per run and process,
 measured vs planned GiB (`shardquant plan CONFIG --json --device cpu`, a fresh process, so
-the installed plan is measured), the plan's memory terms, and the footprint of an idle
+the installed plan is measured: each worker against its rank's `worker_peaks`, the driver
+against `driver`), the plan's memory terms (rank 0's), and the footprint of an idle
 process and an idle Ray worker. `--reuse` keeps the runs already in DIR (runs the rest);
 `--replan` runs nothing and re-plans the runs in DIR.
 Measured, never asserted; paste the tables into benchmarks/RESULTS.md with the command.
@@ -32,7 +33,7 @@ from _common import ROOT, run_quantize
 
 GIB = 2**30
 VOCAB = 512
-TERMS = ("weights", "activations", "solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache",
+TERMS = ("framework", "weights", "activations", "solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache",
          "workspace", "block_phase", "outside_phase", "peak")
 IMPORTS = "import torch, transformers, shardquant, shardquant.pipeline, shardquant.execution.worker"
 # AWQ's searches loop over their candidates (the memory of one is the memory of all): 4 of
@@ -182,14 +183,15 @@ def main() -> None:
     rows, term_rows = [], []
     for width, method, backend, rundir, _ in runs:
         rep = json.loads((rundir / "out" / "report.json").read_text())
-        mem = plan(rundir / "run.yaml")["memory"]
+        planned_json = plan(rundir / "run.yaml")
+        mem = planned_json["memory"]
         term_rows.append((width, method, backend, mem))
-        planned, base = mem["peak"], ray_actor if backend == "ray" else idle
+        ranks, base = planned_json["worker_peaks"], ray_actor if backend == "ray" else idle
         if backend == "ray":
-            procs = [("driver", rep["memory"]["driver_peak_rss_bytes"], None, ray_driver)]
-            procs += [(w, v, planned, base) for w, v in rep["cluster"]["peak_rss_bytes"].items()]
+            procs = [("driver", rep["memory"]["driver_peak_rss_bytes"], planned_json["driver"], ray_driver)]
+            procs += [(w, v, ranks[int(w[1:])], base) for w, v in rep["cluster"]["peak_rss_bytes"].items()]
         else:
-            procs = [("process", rep["memory"]["peak_rss_bytes"], planned, base)]
+            procs = [("process", rep["memory"]["peak_rss_bytes"], ranks[0], base)]
         rows += [(width, method, backend, *p) for p in procs]
 
     print("\n| width | method | backend | process | measured GiB | planned GiB | ratio | "

@@ -16,17 +16,16 @@ redoes the block.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from shardquant.algorithms.gptq import split_rows
 from shardquant.calib.steps import SolveTask
-from shardquant.config import GPTQ_METHODS, RunConfig, config_dict
+from shardquant.config import RunConfig, config_dict
 from shardquant.errors import UserError
+from shardquant.execution.packing import assign, pack_units, unit_cost
 from shardquant.execution.worker import BlockWorker
 
 ZERO_COPY = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
@@ -81,56 +80,19 @@ def _placement_error(workers: int, bundle: dict[str, float], total: dict[str, fl
     )
 
 
-def assign(costs: list[float], workers: int) -> list[int]:
-    """Greedy bin packing: the worker of each item (largest first onto the least loaded)."""
-    load = [0.0] * workers
-    owner = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda k: -costs[k]):
-        k = min(range(workers), key=lambda w: (load[w], w))
-        owner[i] = k
-        load[k] += costs[i]
-    return owner
-
-
 def solve_units(
     tasks: list[SolveTask], shapes: dict[str, tuple[int, int]], world: int, row_split: str = "auto"
 ) -> tuple[list[SolveTask], list[float]]:
     """The units a solve of `tasks` is packed as onto `world` workers, and each unit's cost.
 
     One worker: the tasks as they are. Otherwise one unit per linear (`shapes`: its (out, in)),
-    costing rows·in² (GPTQ's column loop) + in³ (the factorization, paid again by every worker
-    that gets a unit of the group). A GPTQ linear ('gptq', 'awq+gptq') becomes k row slices
-    (`split_rows`, one unit each, same factorization) where k > 1: 'auto' k = min(world, out,
-    ceil(out·in² / average)) with average = the whole units' total cost / world, so only a
-    linear whose column loop exceeds the average load per worker is split; 'always' k =
-    min(world, out); 'never' k = 1. RTN and AWQ linears stay whole.
-    """
-
-    def cost(rows: int, in_f: int) -> float:
-        return float(rows * in_f * in_f + in_f**3)
-
+    a large GPTQ linear in row slices (`execution.packing.pack_units`)."""
     if world == 1:
-        costs = [cost(sum(shapes[n][0] for n in t.linears), shapes[t.linears[0]][1]) for t in tasks]
+        costs = [unit_cost(sum(shapes[n][0] for n in t.linears), shapes[t.linears[0]][1]) for t in tasks]
         return list(tasks), costs
     whole = [replace(t, linears=(n,)) for t in tasks for n in t.linears]
-    average = sum(cost(*shapes[u.linears[0]]) for u in whole) / world
-    units: list[SolveTask] = []
-    costs: list[float] = []
-    for u in whole:
-        out_f, in_f = shapes[u.linears[0]]
-        k = 1
-        if u.kind in GPTQ_METHODS and row_split == "always":
-            k = min(world, out_f)
-        elif u.kind in GPTQ_METHODS and row_split == "auto":
-            k = min(world, out_f, math.ceil(out_f * in_f * in_f / average))
-        if k == 1:
-            units.append(u)
-            costs.append(cost(out_f, in_f))
-            continue
-        for a, b in split_rows(out_f, k):
-            units.append(replace(u, rows=(a, b)))
-            costs.append(cost(b - a, in_f))
-    return units, costs
+    units = pack_units([(u.kind, *shapes[u.linears[0]]) for u in whole], world, row_split)
+    return [replace(whole[u.index], rows=u.rows) for u in units], [u.cost for u in units]
 
 
 class RayBlockWorker(BlockWorker):

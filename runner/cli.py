@@ -214,6 +214,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
                 print(f"auto: {line}")
             if advice:
                 print(f"to fit: {advice}")
+            elif capacity is not None and fit.plan.peak > capacity:
+                print("to fit: no single change of workers, windows, batch, spill or dtype is enough")
         return 0
     if args.command == "quickstart":
         if extra:

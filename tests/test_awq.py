@@ -405,3 +405,46 @@ def test_linear_consumer_search_is_exact_and_sampling_is_a_subset(tiny_models):
         for a, b in zip(found.totals, ref, strict=True):
             assert a == pytest.approx(b, rel=1e-3)
     src.release(block)
+
+
+def test_row_chunks_give_the_same_awq_search_and_solve(monkeypatch):
+    """AWQ's search losses, weight means and clip + RTN solve go a chunk of rows at a time (no
+    whole-weight temporaries): with chunks of 3 rows they give the same codes, scales and
+    zeros, and the same errors to float tolerance, as the whole weight at once (the formulas
+    written out here on whole tensors)."""
+    from torch import nn
+
+    from shardquant.algorithms.quantizer import grouped
+    from shardquant.calib.solvers import solve_awq
+    from shardquant.calib.steps import GroupStats, SolveTask
+    from shardquant.config import QuantConfig
+
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, group_size=16, symmetric=False)
+    lin = nn.Linear(64, 20, bias=False)
+    x = torch.randn(200, 64) * torch.linspace(0.1, 3.0, 64)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    s = awq.awq_scales(x.abs().mean(0), 0.5)
+    w = lin.weight.detach().clone()
+    gram = acc.gram()
+    whole_error = awq.linear_output_error(awq.scaled_fake_quantize(w, s, spec) - w, gram)
+    g = grouped(w.abs(), spec)
+    whole_mean = (g / (g.amax(dim=-1, keepdim=True) + 1e-12)).reshape(20, -1).mean(dim=0)
+    q = QuantConfig(method="awq", bits=4, group_size=16, symmetric=False, awq_clip_grid=4)
+    task = SolveTask("g", ("lin",), "awq", clip=True, clip_rows=x[::4])
+    block = nn.Module()
+    block.lin = lin
+
+    def solve():
+        return solve_awq(task, block, GroupStats(hessian=acc), s, {"lin": w}, spec, q)
+
+    (whole_w, whole_loss) = solve()
+    monkeypatch.setattr(awq, "ROW_CHUNK_ELEMENTS", 3 * 64)
+    assert len(awq.row_chunks(20, 64)) == 7  # 6 chunks of 3 rows and one of 2
+    chunked_w, chunked_loss = solve()
+    for field in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(whole_w["lin"], field), getattr(chunked_w["lin"], field)), field
+    assert chunked_loss["lin"] == pytest.approx(whole_loss["lin"], rel=1e-5)
+    assert awq.scaled_quantization_error(w, s, spec, gram) == pytest.approx(whole_error, rel=1e-5)
+    assert torch.allclose(awq.weight_mean([w[:7], w[7:]], spec), whole_mean, rtol=1e-6)

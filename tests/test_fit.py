@@ -33,17 +33,19 @@ def run(method: str, workers: int, **sections) -> dict:
     return cfg
 
 
-def by_hand(h: int, i: int, method: str, windows: int) -> dict[str, int]:
+def by_hand(h: int, i: int, method: str, windows: int, unit: int) -> dict[str, int]:
     """Every block-phase term of one GPU worker (bf16, 8 KV heads of 128, batch 8 × 2048) from
-    the architecture alone: what the planner must say."""
+    the architecture alone: what the planner must say. `unit`: the elements (rows · in) of
+    the widest solve rank 0 gets."""
     d, kv, tokens = 2, 8 * 128, windows * 2048
     lin = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h), "down": (h, i)}
     terms = {
+        "framework": 512 * 2**20,  # CUDA context and allocator slack
         "weights": (sum(o * n for o, n in lin.values()) + 2 * h) * d,
         "activations": tokens * h * d,  # the calibration stream (no evaluation configured)
         # uint8 codes, fp32 scale + int32 zero per group of 128, int32 g_idx
         "solved_codes": sum(o * n + o * (n // 128) * 8 + n * 4 for o, n in lin.values()),
-        "fp32_copies": 2 * i * h * 4,  # gate/up/down are the widest: in fp32, twice
+        "fp32_copies": 2 * unit * 4,  # the widest unit in fp32, twice
         # down_proj's input: the running sum of the Hessians, and one more in×in (work / Gram)
         "hessians": 2 * i * i * 4,
         "awq_captures": 0,
@@ -53,32 +55,47 @@ def by_hand(h: int, i: int, method: str, windows: int) -> dict[str, int]:
         "workspace": 2 * 8 * 2048 * i * d + 8 * 2048 * h * d,
     }
     if method == "awq":
-        terms["fp32_copies"] += 2 * i * h * d  # gate + up unscaled, from their search to their solve
+        # AWQ's linears whole, a chunk of 2^24 elements at a time: 8 chunk-sized temporaries, the
+        # chunks' codes and their concatenation (half a weight); gate + up unscaled in bf16
+        terms["fp32_copies"] = (8 * min(unit, 2**24) + unit // 2) * 4 + 2 * i * h * d
         terms["awq_captures"] = tokens * (i + h) * d  # down_proj's inputs and the consumer's outputs
     return terms
 
 
-CASES = [  # model, workers, worker memory, windows per worker
-    pytest.param(L405, 8, 80 * GB, 16, id="405B-8x80GB"),
-    pytest.param(L70, 4, 48 * GB, 32, id="70B-4x48GB"),
-    pytest.param(L8, 1, 24 * GB, 128, id="8B-1x24GB"),
+def block_phase(t: dict[str, int]) -> int:
+    """A forward batch never coexists with a solve."""
+    held = ("framework", "weights", "activations", "solved_codes", "awq_captures", "stage_cache")
+    return sum(t[k] for k in held) + max(t["workspace"], t["fp32_copies"] + t["hessians"])
+
+
+# Rank 0's widest solve (execution.packing: a unit costs rows·in² + in³; a GPTQ linear is split
+# into k = ceil(out·in² / (phase cost / workers)) row slices; AWQ's stay whole):
+# - 405B on 8: down_proj alone, k = ceil(8·16384 / (16384 + 53248)) = 2, halves of 8192 rows
+#   (gate/up: k = ceil(3.25 / 1.0625) = 4 slices of 13312 rows, smaller);
+# - 70B on 4: down_proj, k = ceil(4·8192 / (8192 + 28672)) = 1, whole;
+# - 8B on 1: every linear whole.
+CASES = [  # model, workers, worker memory, windows per worker, rank 0's widest GPTQ unit
+    pytest.param(L405, 8, 80 * GB, 16, 8192 * 53248, id="405B-8x80GB"),
+    pytest.param(L70, 4, 48 * GB, 32, 8192 * 28672, id="70B-4x48GB"),
+    pytest.param(L8, 1, 24 * GB, 128, 4096 * 14336, id="8B-1x24GB"),
 ]
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-@pytest.mark.parametrize(("raw", "workers", "memory", "windows"), CASES)
-def test_fits_with_a_tenth_to_spare(raw, workers, memory, windows, method):
+@pytest.mark.parametrize(("raw", "workers", "memory", "windows", "unit"), CASES)
+def test_fits_with_a_tenth_to_spare(raw, workers, memory, windows, unit, method):
     cfg = build_config(run(method, workers))
     fit = choose(raw, cfg, device="cuda", budget=memory)
     plan = fit.plan
     assert plan.device == "cuda" and plan.cfg.model.dtype == "bfloat16"  # model.dtype auto on a GPU
     assert plan.calib_windows[0] == windows
-    expect = by_hand(raw["hidden_size"], raw["intermediate_size"], method, windows)
+    h, i = raw["hidden_size"], raw["intermediate_size"]
+    expect = by_hand(h, i, method, windows, i * h if method == "awq" else unit)
     if fit.choices["calib.reuse_stages"] is False:
         expect["stage_cache"] = 0
     for key, value in expect.items():
         assert plan.memory[key] == value, key
-    assert plan.memory["block_phase"] == sum(expect.values()) == plan.peak
+    assert plan.memory["block_phase"] == block_phase(expect) == plan.peak
     assert plan.peak <= 0.9 * memory, f"{plan.peak / memory:.2f} of the worker's memory"
     assert fit.choices["cluster.activation_memory"] is None  # nothing needs to spill
 
@@ -87,8 +104,8 @@ def test_the_8b_awq_run_drops_the_stage_cache_only_when_it_must():
     """One 24 GB card, AWQ, 128 windows: 9 GiB of stage cache beside 9 GiB of AWQ captures does
     not fit, so auto turns the cache off; with 80 GB it stays on; without a budget it stays on."""
     cfg = build_config(run("awq", 1))
-    full = by_hand(4096, 14336, "awq", 128)
-    assert sum(full.values()) > 24 * GB  # with the cache: over
+    full = by_hand(4096, 14336, "awq", 128, 14336 * 4096)
+    assert block_phase(full) > 24 * GB  # with the cache: over
     small = choose(L8, cfg, device="cuda", budget=24 * GB)
     assert small.choices["calib.reuse_stages"] is False and small.plan.memory["stage_cache"] == 0
     assert "calib.reuse_stages auto: off" in small.reasons[0]
@@ -113,16 +130,22 @@ def test_auto_spills_activations_to_the_cap_that_fits():
 
 
 def test_advice_names_the_smallest_change_that_fits():
-    """405B GPTQ with the stage cache kept on 48 GB cards: 49 GB a worker. A smaller forward
-    batch is the first change that fits (the MLP's batch-8 outputs are 3.75 GiB); and float32
-    on a GPU is answered with bfloat16 first."""
+    """405B GPTQ with the stage cache kept on 40 GB cards: 42.1 GB a worker, the solve (not the
+    forward) the larger phase, so a smaller batch does not help and dropping the stage cache
+    (4.56 GB) is the first change that fits. 8B with a forward batch of 64 on an 8 GB card: the
+    MLP's outputs (7.5 GB) dominate and half the batch fits. float32 on a GPU is answered with
+    bfloat16 first."""
     cfg = build_config(run("gptq", 8, calib={"reuse_stages": True}))
-    over = choose(L405, cfg, device="cuda", budget=48 * GB)
-    assert over.plan.peak > 48 * GB
-    assert suggest(L405, over, device="cuda") == "calib.batch_size: 4"
-    assert plan_run(L405, build_config(run("gptq", 8, calib={"reuse_stages": True, "batch_size": 4})),
-                    device="cuda").peak <= 48 * GB
+    over = choose(L405, cfg, device="cuda", budget=40 * GB)
+    assert over.plan.peak > 40 * GB
+    assert suggest(L405, over, device="cuda") == "calib.reuse_stages: false"
+    assert plan_run(L405, build_config(run("gptq", 8, calib={"reuse_stages": False})), device="cuda").peak <= 40 * GB
     assert suggest(L405, choose(L405, cfg, device="cuda", budget=80 * GB), device="cuda") is None  # fits
+    wide = build_config(run("gptq", 1, calib={"batch_size": 64, "reuse_stages": False},
+                            cluster={"activation_memory": None}))
+    batch = choose(L8, wide, device="cuda", budget=8 * GB)
+    assert batch.plan.peak > 8 * GB and batch.plan.memory["workspace"] == 2 * 64 * 2048 * 14336 * 2 + 64 * 2048 * 4096 * 2
+    assert suggest(L8, batch, device="cuda") == "calib.batch_size: 32"
     fp32 = choose(L8, build_config(run("gptq", 1, model={"dtype": "float32"}, calib={"reuse_stages": False},
                                        cluster={"activation_memory": None})), device="cuda", budget=8 * GB)
     assert fp32.plan.peak > 8 * GB

@@ -80,11 +80,15 @@ def test_llama2_70b_by_hand(tmp_path):
     assert m["activations"] == (16 + 4 + 4) * 2048 * 8192 * 2
     # Every linear's uint8 codes, fp32 scales + int32 zeros per group of 128, int32 g_idx.
     assert m["solved_codes"] == sum(o * i + o * (i // 128) * 8 + i * 4 for o, i in L70.values())
-    # The widest linear (28672·8192 elements) in fp32, twice.
-    assert m["fp32_copies"] == 2 * 28672 * 8192 * 4
-    # The solver adds the 8 workers' accumulators one at a time into a running sum (1 set), then
-    # forms H in it and factorizes with one work matrix (+1).
-    assert m["hessians"] == (1 + 1) * 28672 * 28672 * 4
+    # Who solves what (execution.packing, as the Ray executor packs): a unit costs rows·in² +
+    # in³; a GPTQ linear is split in k = ceil(out·in² / (phase cost / 8)) row slices. down_proj
+    # alone: k = ceil(8·8192 / (8192 + 28672)) = 2 halves of 4096 rows, on ranks 0 and 1;
+    # gate/up: k = ceil(3.5 / 1.125) = 4 slices of 7168 rows each, one on every rank.
+    # Rank 0's widest unit, down_proj's half (4096·28672 elements), in fp32, twice.
+    assert m["fp32_copies"] == 2 * 4096 * 28672 * 4
+    # CPU workers: every worker's part is copied into the object store when returned, and the
+    # solver maps all 8 parts from the store beside a new running sum and one work matrix.
+    assert m["hessians"] == (8 + 1 + 1) * 28672 * 28672 * 4
     assert m["awq_captures"] == 0
     # Kept between true-sequential passes: 16·2048 tokens × (attention output 8192 + down_proj's
     # input 28672) in bf16.
@@ -92,11 +96,19 @@ def test_llama2_70b_by_hand(tmp_path):
     # Forward workspace, B=8, T=2048: fp32 attention scores 8·64·2048²·4 (8 GiB) beat the MLP's
     # 2·8·2048·28672·2; plus the batch being produced 8·2048·8192·2.
     assert m["workspace"] == 8 * 64 * 2048 * 2048 * 4 + 8 * 2048 * 8192 * 2
-    assert m["block_phase"] == sum(m[k] for k in ("weights", "activations", "solved_codes", "fp32_copies",
-                                                   "hessians", "awq_captures", "stage_cache", "workspace"))
+    # A Ray actor's own footprint (0.55 GiB); a forward batch never coexists with a solve.
+    assert m["framework"] == 563 * 2**20
+    held = sum(m[k] for k in ("framework", "weights", "activations", "solved_codes", "awq_captures", "stage_cache"))
+    assert m["block_phase"] == held + max(m["workspace"], m["fp32_copies"] + m["hessians"])
     # Outside the blocks: activations + the lm_head 32000·8192·2 + one window's fp32 logits, twice.
-    assert m["outside_phase"] == m["activations"] + 32000 * 8192 * 2 + 2 * 2048 * 32000 * 4
-    assert m["peak"] == m["block_phase"]
+    assert m["outside_phase"] == m["framework"] + m["activations"] + 32000 * 8192 * 2 + 2 * 2048 * 32000 * 4
+    assert m["peak"] == m["block_phase"] == plan.worker_peaks[0] == plan.worker_peaks[1]
+    # Rank 2 solves no part of down_proj: it holds its own part, its copy in the store and the
+    # serializer's transient; its widest unit is a gate slice (7168·8192). That solve is larger
+    # than a forward batch.
+    solve_2 = 2 * 7168 * 8192 * 4 + 3 * 28672 * 28672 * 4
+    assert solve_2 > m["workspace"] and plan.worker_peaks[2] == held + solve_2
+    assert plan.driver == 512 * 2**20
     # compressed-tensors 4-bit g128, symmetric: int32 codes o·i/8·4, bf16 scales o·(i/128)·2,
     # int64[2] shape; norms, embedding, final norm and lm_head in bf16.
     per_block = sum(o * (i // 8) * 4 + o * (i // 128) * 2 + 16 for o, i in L70.values()) + 2 * 8192 * 2
@@ -108,12 +120,20 @@ def test_llama2_70b_by_hand(tmp_path):
 
 
 def test_llama2_70b_awq_counts_its_gram_matrices(tmp_path):
-    """awq keeps each group's accumulator for exact output errors: the worker's own part for its
-    search (let go before the solve), then the running sum, plus one Gram matrix of the widest
-    group; and the unscaled weights of the group being solved, in bf16 (gate + up the largest)."""
-    plan = plan_from_config(build_config(config_70b(tmp_path, quant={"method": "awq"}, export={"format": "awq"})))
+    """awq on GPU workers keeps each group's accumulator for exact output errors: the worker's
+    own part for its search (let go before the solve), then the running sum (the parts come
+    from the host's object store one at a time), plus one Gram matrix of the widest group; AWQ
+    linears are solved whole, a chunk of rows at a time; and the unscaled weights of the group
+    being solved, in bf16 (gate + up)."""
+    cfg = build_config(config_70b(tmp_path, quant={"method": "awq"}, export={"format": "awq"}))
+    plan = plan_from_config(cfg, device="cuda")
     assert plan.hessian_group == "mlp_out" and plan.memory["hessians"] == (1 + 1) * 28672 * 28672 * 4
-    assert plan.memory["fp32_copies"] == 2 * 28672 * 8192 * 4 + 2 * 28672 * 8192 * 2
+    # down_proj (28672·8192 elements) a chunk of 2^24 at a time: 8 chunk-sized temporaries and
+    # the chunks' codes with their concatenation (half the weight); gate + up unscaled in bf16.
+    assert plan.memory["fp32_copies"] == (8 * 2**24 + 28672 * 8192 // 2) * 4 + 2 * 28672 * 8192 * 2
+    # The same run on CPU workers: rank 0 solves down_proj from all 8 parts mapped from the
+    # store, beside the running sum and the Gram matrix.
+    assert plan_from_config(cfg, device="cpu").memory["hessians"] == (8 + 1 + 1) * 28672 * 28672 * 4
 
 
 def test_llama2_70b_fake_and_rtn(tmp_path):
@@ -217,17 +237,21 @@ def test_cli_text(tmp_path, capsys):
     assert f"({plan.checkpoint_bytes} B of tensors, compressed-tensors)" in out
     assert ": FITS, margin" in out and f"({80 * 10**9 - plan.peak} B)" in out
     # Overrides work like everywhere else. With 32 windows a worker the stage cache would not
-    # fit 24 GiB: auto turns it off, and says so.
-    assert main(["plan", str(path), "--worker-memory=24GiB", "--calib.n_samples=256"]) == 0
+    # fit 40 GiB: auto turns it off, and says so.
+    assert main(["plan", str(path), "--worker-memory=40GiB", "--calib.n_samples=256"]) == 0
     out = capsys.readouterr().out
     assert "calibration windows  32 of 256" in out and ": FITS, margin" in out
     assert "auto: calib.reuse_stages auto: off, the stage cache (4831838208 B)" in out
     assert "stage_cache" not in out.split("peak memory per worker")[1]
-    # A smaller worker does not fit, the exit is still 0, and the smallest change is named: the
-    # CPU forward's attention scores (8 GiB at batch 8) shrink with the batch.
-    assert main(["plan", str(path), "--worker-memory=16GiB", "--calib.n_samples=256"]) == 0
+    # Ranks 0 and 1 solve down_proj's halves; the others hold only their own part.
+    assert "by rank (who solves what differs)  0: 35.74 GiB, 1: 35.74 GiB, 2: 13.87 GiB" in out
+    assert "driver process         512.00 MiB" in out
+    # A smaller worker does not fit and the exit is still 0. On CPU workers the solver's
+    # Hessians (all 8 parts mapped from the object store) dominate: no single change is
+    # enough, and plan says so.
+    assert main(["plan", str(path), "--worker-memory=16GiB"]) == 0
     out = capsys.readouterr().out
-    assert "DOES NOT FIT, short by" in out and "to fit: calib.batch_size: 4" in out
+    assert "DOES NOT FIT, short by" in out and "to fit: no single change" in out
 
 
 def test_cli_json(tmp_path, capsys):
@@ -357,3 +381,11 @@ def test_readme_example_is_current(tmp_path):
     out = render(plan_from_config(build_config(data)), parse_capacity("80GB"))
     expected = shown.split("\n", 1)[1]  # without the "$ shardquant plan ..." line
     assert out.replace(data["model"]["path"], shown_path) + "\n" == expected
+
+
+def test_awq_row_chunk_is_the_algorithms():
+    """The plan's AWQ chunk (torch-free) is the one algorithms.awq works in."""
+    from shardquant.algorithms import awq
+    from shardquant.tools.plan import AWQ_ROW_CHUNK
+
+    assert AWQ_ROW_CHUNK == awq.ROW_CHUNK_ELEMENTS

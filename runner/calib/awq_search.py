@@ -67,12 +67,8 @@ def linear_losses(
     """Summed output error of linears sharing the input, for each candidate, exactly, through
     the input's Gram matrix; and the element count (rows times outputs)."""
     gram = hessian.gram()
-    ws = [w.float() for w in weights]
-    totals = [
-        sum(awq.linear_output_error(awq.scaled_fake_quantize(w, s, spec) - w, gram) for w in ws)
-        for s in candidates
-    ]
-    return totals, hessian.count * sum(w.shape[0] for w in ws)
+    totals = [sum(awq.scaled_quantization_error(w, s, spec, gram) for w in weights) for s in candidates]
+    return totals, hessian.count * sum(w.shape[0] for w in weights)
 
 
 def module_losses(
@@ -94,10 +90,11 @@ def module_losses(
         with torch.no_grad():
             for s in candidates:
                 for n, lin in lins.items():
-                    if n in quantized:
-                        lin.weight.copy_(awq.scaled_fake_quantize(originals[n], s, spec).to(lin.weight.dtype))
-                    else:
+                    if n not in quantized:
                         lin.weight.copy_(originals[n])
+                        continue
+                    for r in awq.row_chunks(*lin.weight.shape):  # no whole-weight temporaries
+                        lin.weight[r].copy_(awq.scaled_fake_quantize(originals[n][r], s, spec))
                 total, count = 0.0, 0
                 for (a, kw), ref in zip(calls, refs, strict=True):
                     y = _first(module(*a, **kw))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from shardquant.algorithms import awq
 from shardquant.algorithms.gptq import GPTQSolver
-from shardquant.algorithms.quantizer import MSEGrid, QuantizedWeight, QuantSpec
+from shardquant.algorithms.quantizer import MSEGrid, QuantizedWeight, QuantSpec, concat_rows
 from shardquant.algorithms.rtn import quantize_rtn
 from shardquant.calib.steps import GroupStats, SolveTask
 from shardquant.config import GPTQ_METHODS, QuantConfig
@@ -108,19 +108,25 @@ def solve_awq(
     weights: dict[str, QuantizedWeight] = {}
     losses: dict[str, float] = {}
     for name in task.linears:
-        w = task_weight(block, name, s, originals)
-        target = w
-        if task.clip and name not in task.clip_skip and clip_x is not None:
-            found = awq.search_clip(
-                w, clip_x.to(w.device), spec, grid=q.awq_clip_grid, max_shrink=q.awq_clip_max_shrink
-            )
-            target = awq.apply_clip(w, spec, found.ratio)
-        qw = quantize_rtn(target, spec)
-        weights[name] = qw
-        delta = w - qw.dequantize().to(w.device)
-        if s is not None:
-            delta = delta / s.to(delta.device)  # the error seen by the unscaled inputs
-        losses[name] = awq.linear_output_error(delta, gram) / acc.count
+        source = originals[name] if s is not None and name in originals else block.get_submodule(name).weight
+        clip = task.clip and name not in task.clip_skip and clip_x is not None
+        parts, loss = [], 0.0
+        for r in awq.row_chunks(*source.shape):  # a chunk of rows at a time: no whole-weight copies
+            w = source[r].float() * s if s is not None and name in originals else source[r].float()
+            target = w
+            if clip:
+                found = awq.search_clip(
+                    w, clip_x.to(w.device), spec, grid=q.awq_clip_grid, max_shrink=q.awq_clip_max_shrink
+                )
+                target = awq.apply_clip(w, spec, found.ratio)
+            qw = quantize_rtn(target, spec)
+            parts.append(qw)
+            delta = w - qw.dequantize().to(w.device)
+            if s is not None:
+                delta = delta / s.to(delta.device)  # the error seen by the unscaled inputs
+            loss += awq.linear_output_error(delta, gram)
+        weights[name] = concat_rows(parts) if len(parts) > 1 else parts[0]
+        losses[name] = loss / acc.count
     return weights, losses
 
 

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from shardquant.calib.stage_cache import StageCache
 from shardquant.execution.activations import ActivationStore
+from shardquant.execution.packing import split_range
 from shardquant.model.forward import BlockRunner, embed_batches
-from shardquant.tools.plan import split_range
 
 
 class Streams:

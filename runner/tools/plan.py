@@ -9,10 +9,12 @@ byte size of ``model.dtype`` (float32 4, bfloat16/float16 2).
 Samples. ``world`` is ``cluster.workers`` with ``cluster.backend: ray``, else 1. The
 calibration windows (``calib.n_samples``; none when ``quant.method: none``) and evaluation
 windows (``eval.n_samples`` when ``eval.path`` is set and ``eval.enabled``) are split over
-the workers in contiguous shares exactly as ``worker.split_range`` does: rank r of w gets
-``n // w`` windows, plus one for the first ``n % w`` ranks. Per-worker figures are those of
-rank 0, the largest share. Exception: ``calib.propagate: fp`` on Ray runs pipeline stages,
-which split the blocks (the same way) and give every worker every window.
+the workers in contiguous shares exactly as ``execution.packing.split_range`` does: rank r of
+w gets ``n // w`` windows, plus one for the first ``n % w`` ranks. Every rank is planned
+with its own share and its own solves; the printed terms are rank 0's (the largest share,
+and the largest solve: the packing puts the costliest unit on rank 0) and ``peak`` is the
+largest rank's. Exception: ``calib.propagate: fp`` on Ray runs pipeline stages, which split
+the blocks (the same way), give every worker every window and solve each block on its stage.
 
 Activations per worker, one stream each (``windows × seq_len × hidden × d``):
 ``calib`` (calibration), ``calib_next`` (``calib.propagate: fp``: the fp outputs kept beside
@@ -21,25 +23,40 @@ the inputs), ``eval_q`` (evaluation through the quantized blocks) and ``eval_fp`
 something is quantized. Streams are held in memory up to ``cluster.activation_memory``; the
 rest spills to disk (``resident = min(total, cap)``).
 
-Memory per worker while one block is worked on (``block phase``), a deliberately
-conservative sum of terms that can be alive together:
+Solves. A phase is one input group with ``quant.true_sequential`` (gptq, awq, awq+gptq),
+otherwise, and always for rtn, the whole block. With several workers a phase's linears are
+packed into units exactly as the Ray executor packs them (``execution.packing``: one unit per
+linear, a large GPTQ linear in row slices, greedy by cost); one worker solves all, whole.
 
+Memory per worker while one block is worked on (``block phase``):
+
+- ``framework``: the process itself (``FRAMEWORK``): 0.50 GiB for a local process, 0.55 GiB
+  for a Ray actor (CPU workers: torch, transformers and shardquant imported, the block's
+  skeleton, the allocator's retained frees; measured by benchmarks/plan_accuracy.py), and
+  0.50 GiB of CUDA context and allocator slack on a GPU (not measured here).
 - ``weights``: the block's tensors in the compute dtype (its linears, norms, biases).
 - ``activations``: the resident activations above.
 - ``solved_codes``: solved weights are kept until the block is written, every linear's
   uint8 codes, float32 scales and int32 zeros per group and int32 g_idx:
-  ``sum(out·in + out·groups·8 + in·4)`` over the block's quantized linears.
-- ``fp32_copies``: the linear being solved in float32 and its working or dequantized copy,
-  ``2 · max(out·in) · 4``; awq/awq+gptq add the unscaled weights of the group being solved,
-  kept in the compute dtype from its scale search to its solve (``max over groups of
-  Σ out·in · d``).
-- ``hessians`` (gptq, awq, awq+gptq): a phase is one input group with ``quant.true_sequential``,
-  otherwise all groups at once. Every worker accumulates one ``in × in`` float32 matrix per
-  group of the phase. The solving worker sums the workers' parts into one running sum, one
-  part at a time (in one process the worker's own part is the running sum); then H is formed
-  and factorized in that sum's buffer, with one work matrix (``GPTQSolver``), and awq builds
-  one Gram matrix ``X^T X`` for its scale search and losses (from the worker's own part, which
-  it lets go of before the solve). So ``max over phases of (Σ in_g² + max in_g²) · 4``.
+  ``sum(out·in + out·groups·8 + in·4)`` over the block's quantized linears (every worker).
+- ``fp32_copies``: float32 copies of the widest unit (``u = rows · in``) the worker solves:
+  ``2 · u · 4`` for GPTQ and RTN (the weight and its working or dequantized copy); awq works
+  a chunk of rows (``c = 2^24`` elements) at a time, ``(8 · min(u, c) + u / 2) · 4`` (its
+  search and clip + RTN solve hold about 8 chunk-sized temporaries: scaled candidates, their
+  fake quantization, the clipped target, codes and errors, measured; plus the chunks' codes
+  and their concatenation); awq/awq+gptq add the unscaled
+  weights of the group being solved, kept on every worker in the compute dtype from its
+  scale search to its solve (``max over groups of Σ out·in · d``).
+- ``hessians`` (gptq, awq, awq+gptq): every worker accumulates one ``in × in`` float32 matrix
+  per group of the phase (``Σ in_g²``). One process: its own part is the running sum, and H is
+  formed and factorized in it with one work matrix (``GPTQSolver``; awq's Gram ``X^T X`` for
+  its losses): ``Σ in_g² + max in_g²`` over the groups it solves. GPU workers: a part goes to
+  the host's object store, and a solving worker adds the parts into a new running sum one at
+  a time: ``Σ in_g² + max in_g²`` when it solves in the phase, else ``Σ in_g²``. CPU workers:
+  a returned part is serialized into the object store (``3 · Σ in_g²`` at the peak of a worker
+  that does not solve: the part, its copy in the store and the serializer's transient;
+  measured), and a solving worker maps every worker's part from the store beside the running sum
+  and the work matrix: ``(world + 1) · Σ in_g² + max in_g²``. Times 4 bytes, max over phases.
 - ``awq_captures`` (awq, awq+gptq): the captured inputs of the phase's groups and the
   consumer's reference outputs: ``tokens · (Σ in_g + hidden) · d`` with
   ``tokens = calib windows of the share × calib.seq_len``.
@@ -54,12 +71,13 @@ conservative sum of terms that can be alive together:
   the T × T scores, ``2 · B · T · intermediate · d + B · T · hidden · d``; the larger of the
   calibration and evaluation streams.
 
-``block phase = weights + activations + solved_codes + fp32_copies + hessians +
-awq_captures + stage_cache + workspace``. Outside the blocks (embedding at setup, final norm and lm_head
-for perplexity) ``outside phase = activations + vocab · hidden · d + 2 · eval.seq_len ·
-vocab · 4`` (one window's float32 logits and their log-softmax). ``peak = max(block phase,
-outside phase)``. The estimate ignores the framework's own footprint (CUDA context,
-allocator caching, Python), so leave a margin.
+A forward batch is gone before a linear is solved, so ``block phase = framework + weights +
+activations + solved_codes + awq_captures + stage_cache + max(workspace, fp32_copies +
+hessians)``. Outside the blocks (embedding at setup, final norm and lm_head for perplexity)
+``outside phase = framework + activations + vocab · hidden · d + 2 · eval.seq_len · vocab · 4``
+(one window's float32 logits and their log-softmax). ``peak = max(block phase, outside
+phase)``, the largest over the ranks. A Ray run's driver holds no weights: ``DRIVER`` (0.5
+GiB of host RSS: the Ray client, token windows, AWQ's channel means; measured).
 
 Checkpoint: the sum of the exported tensors' bytes (safetensors data, without headers,
 config or tokenizer), what ``report.json``'s ``export.bytes`` counts. Quantized linears (every
@@ -87,33 +105,25 @@ FITS or DOES NOT FIT with the margin; the command exits 0 either way (the verdic
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shardquant.algorithms.counts import n_groups
 from shardquant.config import AWQ_METHODS, RunConfig, compute_dtype, parse_size
 from shardquant.errors import UserError
+from shardquant.execution.packing import assign, pack_units, split_range
 from shardquant.export.formats import BlockLinears, get_layout, quantized_linears
 from shardquant.model.adapters import Adapter, get_adapter
 from shardquant.tools.plan_text import human
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SOLVE_COPIES = 1  # in×in float32 matrices beside the running sum: GPTQ's work matrix, AWQ's Gram
 
 
 def activation_cap(cfg: RunConfig) -> int | None:
     """`cluster.activation_memory` in bytes; None for no cap (null, or `auto` not yet chosen)."""
     v = cfg.cluster.activation_memory
     return None if v in (None, "auto") else parse_size(v)
-
-
-def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
-    """The contiguous share [start, end) of n items that worker `rank` of `world` owns
-    (the split of `worker.split_range`, here without torch)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 # --- the model, from config.json ----------------------------------------------------------
@@ -242,6 +252,8 @@ class Plan:
     checkpoint_bytes: int
     notes: list[str]
     device: str = "cpu"  # what the workers compute on: 'cuda' (GPU memory) or 'cpu' (host RSS)
+    worker_peaks: list[int] = field(default_factory=list)  # each rank's peak (the packing differs)
+    driver: int | None = None  # a Ray run's driver process (host RSS)
 
     @property
     def activation_bytes(self) -> int:
@@ -289,6 +301,8 @@ class Plan:
                 "group": self.hessian_group, "in_features": self.hessian_in, "bytes": self.hessian_bytes,
             },
             "memory": dict(self.memory),
+            "worker_peaks": list(self.worker_peaks),
+            "driver": self.driver,
             "checkpoint_bytes": self.checkpoint_bytes,
             "capacity": None if capacity is None else self.verdict(capacity),
             "notes": list(self.notes),
@@ -309,36 +323,106 @@ def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
     return total + shape.outside_numel() * d
 
 
-def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int) -> dict[str, Any]:
-    """Solve-time memory terms of block `index` (see the module docstring)."""
-    q, d, lins, blocks = cfg.quant, DTYPE_BYTES[cfg.model.dtype], shape.linears(), shape.adapter.blocks
-    work = []  # (group, in_features, [(out, in) of its quantized linears])
+# In-process footprint beyond the terms (bytes), measured with benchmarks/plan_accuracy.py: an
+# idle process importing torch, transformers and shardquant holds 0.24 GiB (a Ray actor 0.29),
+# and a run adds ~0.2 GiB (libraries, the block's skeleton and tokenizer, freed tensors the
+# allocator keeps). On a GPU: the CUDA context and allocator slack, not measured here.
+FRAMEWORK = {"local": 512 * 2**20, "ray": 563 * 2**20, "cuda": 512 * 2**20}
+DRIVER = 512 * 2**20  # a Ray run's driver (host RSS): no weight, token windows and AWQ channel means
+AWQ_ROW_CHUNK = 1 << 24  # algorithms.awq.ROW_CHUNK_ELEMENTS: AWQ's per-row work goes in chunks this large
+
+
+def solve_copies(method: str, unit: int) -> int:
+    """Float32 elements a solve of a unit of `unit` elements (rows · in) holds beyond the
+    weights and statistics counted elsewhere. GPTQ and RTN: the weight in fp32 and its work
+    or dequantized copy (2 units). AWQ goes a chunk of rows at a time: its search and clip +
+    RTN solve hold about 8 chunk-sized temporaries (scaled candidates, their fake quantization,
+    the clipped target, codes, errors; measured) plus the codes of the chunks and their
+    concatenation (half a unit). AWQ's scale search (every worker, awq and awq+gptq) holds the
+    8 chunk-sized temporaries of the phase's widest linear."""
+    if method == "awq":
+        return 8 * min(unit, AWQ_ROW_CHUNK) + unit // 2
+    return 2 * unit
+
+
+def _phase_linears(shape: ModelShape, cfg: RunConfig, index: int) -> list[list[tuple[str, int, list[tuple[int, int]]]]]:
+    """Block `index`'s solve phases, each [(group, in_features, [(out, in) of its quantized
+    linears])]: one group at a time with `quant.true_sequential` (not for RTN, which solves a
+    block at once), else all groups together."""
+    q, lins, blocks = cfg.quant, shape.linears(), shape.adapter.blocks
+    work = []
     for g in shape.adapter.groups:
         quantized = [lins[n] for n in quantized_linears(q, blocks, index, g.linears)]
         if quantized:
             work.append((g.name, lins[g.linears[0]][1], quantized))
-    phases = [[w] for w in work] if q.true_sequential else [work] if work else []
-    quantized = [lin for _, _, qs in work for lin in qs]
+    if not work:
+        return []
+    return [[w] for w in work] if q.true_sequential and q.method != "rtn" else [work]
+
+
+def _owners(phase: list[tuple[str, int, list[tuple[int, int]]]], kind: str, world: int, row_split: str
+            ) -> list[tuple[int, str, int, int]]:
+    """(rank, group, rows, in) of every solve unit of a phase, packed as the Ray executor packs
+    them (`execution.packing`); one worker solves everything whole."""
+    flat = [(g, o, i) for g, _, qs in phase for o, i in qs]
+    if world == 1:
+        return [(0, g, o, i) for g, o, i in flat]
+    units = pack_units([(kind, o, i) for _, o, i in flat], world, row_split)
+    owner = assign([u.cost for u in units], world)
+    return [
+        (r, flat[u.index][0], (u.rows[1] - u.rows[0]) if u.rows else flat[u.index][1], flat[u.index][2])
+        for u, r in zip(units, owner, strict=True)
+    ]
+
+
+def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int, rank: int, world: int, device: str
+                 ) -> dict[str, Any]:
+    """Solve-time memory terms of block `index` on worker `rank` of `world`, whose calibration
+    share is `tokens` (see the module docstring)."""
+    q, d, lins = cfg.quant, DTYPE_BYTES[cfg.model.dtype], shape.linears()
+    phases = _phase_linears(shape, cfg, index)
+    quantized = [lin for p in phases for _, _, qs in p for lin in qs]
     terms: dict[str, Any] = {
         "solved_codes": sum(o * i + o * n_groups(i, q.group_size) * 8 + i * 4 for o, i in quantized),
-        "fp32_copies": 2 * max((o * i for o, i in quantized), default=0) * 4,
-        "hessians": 0, "awq_captures": 0, "stage_cache": 0, "hessian_group": None, "hessian_in": 0,
+        "fp32_copies": 0, "hessians": 0, "awq_captures": 0, "stage_cache": 0, "hessian_group": None, "hessian_in": 0,
     }
-    if work and q.method in ("gptq", *AWQ_METHODS) and q.true_sequential and cfg.calib.reuse_stages is not False:
+    if not phases or q.method == "none":
+        return terms
+    if q.method in ("gptq", *AWQ_METHODS) and q.true_sequential and cfg.calib.reuse_stages is not False:
         tails = max(lins[s.tail][1] for s in shape.adapter.stages)  # o_proj's, down_proj's inputs
         terms["stage_cache"] = tokens * (shape.hidden + tails) * d
-    if q.method in AWQ_METHODS:
-        terms["fp32_copies"] += max((sum(o * i for o, i in qs) for _, _, qs in work), default=0) * d
-        terms["awq_captures"] = max(
-            (tokens * (sum(i for _, i, _ in p) + shape.hidden) * d for p in phases), default=0
-        )
-    if q.method in ("gptq", "awq", "awq+gptq"):
-        for phase in phases:
-            ins = [i for _, i, _ in phase]
-            terms["hessians"] = max(terms["hessians"], (sum(i * i for i in ins) + SOLVE_COPIES * max(ins) ** 2) * 4)
-        for g, i, _ in work:
-            if i > terms["hessian_in"]:
-                terms["hessian_group"], terms["hessian_in"] = g, i
+    statistics = q.method in ("gptq", *AWQ_METHODS)
+    for phase in phases:
+        units = _owners(phase, q.method, world, cfg.cluster.row_split)
+        mine = [(g, rows, i) for r, g, rows, i in units if r == rank]
+        widest = max((rows * i for _, rows, i in mine), default=0)
+        copies = solve_copies(q.method, widest) if widest else 0
+        if q.method in AWQ_METHODS:  # every worker searches the phase's scales on its share
+            copies = max(copies, 8 * min(max(o * i for _, _, qs in phase for o, i in qs), AWQ_ROW_CHUNK))
+        terms["fp32_copies"] = max(terms["fp32_copies"], copies * 4)
+        if q.method in AWQ_METHODS:
+            terms["awq_captures"] = max(terms["awq_captures"], tokens * (sum(i for _, i, _ in phase) + shape.hidden) * d)
+        if not statistics:
+            continue
+        every = sum(i * i for _, i, _ in phase)
+        solved = max((i * i for g, i, _ in phase if any(m[0] == g for m in mine)), default=0)
+        if world == 1:
+            held = every + solved  # the own part is the running sum, plus one work (or Gram) matrix
+        elif device == "cpu":
+            # A part returned to the driver is serialized into the object store (3 copies at
+            # the peak: measured); the solving worker adds every worker's part, mapped from the
+            # store, into a new running sum.
+            held = (world + 1) * every + solved if solved else 3 * every
+        else:
+            held = every + solved  # the store is host memory: on the GPU, the sum and one matrix
+        terms["hessians"] = max(terms["hessians"], held * 4)
+    if q.method in AWQ_METHODS:  # the unscaled weights of a group, from its search to its solve
+        terms["fp32_copies"] += max((sum(o * i for o, i in qs) for p in phases for _, _, qs in p), default=0) * d
+    if statistics:
+        for p in phases:
+            for g, i, _ in p:
+                if i > terms["hessian_in"]:
+                    terms["hessian_group"], terms["hessian_in"] = g, i
     terms["sum"] = sum(terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache"))
     return terms
 
@@ -391,23 +475,23 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         eval_w = [b - a for a, b in (split_range(n_eval, world, r) for r in range(world))]
     nc, ne = calib_w[0], eval_w[0]
     h = shape.hidden
-    calib_bytes = nc * cfg.calib.seq_len * h * d
-    eval_bytes = ne * cfg.eval.seq_len * h * d
-    streams: dict[str, int] = {}
-    if quantizing:
-        streams["calib"] = calib_bytes
-        if cfg.calib.propagate == "fp":
-            streams["calib_next"] = calib_bytes
-    if ne:
-        streams["eval_q"] = eval_bytes
-        if cfg.eval.fp and quantizing:
-            streams["eval_fp"] = eval_bytes
+
+    def streams_of(n_c: int, n_e: int) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if quantizing:
+            out["calib"] = n_c * cfg.calib.seq_len * h * d
+            if cfg.calib.propagate == "fp":
+                out["calib_next"] = out["calib"]
+        if n_e:
+            out["eval_q"] = n_e * cfg.eval.seq_len * h * d
+            if cfg.eval.fp and quantizing:
+                out["eval_fp"] = out["eval_q"]
+        return out
+
+    streams = streams_of(nc, ne)
     total = sum(streams.values())
     cap = activation_cap(cfg)
     resident = total if cap is None else min(total, cap)
-
-    tokens = nc * cfg.calib.seq_len
-    terms = max((_block_terms(shape, cfg, i, tokens) for i in range(shape.layers)), key=lambda t: t["sum"])
 
     def work(b: int, t: int, windows: int) -> int:
         b = min(b, windows)
@@ -416,22 +500,48 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         scores = b * shape.heads * t * t * 4 if dev == "cpu" else 0
         return max(scores, 2 * b * t * shape.intermediate * d) + b * t * h * d
 
-    workspace = max(
-        work(cfg.calib.batch_size, cfg.calib.seq_len, nc) if quantizing else 0,
-        work(cfg.eval.batch_size, cfg.eval.seq_len, ne),
-    )
     block_bytes = shape.block_numel() * d
-    memory = {"weights": block_bytes, "activations": resident}
-    memory.update({k: terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache")})
-    memory["workspace"] = workspace
-    memory["block_phase"] = sum(memory.values())
-    memory["outside_phase"] = resident + shape.vocab * h * d + (2 * cfg.eval.seq_len * shape.vocab * 4 if ne else 0)
-    memory["peak"] = max(memory["block_phase"], memory["outside_phase"])
+    framework = FRAMEWORK["cuda" if dev == "cuda" else "ray" if cfg.cluster.backend == "ray" else "local"]
+
+    # Blocks differ only in what `quant.ignore` leaves out: plan one block of each kind.
+    kinds: dict[tuple, int] = {}
+    for i in range(shape.layers):
+        key = tuple(tuple(quantized_linears(q, shape.adapter.blocks, i, g.linears)) for g in shape.adapter.groups)
+        kinds.setdefault(key, i)
+
+    def worker_memory(rank: int) -> tuple[dict[str, int], dict[str, Any]]:
+        nc_r, ne_r = calib_w[rank], eval_w[rank]
+        own = sum(streams_of(nc_r, ne_r).values())
+        held = own if cap is None else min(own, cap)
+        # Pipeline stages solve their own blocks, each as a world of one.
+        terms = max((_block_terms(shape, cfg, i, nc_r * cfg.calib.seq_len, 0 if staged else rank,
+                                  1 if staged else world, dev)
+                     for i in kinds.values()), key=lambda t: t.get("sum", 0))
+        workspace = max(
+            work(cfg.calib.batch_size, cfg.calib.seq_len, nc_r) if quantizing else 0,
+            work(cfg.eval.batch_size, cfg.eval.seq_len, ne_r),
+        )
+        m = {"framework": framework, "weights": block_bytes, "activations": held}
+        m.update({k: terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache")})
+        m["workspace"] = workspace
+        # A forward batch is gone before a linear is solved: the two never coexist.
+        m["block_phase"] = (framework + block_bytes + held + m["solved_codes"] + m["awq_captures"] + m["stage_cache"]
+                            + max(workspace, m["fp32_copies"] + m["hessians"]))
+        m["outside_phase"] = (framework + held + shape.vocab * h * d
+                              + (2 * cfg.eval.seq_len * shape.vocab * 4 if ne_r else 0))
+        m["peak"] = max(m["block_phase"], m["outside_phase"])
+        return m, terms
+
+    per_rank = [worker_memory(r) for r in range(world)]
+    memory, terms = per_rank[0]
+    worker_peaks = [m["peak"] for m, _ in per_rank]
+    memory["peak"] = max(worker_peaks)
     return Plan(
         model_path=cfg.model.path, shape=shape, cfg=cfg, world=world, calib_windows=calib_w, eval_windows=eval_w,
         streams=streams, resident=resident, spilled=total - resident, block_bytes=block_bytes,
         hessian_group=terms["hessian_group"], hessian_in=terms["hessian_in"], memory=memory,
-        checkpoint_bytes=checkpoint_bytes(shape, cfg), notes=notes, device=dev,
+        checkpoint_bytes=checkpoint_bytes(shape, cfg), notes=notes, device=dev, worker_peaks=worker_peaks,
+        driver=DRIVER if cfg.cluster.backend == "ray" else None,
     )
 
 

@@ -61,13 +61,20 @@ def render(plan: Plan, capacity: int | None = None) -> str:
         lines.append(f"  AWQ captures         {human(m['awq_captures']):>12}")
     lines.append("")
     lines.append("peak memory per worker (estimate)")
-    for key in ("weights", "activations", "solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache",
-                "workspace"):
+    for key in ("framework", "weights", "activations", "solved_codes", "awq_captures", "stage_cache"):
         if m[key]:
             lines.append(f"  {key:<20}{human(m[key]):>12}")
+    solve = m["fp32_copies"] + m["hessians"]
+    lines.append(f"  + the larger of the forward's workspace {human(m['workspace'])} and the solve's "
+                 f"{human(solve)} (fp32 copies {human(m['fp32_copies'])}, hessians {human(m['hessians'])})")
     lines.append(f"  = block phase        {human(m['block_phase']):>12}")
     lines.append(f"  outside the blocks   {human(m['outside_phase']):>12}")
+    if len(set(plan.worker_peaks)) > 1:
+        ranks = ", ".join(f"{r}: {human(p)}" for r, p in enumerate(plan.worker_peaks))
+        lines.append(f"  by rank (who solves what differs)  {ranks}")
     lines.append(f"  peak                 {human(m['peak']):>12}  ({m['peak']} B)")
+    if plan.driver is not None:
+        lines.append(f"  driver process       {human(plan.driver):>12}  (host RSS; holds no weights)")
     lines.append("")
     lines.append(f"checkpoint {human(plan.checkpoint_bytes)} ({plan.checkpoint_bytes} B of tensors, {c.export.format})")
     if capacity is not None:
