@@ -1,0 +1,110 @@
+"""`shardquant grid`: every cell of the product runs in its own process, a failed cell is recorded
+while the others finish, a rerun skips finished cells, and a bad grid file stops before any run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from shardquant.cli import main
+from shardquant.tools.grid import CELL_LOG, cell_names, finished, load_grid
+
+
+def _summary(rtn_grid) -> dict:
+    return json.loads((rtn_grid["output"] / "grid.json").read_text())
+
+
+def test_grid_runs_every_cell_and_records_the_failed_one(rtn_grid):
+    assert rtn_grid["rc"] == 1  # one cell failed
+    cells = {c["name"]: c for c in rtn_grid["summary"]["cells"]}
+    assert list(cells) == ["bits-2", "bits-3", "bits-4", "bits-8"]
+    bad = cells["bits-3"]
+    assert bad["status"] == "failed" and bad["exit_code"] == 2
+    assert "cannot hold quant.bits=3" in bad["error"] and bad["error"].startswith("shardquant: error:")
+    for name in ("bits-2", "bits-4", "bits-8"):
+        c = cells[name]
+        assert c["status"] == "done" and c["exit_code"] == 0
+        report = json.loads((rtn_grid["output"] / name / "report.json").read_text())
+        assert report["config"]["quant"]["bits"] == c["values"]["quant.bits"]
+        assert report["config"]["quant"]["method"] == "rtn"
+        assert report["config"]["output"] == str(rtn_grid["output"] / name)
+        assert (rtn_grid["output"] / name / "model" / "model.safetensors.index.json").is_file()
+    assert not (rtn_grid["output"] / "bits-3" / "report.json").exists()
+    # compare ran over the finished cells only
+    csv_text = (rtn_grid["output"] / "compare" / "compare.csv").read_text()
+    assert "bits-3" not in csv_text and all(f"bits-{b}" in csv_text for b in (2, 4, 8))
+
+
+def test_rerun_skips_finished_cells_and_retries_the_failed_one(rtn_grid):
+    out = rtn_grid["output"]
+    stamps = {}
+    for name in ("bits-2", "bits-4", "bits-8"):
+        (out / name / CELL_LOG).write_text("marker: not rerun\n")
+        st = (out / name / "report.json").stat()
+        stamps[name] = (st.st_mtime_ns, st.st_ino)
+    (out / "bits-3" / CELL_LOG).write_text("marker: old log\n")
+
+    assert main(["grid", str(rtn_grid["grid"])]) == 1
+    cells = {c["name"]: c for c in _summary(rtn_grid)["cells"]}
+    for name, stamp in stamps.items():
+        assert cells[name]["status"] == "skipped"
+        assert (out / name / CELL_LOG).read_text() == "marker: not rerun\n"
+        st = (out / name / "report.json").stat()
+        assert (st.st_mtime_ns, st.st_ino) == stamp
+    assert cells["bits-3"]["status"] == "failed"
+    assert "marker" not in (out / "bits-3" / CELL_LOG).read_text()  # it ran again
+
+
+def test_a_cell_of_another_config_is_not_finished(rtn_grid):
+    same = load_grid(rtn_grid["grid"])
+    assert [finished(c) for c in same.cells] == [True, False, True, True]
+    changed = load_grid(rtn_grid["grid"], {"quant.symmetric": False})
+    assert not any(finished(c) for c in changed.cells)
+
+
+def _grid_file(tmp_path, grid: dict, **top) -> str:
+    base = {"model": {"path": str(tmp_path / "model")}, "calib": {"path": str(tmp_path / "c.txt")},
+            "output": "ignored"}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "grid": grid, "output": str(tmp_path / "out"), **top}, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize(("grid", "top", "needle"), [
+    ({"quant.method": ["rtn"], "quant.bitz": [3, 4]}, {}, "cell quant.method=rtn, quant.bitz=3: unknown config key 'quant.bitz'"),
+    ({"quant.bits": [4, 12]}, {}, "cell quant.bits=12: quant.bits: must be between 2 and 8"),
+    ({"quant.bits": 4}, {}, "grid.quant.bits: Input should be a valid list"),
+    ({"quant.bits": []}, {}, "'quant.bits' lists no value"),
+    ({"quant.bits": [4, 4]}, {}, "'quant.bits' lists 4 twice"),
+    ({"output": ["a", "b"]}, {}, "'output' cannot be varied"),
+    ({"quant.bits": [4]}, {"cells": 3}, "unknown key 'cells'"),
+])
+def test_a_bad_grid_stops_before_any_run(tmp_path, capsys, grid, top, needle):
+    path = _grid_file(tmp_path, grid, **top)
+    assert main(["grid", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and path in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
+    path = _grid_file(tmp_path, {"quant.method": ["rtn", "gptq"], "quant.group_size": [32, -1]})
+    assert main(["grid", path, "--dry-run", "--calib.n_samples=8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "4 cells; nothing run"
+    assert lines[0].endswith("method-rtn_group_size-32: quant.method=rtn, quant.group_size=32")
+    assert lines[3].endswith("method-gptq_group_size--1: quant.method=gptq, quant.group_size=-1")
+    assert not (tmp_path / "out").exists()
+    grid = load_grid(path, {"calib.n_samples": 8})
+    assert {c.config.calib.n_samples for c in grid.cells} == {8}
+    assert [c.config.output for c in grid.cells] == [str(c.output) for c in grid.cells]
+
+
+def test_cell_names_stay_unique():
+    keys = ["calib.seq_len", "eval.seq_len", "calib.path"]
+    combos = [(32, 32, "/a/wiki.txt"), (32, 32, "/b/wiki.txt")]
+    names = cell_names(keys, combos)
+    assert names[0].startswith("calib.seq_len-32_eval.seq_len-32_path-wiki.txt-")
+    assert len(set(names)) == 2
