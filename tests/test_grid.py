@@ -108,3 +108,18 @@ def test_cell_names_stay_unique():
     names = cell_names(keys, combos)
     assert names[0].startswith("calib.seq_len-32_eval.seq_len-32_path-wiki.txt-")
     assert len(set(names)) == 2
+
+
+def test_the_benchmark_matrix_is_a_valid_12_cell_grid(tmp_path):
+    """benchmarks/matrix.yaml (the real-model matrix) validates with a base of the right shape."""
+    from pathlib import Path
+
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "benchmarks" / "matrix.yaml").read_text())
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(
+        {"model": {"path": "m"}, "calib": {"path": "c.txt"}, "eval": {"path": "e.txt"}, "export": {"format": "fake"}}))
+    spec["output"] = str(tmp_path / "out")
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec))
+    grid = load_grid(tmp_path / "grid.yaml")
+    got = {(c.config.quant.method, c.config.quant.bits, c.config.quant.group_size) for c in grid.cells}
+    assert got == {(m, b, g) for m in ("rtn", "gptq", "awq") for b in (3, 4) for g in (64, -1)}
+    assert len({c.output for c in grid.cells}) == 12
