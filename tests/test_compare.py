@@ -123,3 +123,15 @@ def test_compare_needs_a_run(bad, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", *bad])
     assert e.value.code == 2
+
+
+def test_a_wandb_run_folder_stands_for_its_run(rtn_grid, tmp_path):
+    """A sweep run writes report.json to its output and W&B's files to output/wandb/offline-run-*:
+    naming the W&B folder (or globbing for it) finds the run."""
+    run = tmp_path / "sweep" / "abc123"
+    shutil.copytree(rtn_grid["output"] / "bits-4", run, ignore=shutil.ignore_patterns("model", "state"))
+    (run / "wandb" / "offline-run-20260101_000000-abc123" / "files").mkdir(parents=True)
+    out = tmp_path / "cmp"
+    for arg in (str(next((run / "wandb").iterdir())), f"{tmp_path}/sweep/*/wandb/offline-run-*", str(tmp_path / "sweep")):
+        assert main(["compare", arg, "--output", str(out)]) == 0
+        assert [r["run"] for r in _read_csv(out / "compare.csv")] == [str(run)]

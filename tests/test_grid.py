@@ -97,6 +97,9 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
     assert lines[0].endswith("method-rtn_group_size-32: quant.method=rtn, quant.group_size=32")
     assert lines[3].endswith("method-gptq_group_size--1: quant.method=gptq, quant.group_size=-1")
     assert not (tmp_path / "out").exists()
+    for bad, needle in (("--output=x", "--output cannot be overridden"), ("--quant.method=awq", "--quant.method is also a grid key")):
+        assert main(["grid", path, "--dry-run", bad]) == 2
+        assert needle in capsys.readouterr().err
     grid = load_grid(path, {"calib.n_samples": 8})
     assert {c.config.calib.n_samples for c in grid.cells} == {8}
     assert [c.config.output for c in grid.cells] == [str(c.output) for c in grid.cells]
@@ -123,3 +126,43 @@ def test_the_benchmark_matrix_is_a_valid_12_cell_grid(tmp_path):
     got = {(c.config.quant.method, c.config.quant.bits, c.config.quant.group_size) for c in grid.cells}
     assert got == {(m, b, g) for m in ("rtn", "gptq", "awq") for b in (3, 4) for g in (64, -1)}
     assert len({c.output for c in grid.cells}) == 12
+
+
+def test_fuzzed_grid_files_are_checked_or_refused_in_one_line(tmp_path):
+    """Whatever a grid file holds, `grid --dry-run` lists its cells or refuses it in one line."""
+    import contextlib
+    import io
+
+    from conftest import FUZZ_COUNTS
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    from shardquant.config import reference_rows
+
+    keys = [k for k, _, _ in reference_rows()] + ["quant", "quant.bits.x", "", "a..b", "output"]
+    odd = st.sampled_from(["2001-12-14", "~", "", "a\x00b", "-1", "1e400", "[", "*a", "ray"])
+    scalar = st.none() | st.booleans() | st.integers(-3, 10) | st.floats() | st.text(max_size=6) | odd
+    value = scalar | st.lists(scalar, max_size=2) | st.dictionaries(st.text(max_size=4), scalar, max_size=2)
+    good_base = {"model": {"path": "m"}, "calib": {"path": "c.txt"}}
+    doc = st.fixed_dictionaries(
+        {"grid": st.dictionaries(st.sampled_from(keys), st.lists(value, max_size=3) | scalar, max_size=3)},
+        optional={"base": st.just(good_base) | value | st.just("missing.yaml"), "output": scalar, "x": scalar},
+    )
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(doc)
+    @example({"base": good_base, "grid": {"quant.bits": [4, 3], "calib.seed": ["2001-12-14"]}})
+    @example({"base": good_base, "grid": {"quant.bits.x": [1]}})
+    @example({"base": good_base, "grid": {"quant.bits": [4]}, "output": "a\x00b"})
+    def run(d):
+        FUZZ_COUNTS["grid files"] = FUZZ_COUNTS.get("grid files", 0) + 1
+        path = tmp_path / "grid.yaml"
+        path.write_text(yaml.safe_dump(d, allow_unicode=True), encoding="utf-8")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["grid", str(path), "--dry-run"])
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        assert code == 0 and lines == [] or (
+            code == 2 and len(lines) == 1 and lines[0].startswith("shardquant: error: ")), (d, code, err.getvalue())
+
+    run()

@@ -3,7 +3,7 @@
 A run is a directory holding report.json (what `shardquant quantize` writes; a W&B sweep's
 runs and a grid's cells are such directories). Arguments are run directories, quoted globs
 ('runs/*') or a directory of runs (a grid's output, a sweep's `SHARDQUANT_SWEEP_DIR`), which
-is read like its glob. A run named explicitly must have a valid report.json (else UserError);
+is read like its glob; a W&B run folder (`output/wandb/offline-run-*`) stands for its run. A run named explicitly must have a valid report.json (else UserError);
 one found by a glob or in a directory of runs without one (unfinished, failed, not a run) is
 skipped with a warning.
 
@@ -179,6 +179,14 @@ def build_rows(runs: Iterable[tuple[str, dict[str, Any]]]) -> list[dict[str, Any
     return rows
 
 
+def run_dir(path: Path) -> Path:
+    """The run directory of `path`: itself, or for a W&B run folder (`output/wandb/offline-run-*`,
+    `run-*`) the run's output directory, which holds report.json."""
+    if not (path / REPORT).exists() and path.parent.name == "wandb" and (path.parent.parent / REPORT).is_file():
+        return path.parent.parent
+    return path
+
+
 def find_runs(args: Sequence[str]) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
     """(name, report) for every run the arguments name, and one warning per skipped directory.
 
@@ -191,6 +199,7 @@ def find_runs(args: Sequence[str]) -> tuple[list[tuple[str, dict[str, Any]]], li
     seen: set[str] = set()
 
     def add(path: Path, *, strict: bool) -> None:
+        path = run_dir(path)
         key = os.path.realpath(path)
         if key in seen or (not strict and (path / FILES[1]).is_file()):  # a compare output is no run
             return

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 import signal
 import subprocess
@@ -34,7 +35,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shardquant.config import RunConfig, build_config, config_dict, load_yaml
+from shardquant.config import (
+    RunConfig,
+    _deep_copy,
+    _set_dotted,
+    build_config,
+    config_dict,
+    load_yaml,
+)
 from shardquant.errors import UserError
 from shardquant.tools.compare import REPORT, compare, read_report, write_text_atomic
 
@@ -43,6 +51,7 @@ CELL_LOG = "grid.log"
 SUMMARY = "grid.json"
 # Keys a grid cannot vary: the grid sets each cell's output, and resuming is automatic.
 RESERVED = ("output", "resume")
+MAX_CELLS = 10_000
 
 
 class GridFile(BaseModel):
@@ -59,6 +68,13 @@ class GridFile(BaseModel):
     )
     output: str = Field("runs/grid", description="Directory of the cells (one run directory each), grid.json, compare/.")
 
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        if not v.strip() or "\x00" in v:
+            raise ValueError("must be a directory path")
+        return v
+
     @field_validator("grid")
     @classmethod
     def _lists(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -69,7 +85,7 @@ class GridFile(BaseModel):
                 raise ValueError(f"'{key}' cannot be varied (the grid sets each cell's {key})")
             if not values:
                 raise ValueError(f"'{key}' lists no value")
-            dumped = [json.dumps(x, sort_keys=True) for x in values]
+            dumped = [json.dumps(x, sort_keys=True, default=str) for x in values]
             for i, d in enumerate(dumped):
                 if d in dumped[:i]:
                     raise ValueError(f"'{key}' lists {values[i]!r} twice")
@@ -110,7 +126,7 @@ def _format(err: ValidationError) -> str:
 def _slug(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # -1 stays -1
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     if isinstance(value, str) and ("/" in value or "\\" in value):
         text = Path(value).name or value  # a path: its last part
     return re.sub(r"[^A-Za-z0-9.+=-]+", "-", text).strip("-")[:40] or "x"
@@ -124,20 +140,9 @@ def cell_names(keys: list[str], combos: list[tuple[Any, ...]]) -> list[str]:
     names = ["_".join(f"{lab}-{_slug(v)}" for lab, v in zip(labels, combo, strict=True)) for combo in combos]
     for i, name in enumerate(names):
         if names.count(name) > 1:
-            digest = hashlib.sha1(json.dumps(combos[i], sort_keys=True).encode()).hexdigest()[:6]
+            digest = hashlib.sha1(json.dumps(combos[i], sort_keys=True, default=str).encode()).hexdigest()[:6]
             names[i] = f"{name}-{digest}"
     return names
-
-
-def _set(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = node[part] = {}
-        node = nxt
-    node[parts[-1]] = value
 
 
 def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid:
@@ -157,22 +162,27 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
     else:
         base = spec.base
     for key in overrides or {}:
+        if key in RESERVED:
+            raise UserError(f"grid: --{key} cannot be overridden (set output in '{path}'; cells resume by themselves)")
         if key in spec.grid:
             raise UserError(f"grid: --{key} is also a grid key in '{path}'; drop one")
     output = Path(spec.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"grid file '{path}': output '{output}' is not a directory")
     keys = list(spec.grid)
+    size = math.prod(len(v) for v in spec.grid.values())
+    if size > MAX_CELLS:
+        raise UserError(f"grid file '{path}': {size} cells is more than {MAX_CELLS}; split the grid")
     combos = list(itertools.product(*spec.grid.values()))
     grid = Grid(path=path, output=output)
     for name, combo in zip(cell_names(keys, combos), combos, strict=True):
         values = dict(zip(keys, combo, strict=True))
-        raw = json.loads(json.dumps(base))  # a deep copy of plain YAML data
-        for key, value in {**(overrides or {}), **values}.items():
-            _set(raw, key, value)
-        raw["output"] = str(output / name)
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
         try:
+            raw = _deep_copy(base)
+            for key, value in {**(overrides or {}), **values}.items():
+                _set_dotted(raw, key, _deep_copy(value))
+            raw["output"] = str(output / name)
             cfg = build_config(raw)
         except UserError as e:
             raise UserError(f"grid file '{path}': cell {shown}: {e}") from None
@@ -247,7 +257,7 @@ def run_grid(grid: Grid, *, python: str = sys.executable, echo=print) -> dict[st
 
     def save(compare_md: str | None = None) -> dict[str, Any]:
         summary = _summary(grid, records, compare_md)
-        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(summary_path, json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 
     n = len(grid.cells)
