@@ -98,6 +98,10 @@ def test_a_broken_report_is_named(rtn_grid, tmp_path, capsys):
     (run / "report.json").write_text(json.dumps(rep))
     assert main(["compare", str(run), "--output", str(tmp_path / "cmp")]) == 2
     assert "lacks 'timing.calibrate_s'" in capsys.readouterr().err
+    rep["timing"]["calibrate_s"] = "12"
+    (run / "report.json").write_text(json.dumps(rep))
+    assert main(["compare", str(run), "--output", str(tmp_path / "cmp")]) == 2
+    assert "'timing.calibrate_s' is not a number (got '12')" in capsys.readouterr().err
     (run / "report.json").write_text("{not json")
     assert main(["compare", str(run), "--output", str(tmp_path / "cmp")]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
@@ -135,3 +139,26 @@ def test_a_wandb_run_folder_stands_for_its_run(rtn_grid, tmp_path):
     for arg in (str(next((run / "wandb").iterdir())), f"{tmp_path}/sweep/*/wandb/offline-run-*", str(tmp_path / "sweep")):
         assert main(["compare", arg, "--output", str(out)]) == 0
         assert [r["run"] for r in _read_csv(out / "compare.csv")] == [str(run)]
+
+
+def test_runs_without_perplexity_are_listed_but_not_plotted(rtn_grid, tmp_path):
+    """A run without eval.path has ppl null: it is a row, never on the front; an infinite
+    perplexity (a broken 2-bit run) is a row and a point."""
+    reports = []
+    for name, ppl in (("none", None), ("inf", math.inf), ("ok", 10.0)):
+        rep = json.loads(json.dumps(read_report(rtn_grid["output"] / "bits-4")))
+        rep["ppl"] = {"fp": None if ppl is None else 9.0, "quantized": ppl}
+        run = tmp_path / name
+        run.mkdir()
+        (run / "report.json").write_text(json.dumps(rep))
+        reports.append(str(run))
+    out = tmp_path / "cmp"
+    assert main(["compare", *reports, "--output", str(out)]) == 0
+    rows = {r["run"].rsplit("/", 1)[1]: r for r in _read_csv(out / "compare.csv")}
+    assert rows["none"]["ppl_quantized"] == "" and rows["none"]["pareto"] == "False"
+    assert rows["inf"]["ppl_quantized"] == "inf"
+    assert rows["ok"]["pareto"] == "True"  # same calibration seconds, lower perplexity than inf
+    assert "| — |" in (out / "compare.md").read_text()
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(out / "quality_vs_cost.png").shape == (450, 700, 4)

@@ -54,6 +54,9 @@ COST: tuple[tuple[str, str], ...] = (
 # What a report.json must hold to be a run's result.
 REQUIRED = ("config.quant.method", "config.quant.bits", "config.quant.group_size", "ppl", "timing.calibrate_s",
             "memory.peak_rss_bytes", "export.format")
+# Fields that must be numbers (or null) wherever present: what the table sorts and plots.
+NUMBERS = ("config.quant.bits", "config.quant.group_size", "ppl.fp", "ppl.quantized", "timing.calibrate_s",
+           "timing.total_s", "memory.peak_rss_bytes", "export.bytes", "calibration.tokens")
 REPORT = "report.json"
 FILES = ("compare.md", "compare.csv", "quality_vs_bits.png", "quality_vs_cost.png")
 
@@ -93,6 +96,10 @@ def read_report(run: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if not _has(data, k)]
     if missing:
         raise UserError(f"compare: '{path}' lacks '{missing[0]}' (not a shardquant report)")
+    for key in NUMBERS:
+        v = _get(data, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise UserError(f"compare: '{path}': '{key}' is not a number (got {str(v)[:40]!r})")
     return data
 
 
