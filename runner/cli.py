@@ -114,6 +114,33 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", choices=("cuda", "cpu"),
                     help="plan GPU workers (GPU memory, bfloat16 under model.dtype auto) or CPU workers (host RSS); "
                     "default: model.device, with auto = cuda when Ray workers reserve GPUs or this machine has one")
+    cmp = sub.add_parser(
+        "compare",
+        help="one table (Markdown, CSV) and plots from many runs' report.json: the benchmark matrix",
+        description="Read the report.json of each run and write compare.md, compare.csv (every column, "
+        "numbers as in report.json), quality_vs_bits.png and quality_vs_cost.png (the Pareto front of "
+        "calibration seconds against quantized perplexity marked) into --output. RUN is a run directory, "
+        "a quoted glob ('runs/*') or a directory of runs (a grid's output, a W&B sweep's directory). A run "
+        "named explicitly without a valid report.json exits 2; one found by a glob or in a directory of "
+        "runs is skipped with a warning.",
+    )
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run directory, quoted glob, or directory of runs")
+    cmp.add_argument("--output", default="runs/compare", help="where the table and plots go (default runs/compare)")
+    gr = sub.add_parser(
+        "grid",
+        help="the benchmark matrix without W&B: every combination of listed config values, one run each",
+        description="GRID.yaml holds base (a run config file, relative to GRID.yaml, or the mapping itself), "
+        "grid (dotted config key -> list of values) and output (default runs/grid). Every combination is a "
+        "cell run by `shardquant quantize` in its own process, one after another, into output/<cell>. The "
+        "grid file and every cell's config are checked before anything runs (exit 2). A finished cell is "
+        "skipped on a rerun, an interrupted one resumes; a failed cell is recorded in output/grid.json "
+        "(exit code, error line) and the others go on. Then `compare` runs over the finished cells into "
+        "output/compare. Overrides (--key.path=value) apply to the base. Exit 0 when every cell finished, "
+        "1 when one failed.",
+        epilog=EPILOG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gr.add_argument("grid", metavar="GRID.yaml", help="grid file")
+    gr.add_argument("--dry-run", action="store_true", help="check the grid and list its cells; run nothing")
     for command in _command_plugins().values():
         command.load().add_parser(sub)
     return p
@@ -169,6 +196,27 @@ def _verify(target: Path) -> int:
     return 0
 
 
+def _grid(args: argparse.Namespace, extra: list[str]) -> int:
+    """`shardquant grid GRID.yaml [--key=value ...]`: 0 when every cell finished, 1 when one failed."""
+    from shardquant.config import parse_overrides
+    from shardquant.tools.grid import SUMMARY, load_grid, run_grid
+
+    grid = load_grid(args.grid, parse_overrides(extra))
+    if args.dry_run:
+        for cell in grid.cells:
+            print(f"{cell.output}: {', '.join(f'{k}={v}' for k, v in cell.values.items())}")
+        print(f"{len(grid.cells)} cells; nothing run")
+        return 0
+    args.output = str(grid.output)
+    summary = run_grid(grid)
+    failed = [c["name"] for c in summary["cells"] if c["status"] == "failed"]
+    if failed:
+        print(f"shardquant: {len(failed)} of {len(grid.cells)} grid cells failed ({', '.join(failed)}); "
+              f"see {grid.output / SUMMARY}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
     plugins = _command_plugins()
     if args.command in plugins:
@@ -190,6 +238,17 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         else:
             print(render(summary, all_layers=args.layers))
         return 0
+    if args.command == "compare":
+        if extra:
+            raise UserError(f"compare: unexpected argument '{extra[0]}'")
+        from shardquant.tools.compare import compare, to_markdown
+
+        rows, files = compare(args.runs, Path(args.output))
+        print(to_markdown(rows), end="")
+        print("written: " + ", ".join(str(f) for f in files))
+        return 0
+    if args.command == "grid":
+        return _grid(args, extra)
     from shardquant.config import load_config
 
     if args.command == "plan":

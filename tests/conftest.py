@@ -197,3 +197,25 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("fuzz inputs tried")
         for name, n in sorted(FUZZ_COUNTS.items()):
             terminalreporter.write_line(f"{name}: {n}")
+
+
+@pytest.fixture(scope="session")
+def rtn_grid(tmp_path_factory, texts) -> dict:
+    """A 4-cell RTN grid (quant.bits 2, 3, 4, 8 at group 32) on a 2-block llama, run once by
+    `shardquant grid`: compressed-tensors refuses 3 bits, so that cell fails; the others finish.
+    Shared by tests/test_grid.py and tests/test_compare.py."""
+    import yaml
+
+    from shardquant.cli import main
+
+    root = tmp_path_factory.mktemp("grid")
+    model = save_tiny_model(root / "llama2", "llama", layers=2)
+    base = run_config(model, texts, root / "unused", calib={"n_samples": 4, "seq_len": 32},
+                      quant={"method": "rtn", "bits": 4, "group_size": 32}, eval={"n_samples": 4, "seq_len": 32})
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = root / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": "base.yaml", "grid": {"quant.bits": [2, 3, 4, 8]},
+                                    "output": str(root / "out")}))
+    rc = main(["grid", str(grid)])
+    summary = json.loads((root / "out" / "grid.json").read_text())  # of the first run (tests rerun it)
+    return {"grid": grid, "output": root / "out", "rc": rc, "summary": summary, "model": model}
