@@ -104,3 +104,123 @@ def test_contradictions_are_user_errors(tmp_path, quant, message):
     with pytest.raises(UserError) as e:
         build_config({"model": {"path": str(tmp_path)}, "quant": quant})
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+# --- weight quantizers against the library ---------------------------------------------
+
+torch = pytest.importorskip("torch")
+ct_forward = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
+ct_utils = pytest.importorskip("compressed_tensors.quantization.utils")
+
+from shardquant.algorithms import floatq  # noqa: E402
+from shardquant.algorithms.quantizer import QuantSpec  # noqa: E402
+from shardquant.algorithms.rtn import quantize_rtn  # noqa: E402
+
+
+def edge_weight(out_f: int = 200, in_f: int = 256, seed: int = 0) -> torch.Tensor:
+    """Random weights with edge rows: all zeros, one outlier, an all-equal group (positive and
+    negative), entries that land in FP8's subnormals, exact E2M1 ties."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    w[0] = 0
+    w[1, 7] = 50.0
+    w[2, :32] = 0.3
+    w[3, 32:64] = -0.7
+    w[4] = torch.rand(in_f, generator=g) * 0.0135 + 0.001  # |w / scale| below 2**-6: FP8 subnormals
+    w[4, 0] = 448.0
+    ties = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -2.5, -5.0, 0.0, 1.0, 3.0, -6.0])
+    w[5, :32] = ties.repeat(2)  # mxfp4 group max 6 -> scale 1: the entries are exact midpoints
+    w[6, 64:] = 0
+    return w
+
+
+def library_args(name: str):
+    return ct_scheme.preset_name_to_scheme(name, ["Linear"]).weights
+
+
+def grouped_minmax(w: torch.Tensor, glen: int):
+    x = w.reshape(w.shape[0], -1, glen)
+    return x.amin(-1), x.amax(-1)
+
+
+@pytest.mark.parametrize("name", ["NVFP4A16", "MXFP4A16"])
+def test_fp4_matches_library(name):
+    w = edge_weight()
+    args = library_args(name)
+    spec = floatq.FloatSpec.nvfp4() if name == "NVFP4A16" else floatq.FloatSpec.mxfp4()
+    gscale = None
+    if spec.has_global:
+        gscale = ct_utils.generate_gparam(w.min(), w.max())
+        assert torch.equal(floatq.global_scale(w), gscale)
+    mn, mx = grouped_minmax(w, spec.group_size)
+    scale, zp = ct_utils.calculate_qparams(mn, mx, args, global_scale=gscale)
+    ours = floatq.quantize_float_rtn(w, spec)
+    assert torch.equal(ours.scales, scale)
+    if name == "MXFP4A16":
+        assert torch.equal(floatq.e8m0_exponents(ours.scales).float() - 127, torch.log2(scale))
+    lib_q = ct_forward.quantize(w, scale, zp, args, global_scale=gscale)
+    assert torch.equal(ours.values.float(), lib_q)
+    lib_dq = ct_forward.fake_quantize(w, scale, zp, args, global_scale=gscale)
+    assert torch.equal(ours.dequantize(), lib_dq)
+    assert torch.equal(ours.dequantize(), ct_forward.dequantize(lib_q, scale, zp, args, global_scale=gscale))
+    if name == "MXFP4A16":  # the ties row rounds to even codes, as the library does
+        assert ours.scales[5, 0] == 1 and ours.values[5, :8].float().tolist() == [6, 0, 1, 1, 2, 2, 4, 4]
+
+
+@pytest.mark.parametrize("scale_dtype", [None, torch.bfloat16])
+def test_fp8_channel_matches_library(scale_dtype):
+    w = edge_weight()
+    args = library_args("FP8_DYNAMIC")
+    if scale_dtype is not None:
+        args = args.model_copy(update={"scale_dtype": scale_dtype})
+    scale, zp = ct_utils.calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+    ours = floatq.quantize_float_rtn(w, floatq.FloatSpec.fp8_channel(scale_dtype))
+    assert torch.equal(ours.scales, scale)
+    lib_q = ct_forward.quantize(w, scale, zp, args)
+    assert torch.equal(ours.values.float(), lib_q)
+    assert torch.equal(ours.dequantize(), ct_forward.fake_quantize(w, scale, zp, args))
+    sub = ours.values[4, 1:].float().abs()
+    assert ((sub > 0) & (sub < 2**-6)).sum() > 100  # the subnormal row was really exercised
+
+
+def test_fp8_block_matches_library():
+    w = edge_weight()  # 200 rows: a partial block of rows, padded as the library pads
+    args = library_args("FP8_BLOCK")
+    padded = torch.nn.functional.pad(w, (0, 0, 0, 56))
+    blocks = padded.reshape(2, 128, 2, 128).transpose(1, 2)
+    scale, zp = ct_utils.calculate_qparams(blocks.amin((-1, -2)), blocks.amax((-1, -2)), args)
+    ours = floatq.quantize_float_rtn(w, floatq.FloatSpec.fp8_block())
+    assert torch.equal(ours.block_scales(), scale)
+    assert torch.equal(ours.values.float(), ct_forward.quantize(w, scale, zp, args))
+    assert torch.equal(ours.dequantize(), ct_forward.fake_quantize(w, scale, zp, args))
+
+
+def test_int8_channel_matches_library():
+    """The integer path (W8A8's per-channel int8 weights): codes - 128 are the library's signed
+    codes and the scales are equal, except for an all-zero row: ours has scale 1, the library's
+    float32 eps (both store zero codes there and dequantize to zeros)."""
+    w = edge_weight()
+    args = library_args("W8A8")
+    scale, zp = ct_utils.calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+    ours = quantize_rtn(w, QuantSpec(bits=8, group_size=-1, symmetric=True, scale_dtype=None))
+    live = w.abs().amax(1) > 0
+    assert torch.equal(ours.scales[live], scale[live])
+    assert ours.scales[0].item() == 1 and scale[0].item() == torch.finfo(torch.float32).eps
+    lib_q = ct_forward.quantize(w, scale, zp, args)
+    assert torch.equal(ours.codes.float() - 128, lib_q)
+    assert torch.equal(ours.dequantize(), ct_forward.fake_quantize(w, scale, zp, args))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_round_e2m1_is_nearest_ties_to_even(seed):
+    """Against the definition: the nearest grid value, a tie going to the even code."""
+    x = (torch.rand(4096, generator=torch.Generator().manual_seed(seed)) - 0.5) * 16
+    x[:16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, -9])
+    grid = torch.tensor(floatq.E2M1_VALUES)
+    got = floatq.round_e2m1(x.clamp(-6, 6))
+    d = (x.clamp(-6, 6).abs().unsqueeze(1) - grid).abs()
+    best = d.min(1, keepdim=True).values
+    cand = (d == best).float() * (1 + torch.arange(8) % 2 * -0.5)  # prefer even codes on a tie
+    want = grid[cand.argmax(1)] * torch.sign(x)
+    assert torch.equal(got, want)
+    assert torch.equal(got, ct_utils.fp4_utils.cast_to_fp4(x.clamp(-6, 6)))
