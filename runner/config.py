@@ -354,6 +354,11 @@ class RunConfig(_Section):
     def _default_export(self) -> RunConfig:
         if self.quant.method == "none" and "format" not in self.export.model_fields_set:
             self.export.format = "fake"  # nothing is quantized, so nothing to pack
+        if self.quant.kind != "int" and self.cluster.row_split == "always":
+            raise ValueError(
+                f"cluster.row_split: always cannot split quant.scheme {self.quant.scheme} (its scales span "
+                "rows: NVFP4's global scale, fp8 blocks); use auto or never"
+            )
         return self
 
 

@@ -37,11 +37,6 @@ def check_scheme(cfg: RunConfig, source: ModelSource) -> None:
     g = cfg.quant.group_size
     if cfg.quant.method == "none":
         return
-    if cfg.quant.kind != "int":
-        raise UserError(
-            f"quant.scheme: {cfg.quant.scheme} ({cfg.quant.kind} weights) is quantized by the algorithms "
-            "(shardquant.algorithms.floatq) but not wired into the run pipeline yet; use an integer scheme"
-        )
     if g == -1:
         return
     for name, (_, in_features) in source.linear_shapes().items():
