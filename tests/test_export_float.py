@@ -216,3 +216,39 @@ def test_nvfp4_global_scale_shared_by_fused_linears(exported, tiny_models):
             want = generate_gparam(w.min(), w.max())
             for n in group:
                 assert torch.equal(t[f"{p}{n}.weight_global_scale"], want), (i, n)
+
+
+@pytest.mark.parametrize("case", ["nvfp4", "mxfp4", "fp8", "fp8-block", "w8a16"])
+def test_plan_sizes_the_export(case, exported):
+    """`shardquant plan`'s checkpoint bytes are the real export's, for every float format."""
+    from shardquant.tools.plan import plan_from_config
+
+    _, report = exported(case, "compressed-tensors")
+    assert report["export"]["bytes"] == plan_from_config(build_config(report["config"])).checkpoint_bytes
+
+
+def test_plan_of_a_float_scheme_imports_no_torch(tiny_models, texts, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = run_config(tiny_models["llama"], texts, tmp_path / "o")
+    raw["quant"] = {"method": "gptq", "scheme": "nvfp4a16"}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = (
+        "import sys, json, io, contextlib; from shardquant.cli import main; buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf): rc = main(['plan', sys.argv[1], '--json'])\n"
+        "assert rc == 0, rc; heavy = [m for m in ('torch', 'transformers', 'compressed_tensors') if m in sys.modules]\n"
+        "assert not heavy, heavy; print(buf.getvalue())"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, text=True,
+                         timeout=120)
+    assert json.loads(out.stdout)["checkpoint_bytes"] > 0
+
+
+def test_inspect_fake_float_export_names_the_kind(exported):
+    summary = inspect_checkpoint(exported("mxfp4", "fake")[0])
+    assert summary.format == "fake" and summary.scheme.kind == "mxfp4" and summary.scheme.group_size == 32
+    assert summary.scheme.describe().startswith("mxfp4 (4-bit float), group 32")

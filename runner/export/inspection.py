@@ -20,6 +20,7 @@ from shardquant.config import GPTQ_METHODS
 from shardquant.errors import UserError
 from shardquant.export.formats import PACKED, Layout, Scheme
 from shardquant.model.checkpoint import CheckpointIndex, TensorInfo
+from shardquant.presets import PRESETS
 
 KEY = "inspect"
 FLOAT_DTYPES = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}
@@ -239,7 +240,9 @@ def inspect_checkpoint(path: str | Path) -> Summary:
         if q.get("method", "none") != "none":
             summary.format = "fake"
             act = bool(q.get("act_order")) and q.get("method") in GPTQ_METHODS  # RTN/AWQ: no order
-            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), act)
+            preset = PRESETS.get(str(q.get("scheme")).upper())
+            kind = preset.kind if preset is not None and preset.kind != "int" else None
+            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), act, kind)
             summary.note = "scheme from the run's report.json"
     elif names and not isinstance(qc, dict):
         grid = grid_scheme(index, f"{names[0]}.weight")
