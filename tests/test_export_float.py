@@ -252,3 +252,20 @@ def test_inspect_fake_float_export_names_the_kind(exported):
     summary = inspect_checkpoint(exported("mxfp4", "fake")[0])
     assert summary.format == "fake" and summary.scheme.kind == "mxfp4" and summary.scheme.group_size == 32
     assert summary.scheme.describe().startswith("mxfp4 (4-bit float), group 32")
+
+
+def test_w4a16_preset_exports_todays_bytes(tiny_models, texts, tmp_path):
+    """`quant.scheme: W4A16` (refined to group 32) writes the very files of the same scheme
+    given by the keys alone: the default path is the preset."""
+    import hashlib
+
+    digests = []
+    for name, quant in (("keys", {"method": "rtn", "bits": 4, "group_size": 32}),
+                        ("preset", {"method": "rtn", "scheme": "W4A16", "group_size": 32})):
+        raw = run_config(tiny_models["llama"], texts, tmp_path / name, calib=CALIB, eval={"enabled": False})
+        raw["quant"] = quant
+        quantize(build_config(raw), show_progress=False)
+        model = tmp_path / name / "model"
+        digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                        for f in sorted(model.iterdir()) if f.name != "manifest.json"})
+    assert digests[0] == digests[1] and "config.json" in digests[0]

@@ -54,6 +54,27 @@ def test_scheme_objects_are_the_library_presets(name, method):
     assert isinstance(got, QuantizationScheme) and got == ref
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [-1, 32, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("method", "act_order"), [("rtn", False), ("gptq", True), ("gptq", False), ("awq", False)])
+def test_refined_preset_is_the_integer_args_of_the_keys(bits, group, symmetric, method, act_order):
+    """The integer path's config (no preset): the refined W4A16 preset equals the args built
+    from the keys alone, as the exporter built them before presets (so its config.json is
+    unchanged)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from shardquant.schemes import quantization_scheme
+
+    q = QuantConfig(bits=bits, group_size=group, symmetric=symmetric, method=method, act_order=act_order)
+    kw: dict = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False}
+    kw.update({"strategy": "channel"} if group == -1 else {"strategy": "group", "group_size": group})
+    if method == "gptq" and act_order:
+        kw["actorder"] = "weight"
+    got, want = quantization_scheme(q).weights, QuantizationArgs(**kw)
+    assert got == want and got.model_dump_json() == want.model_dump_json()
+
+
 def test_weights_only_drops_activations():
     from shardquant.schemes import quantization_scheme
 

@@ -40,7 +40,6 @@ import torch
 
 from shardquant.algorithms.floatq import FloatQuantizedWeight
 from shardquant.algorithms.quantizer import QuantizedWeight
-from shardquant.config import GPTQ_METHODS
 from shardquant.errors import UserError
 from shardquant.export.base import PackedExporter, check_scheme, trivial_g_idx
 from shardquant.export.formats import CompressedTensorsLayout
@@ -99,16 +98,13 @@ class CompressedTensorsExporter(PackedExporter):
     # --- config.json ---------------------------------------------------------------------
 
     def quantization_args(self):
-        """The weights' `QuantizationArgs`."""
-        lib, q = _library(), self.quant
-        kw: dict = {"num_bits": q.bits, "type": "int", "symmetric": q.symmetric, "dynamic": False}
-        if q.group_size == -1:
-            kw["strategy"] = "channel"
-        else:
-            kw.update(strategy="group", group_size=q.group_size)
-        if q.method in GPTQ_METHODS and q.act_order:
-            kw["actorder"] = "weight"  # groups stay contiguous: calibration order only
-        return lib["QuantizationArgs"](**kw)
+        """The weights' `QuantizationArgs`: the library's preset (W4A16 unless `quant.scheme`
+        names another) refined by bits/group_size/symmetric, `actorder: weight` after GPTQ
+        act-order (groups stay contiguous: calibration order only)."""
+        _library()
+        from shardquant.schemes import quantization_scheme
+
+        return quantization_scheme(self.quant).weights
 
     @functools.cached_property
     def float_scheme(self):
