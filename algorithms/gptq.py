@@ -17,6 +17,14 @@ from torch import Tensor
 
 from shardquant.algorithms.counts import n_groups
 
+from .floatq import (
+    FloatQuantizedWeight,
+    FloatSpec,
+    absmax_scales,
+    global_scale,
+    round_elements,
+    row_absmax,
+)
 from .hessian import HessianAccumulator
 from .quantizer import MSEGrid, QuantizedWeight, QuantSpec, group_qparams, search_qparams
 
@@ -51,7 +59,7 @@ class GPTQResult:
     """A quantized weight and GPTQ's objective: sum of ((w - q) / d)^2 / 2 over all entries,
     d being the diagonal of the upper Cholesky factor of H^-1 at that column."""
 
-    weight: QuantizedWeight
+    weight: QuantizedWeight | FloatQuantizedWeight
     loss: float
 
 
@@ -162,7 +170,7 @@ class GPTQSolver:
     def quantize(
         self,
         weight: Tensor,
-        spec: QuantSpec,
+        spec: QuantSpec | FloatSpec,
         *,
         block_size: int = 128,
         static_groups: bool = False,
@@ -187,19 +195,27 @@ class GPTQSolver:
     def quantize_many(
         self,
         weights: Sequence[Tensor],
-        spec: QuantSpec,
+        spec: QuantSpec | FloatSpec,
         *,
         block_size: int = 128,
         static_groups: bool = False,
         mse: MSEGrid | None = None,
         group_range: GroupRange = "current",
+        global_scales: Sequence[Tensor] | None = None,
     ) -> list[GPTQResult]:
         """``quantize`` each of ``weights`` (linears sharing this input) in one pass.
 
         GPTQ treats every output row on its own, so the rows are stacked and the column loop
         runs once for all of them; each result equals a separate ``quantize`` call up to float
         summation order.
+
+        ``spec`` is the quantizer every column is rounded through: an integer ``QuantSpec`` or
+        a float ``FloatSpec`` (``_solve_float``). For NVFP4, ``global_scales`` gives each
+        weight's per-tensor global scale (default: from the weight as given, before any update).
         """
+        if isinstance(spec, FloatSpec):
+            return self._quantize_float(weights, spec, block_size=block_size, static_groups=static_groups,
+                                        mse=mse, group_range=group_range, global_scales=global_scales)
         n = self.in_features
         for w in weights:
             if w.dim() != 2 or w.shape[1] != n:
@@ -264,6 +280,152 @@ class GPTQSolver:
             results.append(GPTQResult(weight=qweight, loss=loss_rows[r0:r1].sum().item() / 2))
             r0 = r1
         return results
+
+    def _quantize_float(
+        self,
+        weights: Sequence[Tensor],
+        spec: FloatSpec,
+        *,
+        block_size: int,
+        static_groups: bool,
+        mse: MSEGrid | None,
+        group_range: GroupRange,
+        global_scales: Sequence[Tensor] | None,
+    ) -> list[GPTQResult]:
+        """``quantize_many`` through a float quantizer; see ``_solve_float``."""
+        n = self.in_features
+        for w in weights:
+            if w.dim() != 2 or w.shape[1] != n:
+                raise ValueError(f"weight must be [out, {n}], got shape {tuple(w.shape)}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if mse is not None:
+            raise ValueError("the MSE range search is for integer specs")
+        if group_range not in ("current", "block_start"):
+            raise ValueError(f"group_range must be 'current' or 'block_start', got {group_range!r}")
+        if self.reorder == "group" and spec.group_size != self.group_size:
+            raise ValueError(f"this solver orders groups of {self.group_size} columns, the spec has {spec.group_size}")
+        dynamic = spec.group_size != -1 and not static_groups
+        if dynamic and self.act_order:
+            raise ValueError("float formats keep groups of consecutive columns: act_order needs static_groups")
+        if global_scales is not None and len(global_scales) != len(weights):
+            raise ValueError("one global scale per weight")
+        if spec.block_rows > 1 and len(weights) > 1:  # row blocks belong to one linear: solve each alone
+            return [r for i, w in enumerate(weights) for r in self._quantize_float(
+                [w], spec, block_size=block_size, static_groups=static_groups, mse=None,
+                group_range=group_range, global_scales=None if global_scales is None else [global_scales[i]])]
+        dev = self.hinv.device
+        grow = None
+        if spec.has_global:
+            gs = [global_scale(w) if global_scales is None else global_scales[i].float().reshape(1)
+                  for i, w in enumerate(weights)]
+            grow = torch.cat([g.to(dev).expand(w.shape[0]) for g, w in zip(gs, weights, strict=True)])
+        W = torch.cat([w.to(device=dev, dtype=self.dtype) for w in weights])
+        W[:, self.dead] = 0
+        glen = spec.group_len(n)
+        cols = torch.arange(n, device=dev)
+        g_idx = cols // glen
+        if dynamic:
+            scales = W.new_empty(spec.n_groups(n), W.shape[0], dtype=torch.float32)
+        else:
+            g0 = None if grow is None else grow.unsqueeze(1)
+            scales = absmax_scales(row_absmax(W, spec), spec, g0).T.contiguous()
+        if self.perm is not None:
+            W = W[:, self.perm]
+        order = cols if self.perm is None else self.perm
+        with _one_cpu_thread(W, W.numel()):
+            values, loss_rows = _solve_float(
+                W.T.contiguous(), self.hinv, scales, grow, g_idx[order].tolist(), spec,
+                block_size=block_size, dynamic=dynamic, block_start=group_range == "block_start",
+            )
+        if self.invperm is not None:
+            values = values[:, self.invperm]
+        scales = scales.T.contiguous()
+        results, r0 = [], 0
+        for w in weights:
+            r1 = r0 + w.shape[0]
+            qweight = FloatQuantizedWeight(
+                values=values[r0:r1].contiguous(),
+                scales=scales[r0:r1].contiguous(),
+                global_scale=None if grow is None else grow[r0:r1].float().contiguous(),
+                spec=spec,
+            )
+            results.append(GPTQResult(weight=qweight, loss=loss_rows[r0:r1].sum().item() / 2))
+            r0 = r1
+        return results
+
+
+def _solve_float(
+    Wt: Tensor,
+    U: Tensor,
+    scales: Tensor,
+    grow: Tensor | None,
+    col_group: list[int],
+    spec: FloatSpec,
+    *,
+    block_size: int,
+    dynamic: bool,
+    block_start: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """GPTQ's column loop (as ``_solve``) rounding each column through the float format ``spec``:
+    ``value = round_elements(w / (scale / global))``, the error ``w - value * (scale / global)``.
+
+    ``scales`` [n_groups, rows] are read, and with ``dynamic`` written at a group's first
+    column from the group's current weights (the absmax over its columns, and for fp8 blocks
+    over the block's rows). ``grow`` [rows] is NVFP4's global scale per row. Returns the
+    element values [rows, n] (float8_e4m3fn) in processing order and the per-row sum of
+    squared scaled errors.
+    """
+    n, rows = Wt.shape
+    Q = torch.empty_like(Wt)
+    loss_rows = Wt.new_zeros(rows)
+    w_rows, q_rows, s_rows = Wt.unbind(0), Q.unbind(0), scales.unbind(0)
+    d = torch.diagonal(U).clone().unbind(0)
+    ends: dict[int, int] = {}
+    if dynamic:
+        starts = [c for c in range(n) if c == 0 or col_group[c] != col_group[c - 1]]
+        ends = dict(zip(starts, [*starts[1:], n], strict=True))
+    eff: dict[int, Tensor] = {}
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        E1 = torch.zeros_like(Wt[i1:i2])
+        e_rows = E1.unbind(0)
+        W0 = Wt[i1:i2].clone() if block_start and dynamic else None
+        for j1 in range(i1, i2, _SUB):
+            j2 = min(j1 + _SUB, i2)
+            for c in range(j1, j2):
+                g = col_group[c]
+                if c in ends:
+                    if W0 is not None:
+                        cur = torch.cat([W0[c - i1 : min(ends[c], i2) - i1], Wt[i2 : ends[c]]])
+                    else:
+                        cur = _current_rows(Wt, E1, U, c, ends[c], (j1, j2), (i1, i2))
+                    amax = _block_rows_max(cur.abs().amax(0).float(), spec.block_rows)
+                    s_rows[g].copy_(absmax_scales(amax, spec, grow))
+                    eff.pop(g, None)
+                if g not in eff:  # float32, as the exported scales divide
+                    eff[g] = (s_rows[g] if grow is None else s_rows[g] / grow).to(Wt.dtype)
+                sc, w, q, e = eff[g], w_rows[c], q_rows[c], e_rows[c - i1]
+                q.copy_(round_elements(w / sc, spec))
+                torch.mul(q, sc, out=e)
+                torch.sub(w, e, out=e).div_(d[c])
+                if c + 1 < j2:
+                    Wt[c + 1 : j2].addr_(U[c, c + 1 : j2], e, alpha=-1)
+            if j2 < i2:
+                Wt[j2:i2].addmm_(U[j1:j2, j2:i2].T, E1[j1 - i1 : j2 - i1], alpha=-1)
+        if i2 < n:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
+        loss_rows += E1.square().sum(0)
+    return Q.T.to(torch.float8_e4m3fn), loss_rows
+
+
+def _block_rows_max(a: Tensor, block_rows: int) -> Tensor:
+    """``a`` [rows] with each run of ``block_rows`` rows replaced by its max (fp8 blocks)."""
+    if block_rows == 1:
+        return a
+    nb = -(-a.numel() // block_rows)
+    m = torch.nn.functional.pad(a, (0, nb * block_rows - a.numel())).view(nb, block_rows).amax(1)
+    return m.repeat_interleave(block_rows)[: a.numel()]
 
 
 def split_rows(out_features: int, k: int) -> list[tuple[int, int]]:

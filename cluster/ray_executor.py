@@ -344,7 +344,10 @@ class RayExecutor:
         of its slices'."""
         import ray
 
-        units, costs = solve_units(tasks, self._shapes, self.world, self.cfg.cluster.row_split)
+        # Float formats are never row-split: NVFP4's global scale and fp8 blocks span rows
+        # (the config refuses row_split: always with them).
+        row_split = "never" if self.cfg.quant.kind != "int" else self.cfg.cluster.row_split
+        units, costs = solve_units(tasks, self._shapes, self.world, row_split)
         owner = assign(costs, self.world)
         weights, losses = [], []
         for k, a in enumerate(self.actors):

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shardquant.errors import UserError
+from shardquant.presets import PRESETS, SUPPORTED_STRATEGIES, Preset, preset
 
 Method = Literal["none", "rtn", "gptq", "awq", "awq+gptq"]
 GPTQ_METHODS: tuple[str, ...] = ("gptq", "awq+gptq")  # methods solved by GPTQ (a Hessian, act order)
@@ -82,6 +83,19 @@ class QuantConfig(_Section):
         "gptq",
         description="none (identity, for debugging), rtn, gptq, awq (activation-aware scales, then RTN) "
         "or awq+gptq (the same scales, then GPTQ).",
+    )
+    scheme: str | None = Field(
+        None,
+        description="A compressed-tensors preset (its own QuantizationScheme): " + ", ".join(PRESETS) + ". "
+        "Unset = integer weights from bits/group_size/symmetric (W4A16 by default). bits, group_size and "
+        "symmetric refine an integer preset; a value the preset fixes otherwise is an error. Float presets "
+        "(FP8*, NVFP4*, MXFP4*) take rtn or gptq.",
+    )
+    weights_only: bool = Field(
+        False,
+        description="With a preset that also quantizes input activations (W8A8, W4AFP8, FP8*, NVFP4, MXFP4): "
+        "keep only its weights (e.g. FP8_DYNAMIC becomes FP8 weights with 16-bit activations). Activation "
+        "quantization is not implemented yet, so such a preset needs this.",
     )
     bits: int = Field(4, description="Bits per weight, 2..8.")
     group_size: int = Field(128, description="Columns per quantization group; -1 = per output channel.")
@@ -176,6 +190,64 @@ class QuantConfig(_Section):
         if not self.act_order and self.static_groups and "static_groups" not in given:
             self.__dict__["static_groups"] = False  # the static default belongs to act-order
         return self
+
+    @property
+    def weight_preset(self) -> Preset | None:
+        """The `quant.scheme` preset's weight side, or None (integer weights from the explicit keys)."""
+        return None if self.scheme is None else preset(self.scheme)
+
+    @property
+    def kind(self) -> str:
+        """The weight quantizer family: int, fp8, nvfp4 or mxfp4."""
+        p = self.weight_preset
+        return "int" if p is None else p.kind
+
+    @model_validator(mode="after")
+    def _preset(self) -> QuantConfig:
+        if self.scheme is None:
+            if self.weights_only:
+                raise ValueError("quant.weights_only: needs quant.scheme (a preset whose activations it drops)")
+            return self
+        try:
+            p = preset(self.scheme)
+        except ValueError as e:
+            raise ValueError(f"quant.scheme: {e}") from None
+        name = self.scheme.upper()
+        self.__dict__["scheme"] = name
+        if p.activations and not self.weights_only:
+            weight_only = ", ".join(n for n, q in PRESETS.items() if not q.activations)
+            raise ValueError(
+                f"quant.scheme: {name} also quantizes input activations ({p.activations}), which is not "
+                f"implemented yet; set quant.weights_only: true to keep its weights only, or use {weight_only}"
+            )
+        if p.strategy not in SUPPORTED_STRATEGIES[p.kind]:
+            raise ValueError(f"quant.scheme: {name}'s {p.strategy} weight scales are not implemented yet")
+        given = self.model_fields_set
+        _refine(self, name, p, given)
+        return self
+
+
+def _refine(q: QuantConfig, name: str, p: Preset, given: set[str]) -> None:
+    """Check the explicit keys against preset ``p`` and fill in the ones not given."""
+    if "bits" in given and q.bits != p.bits:
+        raise ValueError(f"quant.bits: {q.bits} contradicts quant.scheme {name} ({p.bits}-bit weights); drop one")
+    if p.weight_type == "float":
+        if "group_size" in given and q.group_size != p.group_size:
+            raise ValueError(
+                f"quant.group_size: {q.group_size} contradicts quant.scheme {name}, whose format fixes it "
+                f"at {p.group_size}; drop it"
+            )
+        if "symmetric" in given and not q.symmetric:
+            raise ValueError(f"quant.symmetric: float scheme {name} is symmetric only")
+        if q.method in AWQ_METHODS:
+            raise ValueError(f"quant.method: {q.method} is not implemented for float scheme {name}; use rtn or gptq")
+        if q.mse:
+            raise ValueError(f"quant.mse: the range search is for integer schemes, not {name}")
+        if q.method in GPTQ_METHODS and q.act_order and not q.static_groups:
+            raise ValueError(f"quant.static_groups: float scheme {name} with act_order needs static groups")
+    for key, value in (("bits", p.bits), ("group_size", p.group_size), ("symmetric", p.symmetric)):
+        if key not in given:
+            q.__dict__[key] = value
 
 
 class EvalConfig(_Section):
@@ -282,6 +354,11 @@ class RunConfig(_Section):
     def _default_export(self) -> RunConfig:
         if self.quant.method == "none" and "format" not in self.export.model_fields_set:
             self.export.format = "fake"  # nothing is quantized, so nothing to pack
+        if self.quant.kind != "int" and self.cluster.row_split == "always":
+            raise ValueError(
+                f"cluster.row_split: always cannot split quant.scheme {self.quant.scheme} (its scales span "
+                "rows: NVFP4's global scale, fp8 blocks); use auto or never"
+            )
         return self
 
 
@@ -325,7 +402,7 @@ def _format_error(err: ValidationError) -> str:
         shown = shown[:77] + "..."
     if not loc:
         return f"invalid config: {msg}"
-    if msg.startswith(loc + ":"):
+    if msg.startswith((loc + ":", loc + ".")):
         return msg
     return f"{loc}: {msg} (got {shown})"
 

@@ -35,7 +35,9 @@ class Prepared:
 def check_scheme(cfg: RunConfig, source: ModelSource) -> None:
     """Refuse a scheme that cannot apply to this model's layer shapes."""
     g = cfg.quant.group_size
-    if g == -1 or cfg.quant.method == "none":
+    if cfg.quant.method == "none":
+        return
+    if g == -1:
         return
     for name, (_, in_features) in source.linear_shapes().items():
         if in_features % g:

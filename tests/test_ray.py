@@ -409,3 +409,20 @@ def test_driver_killed_then_rerun_finishes_with_same_bytes(ray_local, deep_llama
     assert "resuming" in r.stderr
     for f in sorted((tmp_path / "clean" / "model").glob("*.safetensors")):
         assert f.read_bytes() == (out / "model" / f.name).read_bytes(), f.name
+
+
+def test_float_scheme_on_workers_is_bytewise_local(ray_local, tiny_models, texts, tmp_path, one_thread):
+    """NVFP4 on 2 workers (each linear its own task, never row-split) exports the local run's
+    bytes: a linear's NVFP4 global scale comes from its whole input group (`SolveTask.fused`)
+    on whichever worker solves it."""
+    quant = {"method": "gptq", "scheme": "NVFP4A16", "group_size": 16}
+    export = {"format": "compressed-tensors"}
+    reports = {}
+    for name, cluster in (("local", {}), ("ray", {**TWO, "row_split": "auto"})):
+        reports[name] = quantize(_cfg(tiny_models["llama"], texts, tmp_path / name, quant=quant, export=export,
+                                      cluster=cluster), show_progress=False)
+    a, b = read_checkpoint(tmp_path / "local" / "model"), read_checkpoint(tmp_path / "ray" / "model")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert reports["ray"]["ppl"] == reports["local"]["ppl"]
+    g = [b[f"model.layers.0.self_attn.{n}.weight_global_scale"] for n in ("q_proj", "k_proj", "v_proj")]
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])

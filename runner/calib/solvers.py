@@ -14,15 +14,22 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from shardquant.algorithms import awq
+from shardquant.algorithms.floatq import (
+    FloatQuantizedWeight,
+    FloatSpec,
+    global_scale,
+    quantize_float_rtn,
+)
 from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.quantizer import MSEGrid, QuantizedWeight, QuantSpec, concat_rows
 from shardquant.algorithms.rtn import quantize_rtn
 from shardquant.calib.steps import GroupStats, SolveTask
 from shardquant.config import GPTQ_METHODS, QuantConfig
 
-Solved = tuple[dict[str, QuantizedWeight], dict[str, float]]
+Solved = tuple[dict[str, QuantizedWeight | FloatQuantizedWeight], dict[str, float]]
+Spec = QuantSpec | FloatSpec
 Solver = Callable[
-    [SolveTask, nn.Module, GroupStats | None, Tensor | None, dict[str, Tensor], QuantSpec, QuantConfig],
+    [SolveTask, nn.Module, GroupStats | None, Tensor | None, dict[str, Tensor], Spec, QuantConfig],
     Solved,
 ]
 
@@ -30,6 +37,17 @@ Solver = Callable[
 def mse_grid(q: QuantConfig) -> MSEGrid | None:
     """The MSE range search of `quant.mse*`, or None (plain min/max ranges)."""
     return MSEGrid(grid=q.mse_grid, max_shrink=q.mse_max_shrink, norm=q.mse_norm) if q.mse else None
+
+
+def fused_global_scale(task: SolveTask, block: nn.Module, spec: Spec) -> Tensor | None:
+    """NVFP4: one global scale for all the group's linears (`task.fused`, which a server such as
+    vLLM fuses into one matmul with one global scale), from their weights as they are now (no
+    group member is applied before all are solved); None for other specs."""
+    if not isinstance(spec, FloatSpec) or not spec.has_global:
+        return None
+    names = task.fused or task.linears
+    amax = max(block.get_submodule(n).weight.detach().float().abs().amax() for n in names)
+    return global_scale(amax.reshape(1))
 
 
 def task_weight(block: nn.Module, name: str, s: Tensor | None, originals: dict[str, Tensor]) -> Tensor:
@@ -41,15 +59,20 @@ def task_weight(block: nn.Module, name: str, s: Tensor | None, originals: dict[s
 
 def solve_rtn(
     task: SolveTask, block: nn.Module, stats: GroupStats | None, s: Tensor | None,
-    originals: dict[str, Tensor], spec: QuantSpec, q: QuantConfig,
+    originals: dict[str, Tensor], spec: Spec, q: QuantConfig,
 ) -> Solved:
-    """Round to nearest, each linear on its own; the loss is the weight's squared error."""
+    """Round to nearest, each linear on its own (through the integer or float quantizer of
+    `spec`); the loss is the weight's squared error."""
     mse = mse_grid(q)
-    weights: dict[str, QuantizedWeight] = {}
+    gscale = fused_global_scale(task, block, spec)
+    weights: dict[str, QuantizedWeight | FloatQuantizedWeight] = {}
     losses: dict[str, float] = {}
     for name in task.linears:
         w = block.get_submodule(name).weight.float()
-        qw = quantize_rtn(w, spec, mse=mse)
+        if isinstance(spec, FloatSpec):
+            qw = quantize_float_rtn(w, spec, gscale)
+        else:
+            qw = quantize_rtn(w, spec, mse=mse)
         weights[name] = qw
         losses[name] = float((w - qw.dequantize().to(w.device)).pow(2).sum())
     return weights, losses
@@ -57,7 +80,7 @@ def solve_rtn(
 
 def solve_gptq(
     task: SolveTask, block: nn.Module, stats: GroupStats | None, s: Tensor | None,
-    originals: dict[str, Tensor], spec: QuantSpec, q: QuantConfig,
+    originals: dict[str, Tensor], spec: Spec, q: QuantConfig,
 ) -> Solved:
     """GPTQ with one factorization of the group's Hessian for all its linears; with AWQ scales
     (`awq+gptq`) the scaled weights and the Hessian of the scaled inputs.
@@ -67,6 +90,7 @@ def solve_gptq(
     A row-split task (`task.rows`) quantizes only those rows of its one linear: the weight
     and loss of that slice, under the linear's name."""
     solver = factorize(stats, s, q)
+    gscale = fused_global_scale(task, block, spec)
     ws = [task_weight(block, name, s, originals) for name in task.linears]
     if task.rows is not None:
         if len(ws) != 1:
@@ -74,8 +98,9 @@ def solve_gptq(
         start, end = task.rows
         ws = [ws[0][start:end]]
     solved = solver.quantize_many(ws, spec, block_size=q.block_size, static_groups=q.static_groups,
-                                  mse=mse_grid(q), group_range=q.group_range)
-    weights: dict[str, QuantizedWeight] = {}
+                                  mse=mse_grid(q), group_range=q.group_range,
+                                  global_scales=None if gscale is None else [gscale] * len(ws))
+    weights: dict[str, QuantizedWeight | FloatQuantizedWeight] = {}
     losses: dict[str, float] = {}
     for name, res in zip(task.linears, solved, strict=True):
         weights[name], losses[name] = res.weight, float(res.loss)
@@ -98,7 +123,7 @@ def factorize(stats: GroupStats, s: Tensor | None, q: QuantConfig) -> GPTQSolver
 
 def solve_awq(
     task: SolveTask, block: nn.Module, stats: GroupStats | None, s: Tensor | None,
-    originals: dict[str, Tensor], spec: QuantSpec, q: QuantConfig,
+    originals: dict[str, Tensor], spec: Spec, q: QuantConfig,
 ) -> Solved:
     """RTN on the scaled weights, after a clip search on the task's sampled rows; the loss is
     the output error seen by the unscaled inputs (through the Gram matrix), per row."""
@@ -140,10 +165,12 @@ def solve_task(
     *,
     scales: dict[str, Tensor],
     originals: dict[str, Tensor],
-    spec: QuantSpec,
+    spec: Spec,
     q: QuantConfig,
 ) -> Solved:
     """The solver of `task.kind` on the task, with its group's statistics and scales."""
     if task.rows is not None and task.kind not in GPTQ_METHODS:
         raise ValueError(f"only GPTQ solves can be row-split, not '{task.kind}' ({task.linears})")
+    if task.rows is not None and isinstance(spec, FloatSpec):  # NVFP4's global scale and fp8 blocks span rows
+        raise ValueError(f"float formats are not row-split ({task.linears})")
     return SOLVERS[task.kind](task, block, stats.get(task.group), scales.get(task.group), originals, spec, q)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shardquant.algorithms import awq
+from shardquant.algorithms.floatq import FloatQuantizedWeight, FloatSpec
 from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec, concat_rows
@@ -47,12 +48,21 @@ class BlockProfile:
     awq: dict[str, dict[str, Any]] = field(default_factory=dict)  # AWQ search outcome per group
 
 
-def quant_spec(q: QuantConfig) -> QuantSpec:
-    """The algorithm-level scheme of a config."""
-    return QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
+def quant_spec(q: QuantConfig, dtype: torch.dtype = torch.float32) -> QuantSpec | FloatSpec:
+    """The algorithm-level quantizer of a config: integer ``QuantSpec`` or a float format's
+    ``FloatSpec``. FP8 scales are rounded to the compute ``dtype`` they are exported in."""
+    p = q.weight_preset
+    if p is None or p.kind == "int":
+        return QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric)
+    if p.kind == "fp8":
+        scale_dtype = None if dtype == torch.float32 else dtype
+        if p.strategy == "block":
+            return FloatSpec.fp8_block(p.block_rows, p.group_size, scale_dtype=scale_dtype)
+        return FloatSpec.fp8_channel(scale_dtype)
+    return FloatSpec.nvfp4() if p.kind == "nvfp4" else FloatSpec.mxfp4()
 
 
-def _set_weight(linear: nn.Linear, qw: QuantizedWeight) -> None:
+def _set_weight(linear: nn.Linear, qw: QuantizedWeight | FloatQuantizedWeight) -> None:
     with torch.no_grad():
         linear.weight.copy_(qw.dequantize().to(device=linear.weight.device, dtype=linear.weight.dtype))
 
@@ -163,6 +173,8 @@ class SolveTask:
     optional clip search on `clip_rows`) or 'awq+gptq' (scaled weights, scaled Hessian).
     `rows` (GPTQ kinds, one linear): solve only the output rows [start, end) of it; the
     worker still reduces and factorizes the group's whole Hessian (`RowSlice`).
+    `fused`: every quantized linear of the group (kept when a task is split per linear), the
+    linears a server fuses into one (q/k/v, gate/up), which share NVFP4's global scale.
     """
 
     group: str
@@ -172,6 +184,7 @@ class SolveTask:
     clip_skip: tuple[str, ...] = ()
     clip_rows: torch.Tensor | None = None
     rows: tuple[int, int] | None = None
+    fused: tuple[str, ...] = ()
 
 
 @dataclass
@@ -249,7 +262,7 @@ def calibrate_block(
         return {}
     work = block_work(adapter, block_name, q)
     if q.method == "rtn":
-        losses = ex.solve([SolveTask(g.name, quantized, "rtn") for g, quantized in work])
+        losses = ex.solve([SolveTask(g.name, quantized, "rtn", fused=quantized) for g, quantized in work])
         ex.apply()
         return losses
     use_awq = q.method in AWQ_METHODS
@@ -262,7 +275,7 @@ def calibrate_block(
             capture={g.name: g.consumer for g, _ in phase} if use_awq else {},
         )
         if not use_awq:
-            losses.update(ex.solve([SolveTask(g.name, quantized, q.method) for g, quantized in phase]))
+            losses.update(ex.solve([SolveTask(g.name, quantized, q.method, fused=quantized) for g, quantized in phase]))
             ex.apply()
             continue
         for g, quantized in phase:

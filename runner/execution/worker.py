@@ -68,7 +68,7 @@ class BlockWorker:
         self.adapter = self.source.adapter
         self.exporter = get_exporter(c.export.format, self.source, c.quant)
         self.runner = BlockRunner(self.adapter, self.source.skeleton.config, self.source.rotary())
-        self.spec = quant_spec(c.quant)
+        self.spec = quant_spec(c.quant, self.source.dtype)
         budget = activation_cap(c)
         self.store = ActivationStore(budget, c.cluster.spill_dir, tag=f"{name}")
         self.streams = Streams(self.store, self.runner)

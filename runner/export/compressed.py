@@ -22,6 +22,12 @@ and 8: for 3, 5, 6 and 7 the library's packing changed between versions (dense s
 32 // bits codes per word before), so such a checkpoint would read differently depending on
 the reader; vLLM's kernels serve 4 and 8 bits.
 
+Float schemes (`quant.scheme` FP8_DYNAMIC/FP8_BLOCK with `weights_only`, NVFP4A16, MXFP4A16)
+are written by the library's own compressor for the format its `infer_module_format` picks
+(`naive-quantized` for fp8 weights without activations, `nvfp4-pack-quantized`,
+`mxfp4-pack-quantized`): it is given our dequantized weight and scales and re-derives the
+codes, which are checked to be ours (`formats.float_parts` lists the tensors).
+
 The tensors' names, dtypes and shapes and these limits are defined once, in
 `formats.CompressedTensorsLayout`; this module writes them.
 """
@@ -32,8 +38,8 @@ import functools
 
 import torch
 
+from shardquant.algorithms.floatq import FloatQuantizedWeight
 from shardquant.algorithms.quantizer import QuantizedWeight
-from shardquant.config import GPTQ_METHODS
 from shardquant.errors import UserError
 from shardquant.export.base import PackedExporter, check_scheme, trivial_g_idx
 from shardquant.export.formats import CompressedTensorsLayout
@@ -92,27 +98,41 @@ class CompressedTensorsExporter(PackedExporter):
     # --- config.json ---------------------------------------------------------------------
 
     def quantization_args(self):
-        """The weights' `QuantizationArgs`."""
-        lib, q = _library(), self.quant
-        kw: dict = {"num_bits": q.bits, "type": "int", "symmetric": q.symmetric, "dynamic": False}
-        if q.group_size == -1:
-            kw["strategy"] = "channel"
-        else:
-            kw.update(strategy="group", group_size=q.group_size)
-        if q.method in GPTQ_METHODS and q.act_order:
-            kw["actorder"] = "weight"  # groups stay contiguous: calibration order only
-        return lib["QuantizationArgs"](**kw)
+        """The weights' `QuantizationArgs`: the library's preset (W4A16 unless `quant.scheme`
+        names another) refined by bits/group_size/symmetric, `actorder: weight` after GPTQ
+        act-order (groups stay contiguous: calibration order only)."""
+        _library()
+        from shardquant.schemes import quantization_scheme
+
+        return quantization_scheme(self.quant).weights
+
+    @functools.cached_property
+    def float_scheme(self):
+        """A float scheme's library `QuantizationScheme` with the format the library infers for
+        it, and that format's compressor (None, None for integer schemes)."""
+        if self.quant.kind == "int":
+            return None, None
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.compressors.format import infer_module_format
+
+        from shardquant.schemes import quantization_scheme
+
+        scheme = quantization_scheme(self.quant)
+        fmt = infer_module_format(torch.nn.Linear, scheme).value
+        return scheme.model_copy(update={"format": fmt}), BaseCompressor.get_value_from_registry(fmt)
 
     def quantization_config(self):
         """The checkpoint's `QuantizationConfig`: one group of every nn.Linear, minus the
         ones left in full precision (lm_head and `quant.ignore`), by full name."""
         lib = _library()
-        scheme = lib["QuantizationScheme"](
-            targets=["Linear"], weights=self.quantization_args(), format=lib["PACK_QUANTIZED"]
-        )
+        scheme, _ = self.float_scheme
+        if scheme is None:
+            scheme = lib["QuantizationScheme"](
+                targets=["Linear"], weights=self.quantization_args(), format=lib["PACK_QUANTIZED"]
+            )
         return lib["QuantizationConfig"](
             config_groups={"group_0": scheme},
-            format=lib["PACK_QUANTIZED"],
+            format=scheme.format,
             quantization_status=lib["COMPRESSED"],
             ignore=self.unquantized_linears(),
         )
@@ -133,7 +153,9 @@ class CompressedTensorsExporter(PackedExporter):
 
     # --- tensors -------------------------------------------------------------------------
 
-    def linear_tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    def linear_tensors(self, name: str, weight: QuantizedWeight | FloatQuantizedWeight) -> dict[str, torch.Tensor]:
+        if isinstance(weight, FloatQuantizedWeight):
+            return self.float_tensors(name, weight)
         q = self.quant
         check_scheme(name, weight, q)
         if not trivial_g_idx(weight):
@@ -149,3 +171,33 @@ class CompressedTensorsExporter(PackedExporter):
             zero = (weight.zeros - offset).to(torch.int8)
             out[f"{name}.weight_zero_point"] = pack(zero, q.bits, packed_dim=0)
         return out
+
+    def float_tensors(self, name: str, weight: FloatQuantizedWeight) -> dict[str, torch.Tensor]:
+        """A float weight through the library's compressor, which is handed the dequantized
+        weight and our scales; ValueError unless its codes are ours."""
+        scheme, compressor = self.float_scheme
+        if scheme is None or weight.spec.kind != self.quant.kind:
+            raise ValueError(f"{name}: quantized as {weight.spec}, but the config says quant.scheme {self.quant.scheme}")
+        spec = weight.spec
+        state = {"weight": weight.dequantize()}
+        if spec.kind == "fp8":
+            scales = weight.block_scales() if spec.block_rows > 1 else weight.scales
+            state["weight_scale"] = scales.to(self.source.dtype)  # exact: rounded to it when solved
+        else:
+            state["weight_scale"] = weight.scales
+        if weight.global_scale is not None:
+            state["weight_global_scale"] = weight.global_scale[:1].clone()
+        out = compressor.compress(state, scheme)
+        values = _float_codes(out, spec.kind, weight.values.shape)
+        if not torch.equal(values, weight.values.float()):
+            raise ValueError(f"{name}: the library's compressor re-derived codes that differ from the solved ones")
+        return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
+
+
+def _float_codes(tensors: dict[str, torch.Tensor], kind: str, shape: torch.Size) -> torch.Tensor:
+    """The element values a compressed float linear stores, float32."""
+    if kind == "fp8":
+        return tensors["weight"].float()
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    return unpack_fp4_from_uint8(tensors["weight_packed"], shape[0], shape[1], dtype=torch.float32)

@@ -21,7 +21,8 @@ from shardquant.algorithms.counts import AWQ_BITS, PACK_BITS, n_groups, words
 from shardquant.config import GPTQ_METHODS, QuantConfig, is_ignored
 from shardquant.errors import UserError
 
-ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1}
 FLOAT_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # model.dtype -> safetensors
 
 
@@ -46,10 +47,15 @@ class Scheme:
     group_size: int | None = None
     symmetric: bool | None = None
     act_order: bool | None = None
+    kind: str | None = None  # float formats: fp8, nvfp4, mxfp4 (None: integer)
 
     def describe(self) -> str:
         if self.bits is None:
             return "-"
+        if self.kind is not None:
+            group = {-1: "per channel", None: "group unknown"}.get(self.group_size, f"group {self.group_size}")
+            order = {True: "act-order", False: "no act-order", None: "act-order unknown"}[self.act_order]
+            return f"{self.kind} ({self.bits}-bit float), {group}, {order}"
         group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
         sym = {True: "symmetric", False: "asymmetric", None: "symmetry unknown"}[self.symmetric]
         order = {True: "act-order", False: "no act-order", None: "act-order unknown"}[self.act_order]
@@ -95,6 +101,7 @@ class Layout:
     scales: ClassVar[str] = ""
     groups_dim: ClassVar[int] = 0
     shape_tensor: ClassVar[str | None] = None
+    marker_dtype: ClassVar[str | None] = None  # the marker's safetensors dtype, where it tells (fp8 `weight`)
 
     def __init__(self, quant: QuantConfig, dtype: str = "float32"):
         self.quant = quant
@@ -122,6 +129,11 @@ class Layout:
         return Scheme()
 
     @classmethod
+    def reader(cls, qc: dict) -> type[Layout]:
+        """The layout inspect reads a checkpoint of this format with (its config may pick one)."""
+        return cls
+
+    @classmethod
     def linear_shape(cls, marker: tuple[int, ...], bits: int) -> tuple[int, int]:
         """(out, in) of a linear from its marker tensor's 2-D shape."""
         raise NotImplementedError
@@ -139,11 +151,18 @@ class FakeLayout(Layout):
 class PackedLayout(Layout):
     """Base of the packed formats: they need quantized weights."""
 
+    float_kinds: ClassVar[tuple[str, ...]] = ()  # float weight formats (quant.scheme) it holds
+
     def problems(self, model: BlockLinears) -> Iterator[str]:
         if self.quant.method == "none":
             yield (
                 f"export.format: '{self.name}' needs quantized weights, but quant.method is 'none'; "
                 "use export.format: fake"
+            )
+        if self.quant.kind != "int" and self.quant.kind not in self.float_kinds:
+            yield (
+                f"export.format: '{self.name}' holds integer weights only, not quant.scheme "
+                f"{self.quant.scheme}; use export.format: compressed-tensors or fake"
             )
 
 
@@ -158,9 +177,12 @@ class CompressedTensorsLayout(PackedLayout):
     scales = "weight_scale"
     groups_dim = 1
     shape_tensor = "weight_shape"
+    float_kinds = ("fp8", "nvfp4", "mxfp4")
 
     def parts(self, out_f: int, in_f: int) -> list[Part]:
         q = self.quant
+        if q.kind != "int":
+            return float_parts(q, self.dtype, out_f, in_f)
         groups = n_groups(in_f, q.group_size)
         parts = [
             Part("weight_packed", "I32", (out_f, words(in_f, q.bits))),
@@ -189,16 +211,87 @@ class CompressedTensorsLayout(PackedLayout):
 
     @classmethod
     def declared_scheme(cls, qc: dict) -> Scheme:
-        groups = qc.get("config_groups")
-        first = next(iter(groups.values()), None) if isinstance(groups, dict) and groups else None
-        w = first.get("weights") if isinstance(first, dict) else None
-        w = w if isinstance(w, dict) else {}
+        w = _first_weights(qc)
         group = -1 if w.get("strategy") == "channel" else w.get("group_size")
-        return Scheme(w.get("num_bits"), group, w.get("symmetric"), bool(w.get("actorder")))
+        if w.get("strategy") == "block" and isinstance(w.get("block_structure"), list):
+            group = w["block_structure"][-1]
+        kind = _float_kind(w)
+        return Scheme(w.get("num_bits"), group, w.get("symmetric"), bool(w.get("actorder")), kind)
 
     @classmethod
     def linear_shape(cls, marker: tuple[int, ...], bits: int) -> tuple[int, int]:
         return marker[0], marker[1] * 32 // bits
+
+    @classmethod
+    def reader(cls, qc: dict) -> type[Layout]:
+        """The layout that reads a checkpoint with this `quantization_config` (its `format`)."""
+        return {"float-quantized": CTFloat8Reader, "naive-quantized": CTFloat8Reader,
+                "nvfp4-pack-quantized": CTFP4Reader, "mxfp4-pack-quantized": CTFP4Reader}.get(
+            str(qc.get("format")), cls)
+
+
+# compressed-tensors' format for each float kind (the library's own `infer_module_format` of a
+# weight-only scheme: tests/test_export_float.py checks it).
+CT_FLOAT_FORMATS = {"fp8": "naive-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+
+
+def float_parts(q: QuantConfig, dtype: str, out_f: int, in_f: int) -> list[Part]:
+    """compressed-tensors' tensors of a float-quantized linear: fp8 `weight` with `weight_scale`
+    [out, 1] or [blocks of rows, blocks of columns] in the compute dtype; FP4 two E2M1 codes per
+    uint8 `weight_packed` [out, in/2] with FP8 `weight_scale` [out, in/16] and a float32
+    `weight_global_scale` [1] (NVFP4), or E8M0 uint8 `weight_scale` [out, in/32] (MXFP4)."""
+    p = q.weight_preset
+    if q.kind == "fp8":
+        if p is not None and p.strategy == "block":
+            shape = (-(-out_f // p.block_rows), -(-in_f // p.group_size))
+        else:
+            shape = (out_f, 1)
+        return [Part("weight", "F8_E4M3", (out_f, in_f)), Part("weight_scale", dtype, shape)]
+    groups = n_groups(in_f, q.group_size)
+    parts = [Part("weight_packed", "U8", (out_f, -(-in_f // 2)))]
+    if q.kind == "nvfp4":
+        return [*parts, Part("weight_scale", "F8_E4M3", (out_f, groups)), Part("weight_global_scale", "F32", (1,))]
+    return [*parts, Part("weight_scale", "U8", (out_f, groups))]
+
+
+def _first_weights(qc: dict) -> dict:
+    groups = qc.get("config_groups")
+    first = next(iter(groups.values()), None) if isinstance(groups, dict) and groups else None
+    w = first.get("weights") if isinstance(first, dict) else None
+    return w if isinstance(w, dict) else {}
+
+
+def _float_kind(w: dict) -> str | None:
+    if w.get("type") != "float":
+        return None
+    if w.get("num_bits") == 8:
+        return "fp8"
+    return "mxfp4" if w.get("group_size") == 32 else "nvfp4"
+
+
+class CTFloat8Reader(CompressedTensorsLayout):
+    """inspect: compressed-tensors fp8 weights (`float-quantized`/`naive-quantized`): the marker
+    is the F8_E4M3 `weight` itself."""
+
+    marker = "weight"
+    marker_dtype = "F8_E4M3"
+    siblings = ("weight", "weight_scale")
+    shape_tensor = None
+
+    @classmethod
+    def linear_shape(cls, marker: tuple[int, ...], bits: int) -> tuple[int, int]:
+        return marker[0], marker[1]
+
+
+class CTFP4Reader(CompressedTensorsLayout):
+    """inspect: compressed-tensors NVFP4/MXFP4: two E2M1 codes per uint8 of `weight_packed`."""
+
+    siblings = ("weight_packed", "weight_scale", "weight_global_scale")
+    shape_tensor = None
+
+    @classmethod
+    def linear_shape(cls, marker: tuple[int, ...], bits: int) -> tuple[int, int]:
+        return marker[0], marker[1] * 2
 
 
 class GPTQLayout(PackedLayout):

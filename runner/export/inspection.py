@@ -18,8 +18,9 @@ from pathlib import Path
 
 from shardquant.config import GPTQ_METHODS
 from shardquant.errors import UserError
-from shardquant.export.formats import PACKED, Scheme
+from shardquant.export.formats import PACKED, Layout, Scheme
 from shardquant.model.checkpoint import CheckpointIndex, TensorInfo
+from shardquant.presets import PRESETS
 
 KEY = "inspect"
 FLOAT_DTYPES = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16}
@@ -54,6 +55,8 @@ class Summary:
 
     def to_json(self) -> dict:
         out = asdict(self)
+        if self.scheme.kind is None:
+            del out["scheme"]["kind"]  # integer schemes: the keys as before float formats came
         out["linears"] = [asdict(lin) | {"shape": list(lin.shape)} for lin in self.linears]
         out["layer_types"] = [asdict(t) for t in layer_types(self.linears)]
         return out
@@ -114,10 +117,9 @@ def declared_format(qc: object) -> str | None:
     return method if method in PACKED else None
 
 
-def packed_linear(fmt: str, prefix: str, index: CheckpointIndex, scheme: Scheme) -> Linear:
+def packed_linear(layout: type[Layout], prefix: str, index: CheckpointIndex, scheme: Scheme) -> Linear:
     """Shape, bits, group and bytes of the packed linear `prefix` from its tensors' headers
     (read as the format's layout says)."""
-    layout = PACKED[fmt]
     infos = {s: index.infos[f"{prefix}.{s}"] for s in layout.siblings if f"{prefix}.{s}" in index.infos}
     bits = scheme.bits or 4
     marker = infos[layout.marker].shape
@@ -128,6 +130,8 @@ def packed_linear(fmt: str, prefix: str, index: CheckpointIndex, scheme: Scheme)
     scales = infos.get(layout.scales)
     n_groups = None if scales is None or len(scales.shape) != 2 else scales.shape[layout.groups_dim]
     group = -1 if n_groups == 1 else (math.ceil(in_f / n_groups) if n_groups else scheme.group_size)
+    if scheme.kind is not None and scheme.group_size is not None:
+        group = scheme.group_size  # fp8 blocks: the scales' columns are blocks, as declared
     return Linear(prefix, (out_f, in_f), bits, group, sum(i.end - i.start for i in infos.values()))
 
 
@@ -212,12 +216,16 @@ def inspect_checkpoint(path: str | Path) -> Summary:
     qc = config.get("quantization_config")
     fmt = declared_format(qc)
     if fmt is not None:
-        summary.format, summary.scheme = fmt, PACKED[fmt].declared_scheme(qc)
-        marker = PACKED[fmt].marker
-        prefixes = [n.removesuffix(f".{marker}") for n in index.names() if n.endswith(f".{marker}")]
+        layout = PACKED[fmt].reader(qc)
+        summary.format, summary.scheme = fmt, layout.declared_scheme(qc)
+        marker = layout.marker
+        prefixes = [
+            n.removesuffix(f".{marker}") for n in index.names()
+            if n.endswith(f".{marker}") and layout.marker_dtype in (None, index.infos[n].dtype)
+        ]
         if not prefixes:
             raise UserError(f"{KEY}: config.json declares '{fmt}' but no tensor ends in '.{marker}'")
-        summary.linears = [packed_linear(fmt, p, index, summary.scheme) for p in prefixes]
+        summary.linears = [packed_linear(layout, p, index, summary.scheme) for p in prefixes]
         quantized = set(prefixes)
         summary.not_quantized = [n for n in float_linears(index) if n not in quantized]
         if "lm_head.weight" in index.infos:
@@ -232,7 +240,9 @@ def inspect_checkpoint(path: str | Path) -> Summary:
         if q.get("method", "none") != "none":
             summary.format = "fake"
             act = bool(q.get("act_order")) and q.get("method") in GPTQ_METHODS  # RTN/AWQ: no order
-            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), act)
+            preset = PRESETS.get(str(q.get("scheme")).upper())
+            kind = preset.kind if preset is not None and preset.kind != "int" else None
+            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), act, kind)
             summary.note = "scheme from the run's report.json"
     elif names and not isinstance(qc, dict):
         grid = grid_scheme(index, f"{names[0]}.weight")

@@ -49,7 +49,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- model: `{cfg['model']['path']}`",
         f"- method: **{q['method']}**, {q['bits']} bits, group {q['group_size']}, "
-        f"{'symmetric' if q['symmetric'] else 'asymmetric'}, act-order {q['act_order']}",
+        f"{'symmetric' if q['symmetric'] else 'asymmetric'}, act-order {q['act_order']}"
+        + (f", scheme {q['scheme']}" + (" (weights only)" if q.get("weights_only") else "") if q.get("scheme") else ""),
         f"- calibration: {cfg['calib']['n_samples']} × {cfg['calib']['seq_len']} tokens from "
         f"`{cfg['calib']['path']}` (propagate: {cfg['calib']['propagate']})",
         f"- export: {report['export']['format']} → `{report['export']['path']}`",

@@ -1,0 +1,230 @@
+"""Float weight quantizers: FP8 E4M3 (per channel or in blocks), NVFP4 and MXFP4.
+
+Elements are rounded to a float grid after dividing by a scale:
+
+- ``fp8``: E4M3 (max 448, subnormals from 2**-9), one scale per output row (``group_size=-1``)
+  or per ``block_rows`` x ``group_size`` block; scale = absmax / 448 in the stored scale dtype.
+- ``nvfp4``: E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6) in groups of 16 columns; each group's scale is
+  ``global * absmax / 6`` rounded to FP8 E4M3, and the effective scale is ``scale / global``
+  with the per-tensor ``global = 448 * 6 / absmax(W)``.
+- ``mxfp4``: E2M1 in groups of 32 with a power-of-two (E8M0) scale ``2**(e - 127)``,
+  ``e = 127 + floor(log2(p)) - 2`` where ``p`` is the group's absmax rounded to a power of two.
+
+The arithmetic (order of operations, the zero-scale replacements, ties to even on the E2M1
+grid) is that of compressed-tensors 0.20's ``calculate_qparams``/``generate_gparam`` and
+``fake_quantize``, so a weight solved here dequantizes to exactly what the library's readers
+compute from the exported tensors (tests/test_schemes.py checks it against the library).
+All math is float32 (inputs are cast), pure torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from shardquant.algorithms.counts import n_groups
+
+FloatKind = Literal["fp8", "nvfp4", "mxfp4"]
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_FP8_EPS = 0.125  # compressed-tensors' replacement for a zero FP8 scale
+_MX_OFFSET = 2  # floor(log2(6)): maps a group's max into E2M1's range
+
+
+@dataclass(frozen=True)
+class FloatSpec:
+    """A float weight format. ``group_size``: columns per scale (-1: the whole row);
+    ``block_rows``: output rows sharing a scale (fp8 blocks); ``scale_dtype``: the dtype fp8
+    scales are stored in, which they are rounded to when computed (None: float32)."""
+
+    kind: FloatKind
+    group_size: int
+    block_rows: int = 1
+    scale_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("fp8", "nvfp4", "mxfp4"):
+            raise ValueError(f"kind must be fp8, nvfp4 or mxfp4, got {self.kind!r}")
+        fixed = {"nvfp4": 16, "mxfp4": 32}.get(self.kind)
+        if fixed is not None and self.group_size != fixed:
+            raise ValueError(f"{self.kind} has groups of {fixed} columns, got {self.group_size}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
+        if self.block_rows < 1 or (self.block_rows > 1 and self.kind != "fp8"):
+            raise ValueError(f"block_rows must be 1 (or > 1 for fp8 blocks), got {self.block_rows}")
+
+    @classmethod
+    def nvfp4(cls) -> FloatSpec:
+        return cls("nvfp4", 16)
+
+    @classmethod
+    def mxfp4(cls) -> FloatSpec:
+        return cls("mxfp4", 32)
+
+    @classmethod
+    def fp8_channel(cls, scale_dtype: torch.dtype | None = None) -> FloatSpec:
+        return cls("fp8", -1, scale_dtype=scale_dtype)
+
+    @classmethod
+    def fp8_block(cls, rows: int = 128, cols: int = 128, scale_dtype: torch.dtype | None = None) -> FloatSpec:
+        return cls("fp8", cols, block_rows=rows, scale_dtype=scale_dtype)
+
+    @property
+    def elem_max(self) -> float:
+        return FP8_MAX if self.kind == "fp8" else FP4_MAX
+
+    @property
+    def has_global(self) -> bool:
+        """Whether a per-tensor global scale divides the group scales (NVFP4)."""
+        return self.kind == "nvfp4"
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def n_groups(self, in_features: int) -> int:
+        return n_groups(in_features, self.group_size)
+
+
+def round_e2m1(x: Tensor) -> Tensor:
+    """Nearest E2M1 value of each entry of ``x`` (ties to the even code, beyond ±6 saturating),
+    with the sign of ``x`` (a negative rounded to zero is -0.0)."""
+    a = x.abs()
+    mid = torch.tensor(_E2M1_MIDPOINTS, dtype=a.dtype, device=a.device)
+    lo = torch.bucketize(a, mid, right=False)  # a midpoint itself counts as the lower side ...
+    hi = torch.bucketize(a, mid, right=True)
+    idx = torch.where(lo == hi, lo, lo + lo % 2)  # ... unless that code is odd: ties to even
+    values = torch.tensor(E2M1_VALUES, dtype=a.dtype, device=a.device)
+    return values[idx] * torch.sign(x)
+
+
+def round_elements(x: Tensor, spec: FloatSpec) -> Tensor:
+    """``x`` (already divided by its scale) clamped to the element range and rounded to the
+    element grid (FP8 E4M3 by round-to-nearest-even cast, or E2M1), as float32."""
+    x = x.float().clamp(-spec.elem_max, spec.elem_max)
+    if spec.kind == "fp8":
+        return x.to(torch.float8_e4m3fn).float()
+    return round_e2m1(x)
+
+
+def round_pow2(x: Tensor) -> Tensor:
+    """Power of two of float32 ``x`` >= 0 by its exponent bits, rounded up when the mantissa is
+    at least 1.75 (E2M1's mantissa width; compressed-tensors' ``round_to_power_2``)."""
+    bits = x.float().view(torch.int32)
+    return ((bits + (1 << 21)) & ~((1 << 23) - 1)).view(torch.float32)
+
+
+def global_scale(w: Tensor) -> Tensor:
+    """NVFP4's per-tensor global scale [1]: ``448 * 6 / absmax(w)`` in float32 (absmax at least
+    the smallest normal float; a non-finite result becomes 1)."""
+    amax = w.detach().float().abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
+    g = torch.nan_to_num(FP8_MAX * FP4_MAX / amax, nan=1.0, posinf=1.0, neginf=1.0)
+    return g.reshape(1)
+
+
+def absmax_scales(amax: Tensor, spec: FloatSpec, gscale: Tensor | None = None) -> Tensor:
+    """Group scales (float32, the values stored) from each group's absmax; ``gscale`` (NVFP4,
+    broadcastable) multiplies them before they are rounded to FP8."""
+    amax = amax.float()
+    if spec.kind == "mxfp4":
+        e = (127 + torch.floor(torch.log2(round_pow2(amax))) - _MX_OFFSET).clamp(0, 255).round()
+        return torch.pow(2.0, e - 127)  # 2**-127 is a float32 subnormal: never zero
+    scale = amax / spec.elem_max
+    if spec.kind == "nvfp4":
+        if gscale is None:
+            raise ValueError("nvfp4 scales need the global scale")
+        scale = gscale.float() * scale
+        scale = scale.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        eps = _FP8_EPS
+    elif spec.scale_dtype is not None:
+        info = torch.finfo(spec.scale_dtype)
+        scale = scale.clamp(info.min, info.max).to(spec.scale_dtype).float()
+        eps = info.eps
+    else:
+        eps = torch.finfo(torch.float32).eps
+    return torch.where(scale == 0, torch.full_like(scale, eps), scale)
+
+
+def e8m0_exponents(scales: Tensor) -> Tensor:
+    """MXFP4 scales (powers of two) as their biased E8M0 exponents, uint8."""
+    return (torch.log2(scales.float()) + 127).round().to(torch.uint8)
+
+
+def effective(scales: Tensor, gscale: Tensor | None) -> Tensor:
+    """The divisor of the elements: the stored scale, over the global scale for NVFP4."""
+    return scales if gscale is None else scales / gscale
+
+
+def row_absmax(w: Tensor, spec: FloatSpec) -> Tensor:
+    """Absmax of each (row, group) of ``w`` [out, in] -> [out, n_groups]; with ``block_rows`` > 1
+    the max over each block of rows, repeated for its rows. Trailing partial groups and blocks
+    are padded with zeros (which change no absmax)."""
+    out_f, in_f = w.shape
+    glen, ng = spec.group_len(in_f), spec.n_groups(in_f)
+    a = torch.nn.functional.pad(w.float().abs(), (0, ng * glen - in_f)).reshape(out_f, ng, glen).amax(-1)
+    if spec.block_rows > 1:
+        br = spec.block_rows
+        nb = -(-out_f // br)
+        a = torch.nn.functional.pad(a, (0, 0, 0, nb * br - out_f)).reshape(nb, br, ng).amax(1)
+        a = a.repeat_interleave(br, dim=0)[:out_f]
+    return a
+
+
+@dataclass
+class FloatQuantizedWeight:
+    """A linear's weight in a float format: element values on the grid, scales per (row,
+    group) (rows of an fp8 block repeat the block's scale) and, for NVFP4, the global scale
+    per row (one value per linear, repeated)."""
+
+    values: Tensor  # float8_e4m3fn [out, in]: E4M3 elements, or E2M1 values (exact in E4M3)
+    scales: Tensor  # float32 [out, n_groups]
+    global_scale: Tensor | None  # float32 [out] (NVFP4) or None
+    spec: FloatSpec
+
+    @property
+    def g_idx(self) -> Tensor:
+        """Group of each input column (always consecutive columns)."""
+        in_f = self.values.shape[1]
+        return torch.arange(in_f, dtype=torch.int32) // self.spec.group_len(in_f)
+
+    def effective_scales(self) -> Tensor:
+        """[out, n_groups] divisors of the elements."""
+        g = None if self.global_scale is None else self.global_scale.unsqueeze(1)
+        return effective(self.scales, g)
+
+    def dequantize(self) -> Tensor:
+        """Float32 [out, in] weights the elements stand for: ``value * (scale / global)``."""
+        g = self.g_idx.long().to(self.values.device)
+        return self.values.float() * self.effective_scales()[:, g]
+
+    def block_scales(self) -> Tensor:
+        """fp8 blocks: the [ceil(out / rows), n_groups] scales, one per block."""
+        return self.scales[:: self.spec.block_rows]
+
+
+def float_qparams(w: Tensor, spec: FloatSpec, gscale: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Scales [out, n_groups] of ``w`` [out, in] and the per-row global scale [out] (NVFP4:
+    ``gscale`` [1] if given, else the tensor's own)."""
+    grow = None
+    if spec.has_global:
+        g = global_scale(w) if gscale is None else gscale.float().reshape(1)
+        grow = g.expand(w.shape[0]).clone()
+    scales = absmax_scales(row_absmax(w, spec), spec, None if grow is None else grow.unsqueeze(1))
+    return scales, grow
+
+
+def quantize_float_rtn(weight: Tensor, spec: FloatSpec, gscale: Tensor | None = None) -> FloatQuantizedWeight:
+    """Round ``weight`` [out, in] to the nearest element of its groups' scaled grids (the
+    global scale of NVFP4 from ``weight`` itself unless ``gscale`` is given)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    w = weight.float()
+    scales, grow = float_qparams(w, spec, gscale)
+    eff = effective(scales, None if grow is None else grow.unsqueeze(1))
+    g = torch.arange(w.shape[1], device=w.device) // spec.group_len(w.shape[1])
+    values = round_elements(w / eff[:, g], spec)
+    return FloatQuantizedWeight(values.to(torch.float8_e4m3fn), scales, grow, spec)
