@@ -407,5 +407,13 @@ class RayExecutor:
     def end_group(self, group: str) -> None:
         self._all("end_group", group)
 
+    def expert_tokens(self) -> dict[str, Any]:
+        """Every worker's routing counts of the last pass, summed."""
+        parts = [p for p in self._all("expert_tokens") if p]
+        if not parts:
+            return {}
+        return {"routed": [sum(col) for col in zip(*(p["routed"] for p in parts), strict=True)],
+                "rows": sum(p["rows"] for p in parts)}
+
 
 __all__ = ["RayBlockWorker", "RayExecutor", "assign", "solve_units"]

@@ -98,6 +98,9 @@ class LocalExecutor:
         self.worker.apply(self._pending)
         self._pending = {}
 
+    def expert_tokens(self) -> dict[str, Any]:
+        return self.worker.expert_tokens()
+
     def end_group(self, group: str) -> None:
         self.worker.end_group(group)
         self._stats.pop(group, None)

@@ -55,7 +55,7 @@ class Exporter:
     def quantized_linears(self, index: int) -> list[str]:
         """Block-relative names of the linears of block `index` that get quantized."""
         adapter = self.source.adapter
-        return quantized_linears(self.quant, adapter.blocks, index, adapter.linears())
+        return quantized_linears(self.quant, adapter.blocks, index, self.source.block_linears(index))
 
     def source_spec(self, name: str) -> TensorSpec:
         """A source tensor as it is exported unchanged (floats in the compute dtype)."""

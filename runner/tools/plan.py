@@ -95,7 +95,8 @@ from shardquant.algorithms.counts import n_groups
 from shardquant.config import AWQ_METHODS, RunConfig, compute_dtype, parse_size
 from shardquant.errors import UserError
 from shardquant.export.formats import BlockLinears, get_layout, quantized_linears
-from shardquant.model.adapters import Adapter, get_adapter
+from shardquant.model.adapters import Adapter, InputGroup, get_adapter
+from shardquant.model.adapters import phases as observation_phases
 from shardquant.tools.plan_text import human
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -133,6 +134,11 @@ class ModelShape:
     vocab: int
     tied: bool
     biased: tuple[str, ...] = ()  # the block linears with a bias (the adapter's bias keys)
+    # Mixture of experts (the adapter's `Experts` keys): routed experts per sparse block,
+    # an expert's and the shared expert's intermediate sizes. Every block is sized as sparse.
+    experts: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
 
     @property
     def adapter(self) -> Adapter:
@@ -143,11 +149,16 @@ class ModelShape:
         return {
             "hidden": self.hidden, "intermediate": self.intermediate, "head_dim": self.head_dim,
             "heads*head_dim": self.heads * self.head_dim, "kv_heads*head_dim": self.kv_heads * self.head_dim,
+            "expert_intermediate": self.expert_intermediate, "shared_intermediate": self.shared_intermediate,
         }
+
+    def groups(self) -> tuple[InputGroup, ...]:
+        """A block's input groups (a sparse block's, with every expert's)."""
+        return self.adapter.block_groups(self.experts)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each quantizable linear of a block, by block-relative name."""
-        return self.adapter.linear_shapes(self.dims())
+        return self.adapter.linear_shapes(self.dims(), self.experts)
 
     def block_linears(self) -> BlockLinears:
         return BlockLinears(self.adapter.blocks, self.layers, self.linears())
@@ -155,7 +166,8 @@ class ModelShape:
     def block_other_numel(self) -> int:
         """Elements of a block's tensors other than the linears' weights: norms and biases."""
         dims, lins = self.dims(), self.linears()
-        return sum(dims[d] for _, d in self.adapter.norms) + sum(lins[n][0] for n in self.biased)
+        router = self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)  # + shared gate
+        return sum(dims[d] for _, d in self.adapter.norms) + sum(lins[n][0] for n in self.biased) + router
 
     def block_numel(self) -> int:
         return sum(o * i for o, i in self.linears().values()) + self.block_other_numel()
@@ -200,10 +212,17 @@ def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShap
         if hidden % heads:
             raise UserError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
         head_dim = hidden // heads
+    moe: dict[str, int] = {}
+    spec = adapter.experts
+    if spec is not None and spec.count(raw):
+        moe = {"experts": spec.count(raw), "expert_intermediate": num(spec.intermediate_key)}
+        if spec.shared_intermediate_key:
+            moe["shared_intermediate"] = num(spec.shared_intermediate_key)
     return ModelShape(
         family=family, layers=num("num_hidden_layers"), hidden=hidden, intermediate=num("intermediate_size"),
         heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=num("head_dim", head_dim),
         vocab=num("vocab_size"), tied=bool(raw.get("tie_word_embeddings", False)), biased=adapter.biased(raw),
+        **moe,
     )
 
 
@@ -313,11 +332,12 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int) -> 
     """Solve-time memory terms of block `index` (see the module docstring)."""
     q, d, lins, blocks = cfg.quant, DTYPE_BYTES[cfg.model.dtype], shape.linears(), shape.adapter.blocks
     work = []  # (group, in_features, [(out, in) of its quantized linears])
-    for g in shape.adapter.groups:
+    groups = {g.name: g for g in shape.groups()}
+    for g in groups.values():
         quantized = [lins[n] for n in quantized_linears(q, blocks, index, g.linears)]
         if quantized:
             work.append((g.name, lins[g.linears[0]][1], quantized))
-    phases = [[w] for w in work] if q.true_sequential else [work] if work else []
+    phases = observation_phases(work, lambda w: groups[w[0]], q.true_sequential)
     quantized = [lin for _, _, qs in work for lin in qs]
     terms: dict[str, Any] = {
         "solved_codes": sum(o * i + o * n_groups(i, q.group_size) * 8 + i * 4 for o, i in quantized),
@@ -325,7 +345,7 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int) -> 
         "hessians": 0, "awq_captures": 0, "stage_cache": 0, "hessian_group": None, "hessian_in": 0,
     }
     if work and q.method in ("gptq", *AWQ_METHODS) and q.true_sequential and cfg.calib.reuse_stages is not False:
-        tails = max(lins[s.tail][1] for s in shape.adapter.stages)  # o_proj's, down_proj's inputs
+        tails = max(lins[s.tail][1] for s in shape.adapter.stages if s.tail in lins)  # o_proj's, down_proj's inputs
         terms["stage_cache"] = tokens * (shape.hidden + tails) * d
     if q.method in AWQ_METHODS:
         terms["fp32_copies"] += max((sum(o * i for o, i in qs) for _, _, qs in work), default=0) * d
