@@ -21,11 +21,11 @@ def tiny_moe_config(family: str, *, layers: int = 2, experts: int = 4, top_k: in
     if family == "mixtral":
         return MixtralConfig(**common, intermediate_size=96, num_local_experts=experts)
     if family == "qwen2_moe":
-        return Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=48, num_experts=experts,
-                              shared_expert_intermediate_size=80, mlp_only_layers=[1] if layers > 2 else [],
+        return Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=experts,
+                              shared_expert_intermediate_size=96, mlp_only_layers=[1] if layers > 2 else [],
                               norm_topk_prob=False)
     if family == "qwen3_moe":
-        return Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=48, num_experts=experts,
+        return Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=experts,
                               head_dim=16, norm_topk_prob=True)
     raise ValueError(family)
 
@@ -41,16 +41,18 @@ def randomize(model: torch.nn.Module) -> None:
 
 
 def starve_expert(model: torch.nn.Module, expert: int) -> None:
-    """Make block 0's router never pick `expert`: embedding channel 0 is a constant 3 that
+    """Make block 0's router never pick `expert`: embedding channel 0 is a constant 1 that
     block 0's attention leaves alone (o_proj row 0 zero), so the router input's channel 0 is
-    always positive, and the expert's router row is -100 there, 0 elsewhere."""
+    always positive; the expert's router row is -100 there and 0 elsewhere, and the other
+    experts' rows ignore channel 0 (so they still share the tokens)."""
     with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 3.0
+        model.model.embed_tokens.weight[:, 0] = 1.0
         layer = model.model.layers[0]
         layer.self_attn.o_proj.weight[0] = 0.0
-        row = layer.mlp.gate.weight[expert]
-        row.zero_()
-        row[0] = -100.0
+        router = layer.mlp.gate.weight
+        router[:, 0] = 0.0
+        router[expert] = 0.0
+        router[expert, 0] = -100.0
 
 
 def save_tiny_moe(directory: Path, family: str, *, seed: int = 0, starve: int | None = None, **kw) -> Path:

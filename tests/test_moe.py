@@ -59,3 +59,97 @@ def test_blockwise_logits_equal_transformers_moe(family, moe_models):
     nll_ours = torch.nn.functional.cross_entropy(ours[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
     nll_ref = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
     assert math.isclose(nll_ours.item(), nll_ref.item(), rel_tol=1e-6)
+
+
+def _calib_windows(model_dir, cfg) -> torch.Tensor:
+    """The calibration windows a run of `cfg` reads (prepare's call of token_windows)."""
+    from transformers import AutoTokenizer
+
+    from shardquant.data import load_text, token_windows
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = load_text(cfg.calib.path, key="calib.path")
+    return token_windows(tok, text, n_samples=cfg.calib.n_samples, seq_len=cfg.calib.seq_len,
+                         seed=cfg.calib.seed, mode="random", key="calib")
+
+
+def _router_counts(model_dir, windows: torch.Tensor) -> list[list[int]]:
+    """Tokens each expert receives in each sparse layer by transformers' own router, on the
+    full-precision model (its router logits' top-k)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    k, n = model.config.num_experts_per_tok, model.config.num_experts if hasattr(
+        model.config, "num_experts") else model.config.num_local_experts
+    with torch.no_grad():
+        logits = model(windows, output_router_logits=True).router_logits
+    return [torch.bincount(lg.topk(k, dim=-1).indices.reshape(-1), minlength=n).tolist() for lg in logits]
+
+
+def _moe_run(model_dir, texts, out, **quant):
+    from conftest import run_config
+
+    from shardquant.config import build_config
+
+    q = {"method": "gptq", "bits": 4, "group_size": 32, **quant}
+    return build_config(run_config(model_dir, texts, out, quant=q, export={"format": "fake"}))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_token_counts_equal_transformers_router(family, moe_models, texts, tmp_path, one_thread):
+    """report.json's per-expert token counts equal a direct count of transformers' router on
+    the same calibration windows (attention left unquantized and fp propagation, so every
+    router sees the full-precision model's inputs); the dense Qwen2-MoE layer has none."""
+    from shardquant.pipeline import quantize
+
+    cfg = _moe_run(moe_models[family], texts, tmp_path / "out", ignore=["lm_head", "re:.*self_attn.*"])
+    cfg = cfg.model_copy(update={"calib": cfg.calib.model_copy(update={"propagate": "fp"})})
+    report = quantize(cfg, show_progress=False)
+    ref = _router_counts(moe_models[family], _calib_windows(moe_models[family], cfg))
+    got = [b["experts"]["tokens"] for b in report["blocks"] if "experts" in b]
+    assert got == ref
+    rows = cfg.calib.n_samples * cfg.calib.seq_len
+    for b in report["blocks"]:
+        if "experts" in b:
+            assert b["experts"]["rows"] == rows and sum(b["experts"]["tokens"]) == 2 * rows
+            assert b["experts"]["statistics_tokens"] == [rows] * 4 and b["experts"]["rtn_fallback"] == []
+    assert [("experts" in b) for b in report["blocks"]] == ([True, False, True] if family == "qwen2_moe"
+                                                            else [True, True])
+
+
+def _expert_weight(model_dir, name: str) -> torch.Tensor:
+    from conftest import read_checkpoint
+
+    return read_checkpoint(model_dir)[name] if (model_dir / "model.safetensors.index.json").is_file() else \
+        __import__("safetensors.torch", fromlist=["load_file"]).load_file(model_dir / "model.safetensors")[name]
+
+
+@pytest.mark.parametrize("all_experts", [True, False])
+def test_an_expert_no_token_picks(all_experts, moe_models, texts, tmp_path, one_thread):
+    """Block 0 of `mixtral-starved` routes nothing to expert 3. With all-experts statistics it
+    is calibrated by GPTQ like the others (its weights differ from RTN's); without, it falls
+    back to RTN (exactly RTN's weights) and the run says so; nothing is NaN either way."""
+    from shardquant.algorithms.rtn import quantize_rtn
+    from shardquant.calib.steps import quant_spec
+    from shardquant.pipeline import quantize
+
+    src_dir = moe_models["mixtral-starved"]
+    out = tmp_path / "out"
+    cfg = _moe_run(src_dir, texts, out, moe_calibrate_all_experts=all_experts)
+    report = quantize(cfg, show_progress=False)
+    b0 = report["blocks"][0]["experts"]
+    assert b0["tokens"][3] == 0 and min(b0["tokens"][:3]) > 0
+    rows = cfg.calib.n_samples * cfg.calib.seq_len
+    assert b0["statistics_tokens"] == ([rows] * 4 if all_experts else b0["tokens"])
+    low = [e for e, t in enumerate(b0["tokens"]) if t < cfg.quant.moe_min_tokens]  # 3, maybe more
+    assert b0["rtn_fallback"] == ([] if all_experts else low) and 3 in low
+    notes = report["blocks"][0].get("notes", [])
+    assert any(f"experts {low}" in n and "RTN" in n for n in notes) != all_experts
+    assert math.isfinite(report["ppl"]["quantized"])
+    assert all(math.isfinite(v) for b in report["blocks"] for v in b["loss"].values())
+    for name in ("w1", "w2", "w3"):
+        key = f"model.layers.0.block_sparse_moe.experts.3.{name}.weight"
+        exported, original = _expert_weight(out / "model", key), _expert_weight(src_dir, key)
+        assert torch.isfinite(exported).all()
+        rtn = quantize_rtn(original.float(), quant_spec(cfg.quant)).dequantize()
+        assert torch.equal(exported, rtn) != all_experts, name

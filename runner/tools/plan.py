@@ -220,7 +220,7 @@ def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShap
             moe["shared_intermediate"] = num(spec.shared_intermediate_key)
     return ModelShape(
         family=family, layers=num("num_hidden_layers"), hidden=hidden, intermediate=num("intermediate_size"),
-        heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=num("head_dim", head_dim),
+        heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=num("head_dim") if raw.get("head_dim") is not None else head_dim,
         vocab=num("vocab_size"), tied=bool(raw.get("tie_word_embeddings", False)), biased=adapter.biased(raw),
         **moe,
     )
