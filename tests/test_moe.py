@@ -3,7 +3,9 @@ transformers' own, per-expert statistics, fallbacks and exports."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -153,3 +155,52 @@ def test_an_expert_no_token_picks(all_experts, moe_models, texts, tmp_path, one_
         assert torch.isfinite(exported).all()
         rtn = quantize_rtn(original.float(), quant_spec(cfg.quant)).dequantize()
         assert torch.equal(exported, rtn) != all_experts, name
+
+
+_QUANTIZED = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|(block_sparse_moe|mlp)\.experts\.\d+\.(w[123]|gate_proj|up_proj|"
+    r"down_proj)|mlp\.shared_expert\.(gate|up|down)_proj|mlp\.(gate|up|down)_proj)\.weight"
+)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_compressed_tensors_export_keeps_per_expert_names_and_reloads(family, moe_models, texts, tmp_path, one_thread):
+    """The compressed-tensors export of a GPTQ run: its tensor names are the input
+    checkpoint's, each quantized linear's weight replaced by the format's suffixes (routers
+    and the shared expert's gate stay as they are and are listed in `ignore`); transformers +
+    compressed-tensors reload it, and it evaluates like the fake export (within 0.2%)."""
+    from conftest import eval_windows, reference_ppl
+    from safetensors import safe_open
+
+    from shardquant.config import build_config
+    from shardquant.pipeline import quantize
+
+    src = moe_models[family]
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        inputs = set(f.keys())
+    ppl = {}
+    for fmt in ("fake", "compressed-tensors"):
+        out = tmp_path / fmt
+        cfg = _moe_run(src, texts, out).model_dump()
+        cfg["export"]["format"] = fmt
+        quantize(build_config(cfg), show_progress=False)
+        ppl[fmt] = reference_ppl(out / "model", eval_windows(out / "model", texts))
+    model = tmp_path / "compressed-tensors" / "model"
+    names = set()
+    for f in model.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            names |= set(fh.keys())
+    quantized = {n for n in inputs if _QUANTIZED.fullmatch(n)}
+    assert len(quantized) == sum(4 + 3 * 4 + (3 if family == "qwen2_moe" else 0) for _ in range(2)) + (
+        7 if family == "qwen2_moe" else 0)  # qwen2_moe: two sparse blocks and a dense one
+    expected = (inputs - quantized) | {
+        n.removesuffix(".weight") + s for n in quantized for s in (".weight_packed", ".weight_scale", ".weight_shape")
+    }
+    assert names == expected
+    ignore = json.loads((model / "config.json").read_text())["quantization_config"]["ignore"]
+    router = "block_sparse_moe.gate" if family == "mixtral" else "mlp.gate"
+    sparse = [0, 2] if family == "qwen2_moe" else [0, 1]
+    assert {f"model.layers.{i}.{router}" for i in sparse} <= set(ignore)
+    assert ("model.layers.0.mlp.shared_expert_gate" in ignore) == (family == "qwen2_moe")
+    assert math.isfinite(ppl["fake"])
+    assert ppl["compressed-tensors"] == pytest.approx(ppl["fake"], rel=2e-3)
