@@ -345,7 +345,7 @@ class RayExecutor:
                 acc = means.setdefault(g, [0, 0])
                 acc[0] = acc[0] + total
                 acc[1] += count
-        return {g: total / count for g, (total, count) in means.items()}
+        return {g: total / count for g, (total, count) in means.items() if count}  # see LocalExecutor.observe
 
     def _window_offsets(self) -> tuple[list[int], int]:
         """Each worker's first calibration window in the global order, and the window count."""

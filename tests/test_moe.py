@@ -202,5 +202,21 @@ def test_compressed_tensors_export_keeps_per_expert_names_and_reloads(family, mo
     sparse = [0, 2] if family == "qwen2_moe" else [0, 1]
     assert {f"model.layers.{i}.{router}" for i in sparse} <= set(ignore)
     assert ("model.layers.0.mlp.shared_expert_gate" in ignore) == (family == "qwen2_moe")
+    from shardquant.export.inspection import inspect_checkpoint
+
+    floats = inspect_checkpoint(model).not_quantized  # what `shardquant inspect` prints as float
+    assert {f"model.layers.{i}.{router}" for i in sparse} <= set(floats)
+    assert not any(".experts." in n for n in floats)
     assert math.isfinite(ppl["fake"])
     assert ppl["compressed-tensors"] == pytest.approx(ppl["fake"], rel=2e-3)
+
+
+def test_wandb_block_row_has_expert_tokens_and_fallbacks():
+    from shardquant.record.tracking import block_metrics
+
+    rec = {"index": 0, "seconds": 1.0, "worker": "local", "loss": {},
+           "experts": {"tokens": [5, 0, 7], "rows": 6, "statistics_tokens": [5, 0, 7], "rtn_fallback": [1]}}
+    row = block_metrics(rec)
+    assert [row[f"experts/tokens/{e}"] for e in range(3)] == [5, 0, 7]
+    assert row["experts/rtn_fallbacks"] == 1
+    assert not any(k.startswith("experts/") for k in block_metrics({**rec, "experts": None}))

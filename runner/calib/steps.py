@@ -280,6 +280,11 @@ def calibrate_block(
             ex.apply()
             continue
         for g, quantized in phase:
+            if g.name in fallback:  # too few tokens to search scales on: plain RTN
+                losses.update(ex.solve([SolveTask(g.name, quantized, "rtn")]))
+                ex.apply()
+                ex.end_group(g.name)
+                continue
             blocker = scale_blocker(shapes, g)
             if blocker is not None:
                 profile.notes.append(f"{block_name}: AWQ scales skipped for {blocker}")
@@ -288,8 +293,7 @@ def calibrate_block(
                 ratio = None if found.index == 0 else (found.index - 1) / q.awq_grid
                 profile.awq[g.name] = {"ratio": ratio, "loss": found.loss, "identity_loss": found.identity_loss}
                 ex.fold(g.name, found.index or None, g.prev, g.linears)
-            kind = "rtn" if g.name in fallback else q.method
-            task = SolveTask(g.name, quantized, kind, clip=q.awq_clip, clip_skip=tuple(g.clip_skip))
+            task = SolveTask(g.name, quantized, q.method, clip=q.awq_clip, clip_skip=tuple(g.clip_skip))
             if q.method == "awq" and q.awq_clip:
                 task.clip_rows = ex.sample_rows(g.name, q.awq_clip_tokens)
             losses.update(ex.solve([task]))
