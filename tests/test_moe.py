@@ -81,8 +81,8 @@ def _router_counts(model_dir, windows: torch.Tensor) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    k, n = model.config.num_experts_per_tok, model.config.num_experts if hasattr(
-        model.config, "num_experts") else model.config.num_local_experts
+    k = model.config.num_experts_per_tok
+    n = getattr(model.config, "num_experts", None) or model.config.num_local_experts
     with torch.no_grad():
         logits = model(windows, output_router_logits=True).router_logits
     return [torch.bincount(lg.topk(k, dim=-1).indices.reshape(-1), minlength=n).tolist() for lg in logits]
@@ -120,10 +120,13 @@ def test_expert_token_counts_equal_transformers_router(family, moe_models, texts
 
 
 def _expert_weight(model_dir, name: str) -> torch.Tensor:
-    from conftest import read_checkpoint
+    """One tensor of a checkpoint directory (sharded with an index, or one file)."""
+    from safetensors.torch import load_file
 
-    return read_checkpoint(model_dir)[name] if (model_dir / "model.safetensors.index.json").is_file() else \
-        __import__("safetensors.torch", fromlist=["load_file"]).load_file(model_dir / "model.safetensors")[name]
+    tensors = {}
+    for f in model_dir.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    return tensors[name]
 
 
 @pytest.mark.parametrize("all_experts", [True, False])
@@ -220,3 +223,50 @@ def test_wandb_block_row_has_expert_tokens_and_fallbacks():
     assert [row[f"experts/tokens/{e}"] for e in range(3)] == [5, 0, 7]
     assert row["experts/rtn_fallbacks"] == 1
     assert not any(k.startswith("experts/") for k in block_metrics({**rec, "experts": None}))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_gptq_and_awq_exports_keep_per_expert_names(fmt, moe_models, texts, tmp_path, one_thread):
+    """The gptq and awq formats write every expert's linear under its checkpoint name with the
+    format's suffixes (the names vLLM's fused-MoE loaders read); the router stays a float weight."""
+    from safetensors import safe_open
+
+    from shardquant.config import build_config
+    from shardquant.pipeline import quantize
+
+    src = moe_models["mixtral"]
+    cfg = _moe_run(src, texts, tmp_path / "out").model_dump()
+    cfg["export"]["format"] = fmt
+    quantize(build_config(cfg), show_progress=False)
+    names = set()
+    for f in (tmp_path / "out" / "model").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            names |= set(fh.keys())
+    suffixes = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}[fmt]
+    for i in range(2):
+        for e in range(4):
+            for lin in ("w1", "w2", "w3"):
+                prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}.{lin}"
+                assert {f"{prefix}.{s}" for s in suffixes} <= names and f"{prefix}.weight" not in names
+        assert f"model.layers.{i}.block_sparse_moe.gate.weight" in names
+
+
+def test_awq_on_experts_scales_each_experts_down_and_falls_back_without_tokens(moe_models, texts, tmp_path,
+                                                                               one_thread):
+    """AWQ on the starved Mixtral with routed-only statistics: each calibrated expert's up ->
+    down scale is searched, the experts' shared input is left unscaled (the norm also feeds
+    the router), and an expert without enough tokens gets RTN and no search; all finite."""
+    from shardquant.config import build_config
+    from shardquant.pipeline import quantize
+
+    cfg = _moe_run(moe_models["mixtral-starved"], texts, tmp_path / "out", method="awq",
+                   moe_calibrate_all_experts=False, awq_grid=4, awq_clip_grid=4)
+    report = quantize(build_config(cfg.model_dump()), show_progress=False)
+    b0 = report["blocks"][0]
+    low = b0["experts"]["rtn_fallback"]
+    assert 3 in low
+    assert {f"expert.{e}.out" for e in range(4) if e not in low} <= set(b0["awq"])
+    assert not any(f"expert.{e}." in g for e in low for g in b0["awq"])
+    assert not any(g.startswith("expert.") and g.endswith(".in") for g in b0["awq"])
+    assert any("expert.0.in" in n or "expert.1.in" in n for n in b0["notes"])
+    assert math.isfinite(report["ppl"]["quantized"])

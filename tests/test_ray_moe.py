@@ -44,3 +44,17 @@ def test_gptq_two_workers_match_local(ray_local, moe_models, texts, tmp_path, on
     assert dist["ppl"]["quantized"] == pytest.approx(local["ppl"]["quantized"], rel=2e-3)
     fallback = "model.layers.0.block_sparse_moe.experts.3.w1.weight"
     assert torch.equal(a[fallback], b[fallback])
+
+
+def test_fp_pipeline_stages_bytewise_local(ray_local, moe_models, texts, tmp_path, one_thread):  # noqa: F811
+    """`calib.propagate: fp` on Ray (pipeline stages: each block on one worker, every window):
+    GPTQ on the starved Mixtral gives the local run's bytes and expert records."""
+    kw = {"quant": {"method": "gptq", "bits": 4, "group_size": 32}, "calib": {"propagate": "fp"}}
+    local = quantize(_cfg(moe_models["mixtral-starved"], texts, tmp_path / "local", **kw), show_progress=False)
+    dist = quantize(_cfg(moe_models["mixtral-starved"], texts, tmp_path / "ray", cluster=TWO, **kw),
+                    show_progress=False)
+    assert dist["cluster"]["mode"] == "stages"
+    assert [b["experts"] for b in local["blocks"]] == [b["experts"] for b in sorted(dist["blocks"],
+                                                                                       key=lambda b: b["index"])]
+    local_files = _files(tmp_path / "local" / "model")
+    assert local_files and local_files == _files(tmp_path / "ray" / "model")
