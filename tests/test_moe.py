@@ -270,3 +270,23 @@ def test_awq_on_experts_scales_each_experts_down_and_falls_back_without_tokens(m
     assert not any(g.startswith("expert.") and g.endswith(".in") for g in b0["awq"])
     assert any("expert.0.in" in n or "expert.1.in" in n for n in b0["notes"])
     assert math.isfinite(report["ppl"]["quantized"])
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_method_none_run_matches_transformers_and_exports_the_checkpoint(family, moe_models, texts, tmp_path):
+    """`quant.method: none` through the whole pipeline: its perplexity is transformers' own,
+    and the export is the input checkpoint, every per-expert tensor by name and bit for bit."""
+    from conftest import eval_windows, read_checkpoint, reference_ppl
+    from safetensors.torch import load_file
+
+    from shardquant.config import build_config
+    from shardquant.pipeline import quantize
+
+    src = moe_models[family]
+    cfg = _moe_run(src, texts, tmp_path / "out", method="none").model_dump()
+    report = quantize(build_config(cfg), show_progress=False)
+    assert report["ppl"]["quantized"] == pytest.approx(reference_ppl(src, eval_windows(src, texts)), rel=1e-5)
+    original = load_file(src / "model.safetensors")
+    exported = read_checkpoint(tmp_path / "out" / "model")
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
