@@ -11,7 +11,8 @@ routed-only statistics (`quant.moe_calibrate_all_experts: false`). Calibration a
 evaluation follow benchmarks/real_model.py's protocol (Shakespeare plays vs Macbeth), with
 fewer windows by default. Usage:
 
-    python benchmarks/moe_upcycle.py [--experts 4] [--noise 0.05] [--calib 32] [--eval 16] [--out DIR]
+    python benchmarks/moe_upcycle.py [--experts 4] [--noise 0.05] [--calib 16] [--eval 8] [--seq-len 256]
+                                     [--out DIR]
 """
 
 from __future__ import annotations
@@ -71,12 +72,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--noise", type=float, default=0.05)
-    ap.add_argument("--calib", type=int, default=32)
-    ap.add_argument("--eval", type=int, default=16)
+    ap.add_argument("--calib", type=int, default=16)
+    ap.add_argument("--eval", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="sq-moe-"))
-    base = smollm2_protocol(calib_n=args.calib, eval_n=args.eval)
+    base = smollm2_protocol(calib_n=args.calib, eval_n=args.eval, seq_len=args.seq_len)
     model = out / f"smollm2-upcycled-e{args.experts}"
     if not (model / "config.json").is_file():
         upcycle(Path(base["model"]["path"]), model, args.experts, args.noise)
