@@ -102,7 +102,6 @@ class Experts:
     down: str
     count_keys: tuple[str, ...]  # config.json's expert count, under the first of these it has
     intermediate_key: str
-    top_k_key: str = "num_experts_per_tok"
     fused_gate_up: str = "gate_up_proj"
     fused_down: str = "down_proj"
     replaces: tuple[str, ...] = ("mlp_in", "mlp_out")
@@ -120,9 +119,10 @@ class Experts:
         then every expert's gate/up (one pass), then every down (one pass). Each expert has
         its own statistics: the tokens routed to it (or all, `quant.moe_calibrate_all_experts`)."""
         ins, outs = [], []
-        for g in self.shared:
-            (ins if g.in_dim == "hidden" else outs).append(replace(g, phase="moe_in" if g.in_dim == "hidden"
-                                                                   else "moe_out", stop_after=self.moe))
+        for g in self.shared:  # the shared expert's gate/up read the block's hidden states
+            reads_hidden = g.in_dim == "hidden"
+            phase = "moe_in" if reads_hidden else "moe_out"
+            (ins if reads_hidden else outs).append(replace(g, phase=phase, stop_after=self.moe))
         for e in range(n_experts):
             ins.append(InputGroup(
                 f"expert.{e}.in", "post_attention_layernorm", (self.linear(e, self.gate), self.linear(e, self.up)),
