@@ -307,7 +307,7 @@ class RayExecutor:
                 acc = means.setdefault(g, [0, 0])
                 acc[0] = acc[0] + total
                 acc[1] += count
-        return {g: total / count for g, (total, count) in means.items()}
+        return {g: total / count for g, (total, count) in means.items() if count}  # see LocalExecutor.observe
 
     def _window_offsets(self) -> tuple[list[int], int]:
         """Each worker's first calibration window in the global order, and the window count."""
@@ -371,6 +371,14 @@ class RayExecutor:
 
     def end_group(self, group: str) -> None:
         self._all("end_group", group)
+
+    def expert_tokens(self) -> dict[str, Any]:
+        """Every worker's routing counts of the last pass, summed."""
+        parts = [p for p in self._all("expert_tokens") if p]
+        if not parts:
+            return {}
+        return {"routed": [sum(col) for col in zip(*(p["routed"] for p in parts), strict=True)],
+                "rows": sum(p["rows"] for p in parts)}
 
 
 __all__ = ["RayBlockWorker", "RayExecutor", "assign", "solve_units"]

@@ -165,6 +165,16 @@ class QuantConfig(_Section):
         0.5, gt=0, lt=1, description="AWQ clip search: shrink ratios tried down to 1 - awq_clip_max_shrink."
     )
     awq_clip_tokens: int = Field(512, ge=1, description="AWQ clip search: input rows sampled (evenly spaced).")
+    moe_calibrate_all_experts: bool = Field(
+        True,
+        description="Mixture-of-experts: every calibration token goes through every expert for the experts' "
+        "statistics (the block's output keeps the router's choice); false: each expert sees only its routed tokens.",
+    )
+    moe_min_tokens: int = Field(
+        128, ge=1,
+        description="Mixture-of-experts: an expert whose statistics hold fewer tokens than this is quantized by RTN "
+        "instead (the block's report.json record lists it under experts.rtn_fallback, with a note).",
+    )
 
     @field_validator("bits")
     @classmethod

@@ -219,3 +219,16 @@ def rtn_grid(tmp_path_factory, texts) -> dict:
     rc = main(["grid", str(grid)])
     summary = json.loads((root / "out" / "grid.json").read_text())  # of the first run (tests rerun it)
     return {"grid": grid, "output": root / "out", "rc": rc, "summary": summary, "model": model}
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny saved mixture-of-experts model per MoE family (tests/moe_fixtures.py): 4
+    experts, top-2; Qwen2-MoE with 3 layers, the middle one dense; plus `mixtral-starved`,
+    whose block 0 never routes a token to expert 3."""
+    from moe_fixtures import MOE_FAMILIES, save_tiny_moe
+
+    root = tmp_path_factory.mktemp("moe")
+    out = {fam: save_tiny_moe(root / fam, fam, layers=3 if fam == "qwen2_moe" else 2) for fam in MOE_FAMILIES}
+    out["mixtral-starved"] = save_tiny_moe(root / "mixtral-starved", "mixtral", seed=1, starve=3)
+    return out

@@ -360,7 +360,7 @@ def test_linear_consumer_search_is_exact_and_sampling_is_a_subset(tiny_models):
     block = src.block(0)
     gen = torch.Generator().manual_seed(7)
     batches = [torch.randn(3, 32, 64, generator=gen) for _ in range(3)]
-    groups = {g.name: (g, q_) for g, q_ in block_work(src.adapter, "model.layers.0", q)}
+    groups = {g.name: (g, q_) for g, q_ in block_work(src.block_groups(0), "model.layers.0", q)}
     with observing(block, [(n, g.linears[0]) for n, (g, _) in groups.items()], channel=True,
                    capture={n: g.consumer for n, (g, _) in groups.items()}) as obs:
         runner.forward_all(block, 0, batches)

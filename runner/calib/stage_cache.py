@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from shardquant.calib.steps import block_work
 from shardquant.config import QuantConfig
 from shardquant.model.adapters import Adapter, Stage
+from shardquant.model.experts import num_experts
 
 
 def _first(out: object) -> Tensor:
@@ -80,8 +81,9 @@ class StageCache:
         """A cache for the calibration of block `index`: its linears that `q` does not
         quantize are final from the start."""
         block_name = adapter.block_prefix(index).rstrip(".")
-        quantized = {n for _, names in block_work(adapter, block_name, q) for n in names}
-        linears = adapter.linears()
+        groups = adapter.block_groups(num_experts(block, adapter))
+        quantized = {n for _, names in block_work(groups, block_name, q) for n in names}
+        linears = tuple(n for g in groups for n in g.linears)
         return cls(block, adapter.stages, linears, [n for n in linears if n not in quantized])
 
     def in_order(self, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:

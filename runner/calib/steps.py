@@ -25,7 +25,8 @@ from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec, concat_rows
 from shardquant.config import AWQ_METHODS, QuantConfig, is_ignored
-from shardquant.model.adapters import Adapter, InputGroup
+from shardquant.model.adapters import Adapter, InputGroup, phases
+from shardquant.model.experts import num_experts
 
 
 @dataclass
@@ -46,6 +47,7 @@ class BlockProfile:
     extra: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # things a person should know (report.json)
     awq: dict[str, dict[str, Any]] = field(default_factory=dict)  # AWQ search outcome per group
+    experts: dict[str, Any] = field(default_factory=dict)  # a sparse block's token counts, fallbacks
 
 
 def quant_spec(q: QuantConfig, dtype: torch.dtype = torch.float32) -> QuantSpec | FloatSpec:
@@ -79,6 +81,8 @@ def scale_blocker(block: nn.Module, group: InputGroup) -> str | None:
     """
     if not group.consumer:
         return f"{group.name}: the adapter names no consumer module to measure the scale search"
+    if not group.scalable:
+        return f"{group.name}: {group.prev} also feeds the router and the other experts"
     lins = [block.get_submodule(n) for n in group.linears]
     n_in = lins[0].in_features
     if any(lin.in_features != n_in for lin in lins):
@@ -235,11 +239,19 @@ class BlockSteps(Protocol):
 
     def end_group(self, group: str) -> None: ...
 
+    def expert_tokens(self) -> dict[str, Any]:
+        """The last observation pass's routing: {"routed": tokens routed to each expert,
+        "rows": tokens seen}, summed over workers (empty for a dense block)."""
+        ...
 
-def block_work(adapter: Adapter, block_name: str, q: QuantConfig) -> list[tuple[InputGroup, tuple[str, ...]]]:
-    """(input group, its linears that get quantized) for every group with something to quantize."""
+
+def block_work(
+    groups: Iterable[InputGroup], block_name: str, q: QuantConfig
+) -> list[tuple[InputGroup, tuple[str, ...]]]:
+    """(input group, its linears that get quantized) for every group (of a block: see
+    `Adapter.block_groups`) with something to quantize."""
     work = []
-    for g in adapter.groups:
+    for g in groups:
         quantized = tuple(n for n in g.linears if not is_ignored(f"{block_name}.{n}", q.ignore))
         if quantized:
             work.append((g, quantized))
@@ -260,25 +272,33 @@ def calibrate_block(
     """
     if q.method == "none":
         return {}
-    work = block_work(adapter, block_name, q)
+    work = block_work(adapter.block_groups(num_experts(shapes, adapter)), block_name, q)
     if q.method == "rtn":
         losses = ex.solve([SolveTask(g.name, quantized, "rtn", fused=quantized) for g, quantized in work])
         ex.apply()
         return losses
     use_awq = q.method in AWQ_METHODS
-    phases = [[w] for w in work] if q.true_sequential else [work]
     losses: dict[str, float] = {}
-    for phase in phases:
+    for phase in phases(work, lambda w: w[0], q.true_sequential):
         means = ex.observe(
             [(g.name, g.linears[0]) for g, _ in phase],
             channel=use_awq,
             capture={g.name: g.consumer for g, _ in phase} if use_awq else {},
         )
+        fallback = _expert_fallbacks(ex, phase, block_name, q, profile)
         if not use_awq:
-            losses.update(ex.solve([SolveTask(g.name, quantized, q.method, fused=quantized) for g, quantized in phase]))
+            losses.update(ex.solve([
+                SolveTask(g.name, quantized, "rtn" if g.name in fallback else q.method, fused=quantized)
+                for g, quantized in phase
+            ]))
             ex.apply()
             continue
         for g, quantized in phase:
+            if g.name in fallback:  # too few tokens to search scales on: plain RTN
+                losses.update(ex.solve([SolveTask(g.name, quantized, "rtn", fused=quantized)]))
+                ex.apply()
+                ex.end_group(g.name)
+                continue
             blocker = scale_blocker(shapes, g)
             if blocker is not None:
                 profile.notes.append(f"{block_name}: AWQ scales skipped for {blocker}")
@@ -294,3 +314,37 @@ def calibrate_block(
             ex.apply()
             ex.end_group(g.name)
     return losses
+
+
+def expert_index(group: InputGroup) -> int | None:
+    """The routed expert whose linears `group` holds (`Experts.groups` names), else None."""
+    parts = group.name.split(".")
+    return int(parts[1]) if len(parts) == 3 and parts[0] == "expert" else None
+
+
+def _expert_fallbacks(
+    ex: BlockSteps, phase: list[tuple[InputGroup, tuple[str, ...]]], block_name: str, q: QuantConfig,
+    profile: BlockProfile,
+) -> set[str]:
+    """After a pass that observed experts: record each expert's routed tokens on `profile`
+    and return the expert groups whose statistics hold fewer than `quant.moe_min_tokens`
+    tokens (they are quantized by RTN instead; the note says which)."""
+    experts = {g.name: e for g, _ in phase if (e := expert_index(g)) is not None}
+    if not experts:
+        return set()
+    got = ex.expert_tokens()
+    routed, rows = [int(t) for t in got["routed"]], int(got["rows"])
+    seen = [rows] * len(routed) if q.moe_calibrate_all_experts else routed
+    low = {name for name, e in experts.items() if seen[e] < q.moe_min_tokens}
+    rec = profile.experts
+    rec["tokens"], rec["rows"] = routed, rows
+    rec["statistics_tokens"] = seen
+    rec.setdefault("rtn_fallback", [])
+    new = sorted({experts[n] for n in low} - set(rec["rtn_fallback"]))
+    if new:
+        rec["rtn_fallback"] = sorted({*rec["rtn_fallback"], *new})
+        profile.notes.append(
+            f"{block_name}: experts {new} saw fewer than quant.moe_min_tokens={q.moe_min_tokens} tokens; "
+            "quantized by RTN instead"
+        )
+    return low

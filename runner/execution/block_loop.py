@@ -108,6 +108,8 @@ def block_record(index: int, seconds: float, losses: dict[str, float], prof: Blo
     rec["peak_rss_bytes"] = max((p.get("peak_rss_bytes", 0) for p in parts), default=0)
     if prof.awq:
         rec["awq"] = prof.awq
+    if prof.experts:
+        rec["experts"] = prof.experts
     if prof.notes:
         rec["notes"] = prof.notes
     return rec

@@ -77,7 +77,8 @@ class LocalExecutor:
 
     def observe(self, groups, *, channel, capture):
         self._stats = self.worker.observe(groups, channel=channel, capture=capture)
-        return {g: st.channel.mean() for g, st in self._stats.items() if st.channel is not None}
+        # An expert no token reached has no mean (it falls back to RTN: steps._expert_fallbacks).
+        return {g: st.channel.mean() for g, st in self._stats.items() if st.channel is not None and st.channel.count}
 
     def awq_losses(self, group, linears, quantized, consumer, x_mean):
         totals, count = self.worker.awq_losses(group, linears, quantized, consumer, x_mean)
@@ -97,6 +98,9 @@ class LocalExecutor:
     def apply(self) -> None:
         self.worker.apply(self._pending)
         self._pending = {}
+
+    def expert_tokens(self) -> dict[str, Any]:
+        return self.worker.expert_tokens()
 
     def end_group(self, group: str) -> None:
         self.worker.end_group(group)

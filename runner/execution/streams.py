@@ -68,12 +68,15 @@ class Streams:
         self.store.put("calib_next", [step(h) for h in self.store.iter("calib")])
 
     def observe_pass(
-        self, block: nn.Module, index: int, cache: StageCache | None, *, stop_at: nn.Module | None = None
+        self, block: nn.Module, index: int, cache: StageCache | None, *, stop_at: nn.Module | None = None,
+        stop_after: nn.Module | None = None,
     ) -> list[Tensor]:
-        """The calibration stream through block `index` up to `stop_at` (its outputs when run
-        to the end), reusing (and recording) finished stages in `cache`; the stream is kept."""
+        """The calibration stream through block `index` up to `stop_at` or past `stop_after`
+        (its outputs when run to the end), reusing (and recording) finished stages in `cache`;
+        the stream is kept."""
         batches = self.store.iter("calib")
+        stops = {"stop_at": stop_at, "stop_after": stop_after}
         if cache is None:
-            return self.runner.forward_all(block, index, batches, stop_at=stop_at)
+            return self.runner.forward_all(block, index, batches, **stops)
         with cache.active(self.store.count("calib")):
-            return self.runner.forward_all(block, index, cache.batches(batches), stop_at=stop_at)
+            return self.runner.forward_all(block, index, cache.batches(batches), **stops)

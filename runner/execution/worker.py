@@ -48,6 +48,7 @@ from shardquant.execution.checkpoints import ActivationCheckpointer
 from shardquant.execution.memory import trim_heap
 from shardquant.execution.streams import Streams
 from shardquant.export.registry import get_exporter
+from shardquant.model.experts import PerExpert, block_experts
 from shardquant.model.forward import BlockRunner, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.record.report import peak_rss_bytes
@@ -73,6 +74,7 @@ class BlockWorker:
         self.store = ActivationStore(budget, c.cluster.spill_dir, tag=f"{name}")
         self.streams = Streams(self.store, self.runner)
         self.block: nn.Module | None = None
+        self.experts: PerExpert | None = None
         self.index = -1
         self.results: dict[str, LayerResult] = {}
         self.captures: dict[str, Capture] = {}
@@ -82,7 +84,7 @@ class BlockWorker:
         self.scales: dict[str, Tensor] = {}
         self.profile = BlockProfile()
         self.stage_cache: StageCache | None = None
-        self.groups = {g.name: g for g in self.adapter.groups}
+        self.groups = {g.name: g for g in self.adapter.groups}  # the current block's (begin_block)
         self.eval_tokens: Tensor | None = None
         self.do_fp_eval = False
 
@@ -114,6 +116,8 @@ class BlockWorker:
         t = time.perf_counter()
         self.block = self.source.block(index)
         self.index = index
+        self.groups = {g.name: g for g in self.source.block_groups(index)}
+        self.experts = block_experts(self.block, self.adapter)
         self.profile.extra["load_s"] = time.perf_counter() - t
         self.results, self.captures, self.originals, self.candidates, self.scales = {}, {}, {}, {}, {}
         self.stage_cache = None
@@ -137,16 +141,35 @@ class BlockWorker:
         """Run the calibration share through the block up to the last group's input and
         accumulate each group's statistics (`calib.observe.observing`: `groups` is
         [(group name, first linear)], `capture` maps a group to its consumer for AWQ)."""
-        with observing(self.block, groups, channel=channel, capture=capture) as obs:
-            self.captures.update(obs.captures)
-            t = time.perf_counter()
-            self.streams.observe_pass(self.block, self.index, self.stage_cache, stop_at=self._lin(groups[-1][1]))
+        last = self.groups[groups[-1][0]]
+        stop = {"stop_after": self.block.get_submodule(last.stop_after)} if last.stop_after else \
+            {"stop_at": self._lin(groups[-1][1])}
+        moe = self.experts is not None and any(self.groups[g].stop_after for g, _ in groups)
+        if moe:
+            self.experts.reset_counts()
+            self.experts.counting = True
+            self.experts.observe_all = self.cfg.quant.moe_calibrate_all_experts
+        try:
+            with observing(self.block, groups, channel=channel, capture=capture) as obs:
+                self.captures.update(obs.captures)
+                t = time.perf_counter()
+                self.streams.observe_pass(self.block, self.index, self.stage_cache, **stop)
+        finally:
+            if moe:
+                self.experts.counting = self.experts.observe_all = False
         if self.stage_cache is not None:
             last, first = groups[-1]
             self.stage_cache.offer_tail(first, self.groups[last].linears, obs.last_inputs)
         self.profile.forward_s += time.perf_counter() - t - obs.stats_s
         self.profile.stats_s += obs.stats_s
         return obs.stats
+
+    def expert_tokens(self) -> dict[str, Any]:
+        """This worker's routing in the last pass that observed experts: tokens routed to
+        each expert and tokens seen (`PerExpert` counts); empty for a dense block."""
+        if self.experts is None:
+            return {}
+        return {"routed": self.experts.routed.tolist(), "rows": self.experts.rows}
 
     def observe_parts(
         self, groups: list[tuple[str, str]], *, channel: bool, capture: dict[str, str | None]
@@ -309,6 +332,7 @@ class BlockWorker:
         self.profile.extra["export_s"] = time.perf_counter() - t
         self.source.release(self.block)
         self.block = None
+        self.experts = None
         self.captures, self.originals, self.scales = {}, {}, {}
         trim_heap()
         p = self.profile

@@ -55,7 +55,7 @@ class Exporter:
     def quantized_linears(self, index: int) -> list[str]:
         """Block-relative names of the linears of block `index` that get quantized."""
         adapter = self.source.adapter
-        return quantized_linears(self.quant, adapter.blocks, index, adapter.linears())
+        return quantized_linears(self.quant, adapter.blocks, index, self.source.block_linears(index))
 
     def source_spec(self, name: str) -> TensorSpec:
         """A source tensor as it is exported unchanged (floats in the compute dtype)."""
@@ -167,15 +167,17 @@ class PackedExporter(Exporter):
 
     def unquantized_linears(self) -> list[str]:
         """Full names of the model's nn.Linear modules that stay in full precision (lm_head,
-        `quant.ignore`d ones), in model order."""
-        quantized = {
-            f"{self.source.adapter.blocks}.{i}.{n}"
-            for i in range(self.source.num_blocks)
-            for n in self.quantized_linears(i)
-        }
+        `quant.ignore`d ones), in model order, with every sparse block's router (not an
+        nn.Linear in transformers 5, a linear layer to readers such as vLLM)."""
+        adapter = self.source.adapter
+        quantized = {f"{adapter.blocks}.{i}.{n}" for i in range(self.source.num_blocks) for n in self.quantized_linears(i)}
+        routers = set()
+        if adapter.experts is not None:
+            routers = {f"{adapter.blocks}.{i}.{adapter.experts.router}" for i in range(self.source.num_blocks)
+                       if f"{adapter.blocks}.{i}.{adapter.experts.router}.weight" in self.source.index}
         return [
             name for name, mod in self.source.skeleton.named_modules()
-            if isinstance(mod, nn.Linear) and name not in quantized
+            if (isinstance(mod, nn.Linear) and name not in quantized) or name in routers
         ]
 
 

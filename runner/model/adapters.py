@@ -9,15 +9,22 @@ bias, in named sizes of config.json (`Dim`). Adding a family is adding one entry
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, TypeVar
 
 from shardquant.errors import UserError
 
+T = TypeVar("T")
+
 # Sizes of a block's tensors, named after config.json: hidden_size, intermediate_size,
-# head_dim, and the attention widths num_attention_heads·head_dim, num_key_value_heads·head_dim.
-Dim = Literal["hidden", "intermediate", "head_dim", "heads*head_dim", "kv_heads*head_dim"]
+# head_dim, and the attention widths num_attention_heads·head_dim, num_key_value_heads·head_dim;
+# for mixture-of-experts blocks an expert's and the shared expert's intermediate sizes (the
+# config keys are the adapter's `Experts` record's).
+Dim = Literal[
+    "hidden", "intermediate", "head_dim", "heads*head_dim", "kv_heads*head_dim",
+    "expert_intermediate", "shared_intermediate",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,14 @@ class InputGroup:
     clip_skip: tuple[str, ...] = ()
     in_dim: Dim = "hidden"
     out_dims: tuple[Dim, ...] = ()
+    # Consecutive groups with the same non-empty `phase` are observed in one pass (their
+    # inputs do not depend on each other: one expert's linears never feed another's).
+    phase: str = ""
+    # A pass observing this group may end once this submodule has run (instead of just
+    # before the group's first linear runs): experts run in a data-dependent order.
+    stop_after: str = ""
+    # False: AWQ may not fold scales into `prev` (it also feeds the router and other experts).
+    scalable: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,75 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """The routed experts of a mixture-of-experts block, as data.
+
+    transformers 5 holds them fused (`fused_gate_up` [E, 2I, H]: each expert's gate rows then
+    its up rows; `fused_down` [E, H, I]); the checkpoint keeps one linear per expert,
+    `{module}.{e}.{gate|up|down}.weight`. The skeleton is given the checkpoint's layout
+    (`model.experts.checkpoint_layout`), so every name below is a module path of it and of
+    the checkpoint at once. `moe` is the sparse-MoE submodule (router, experts, shared
+    expert); the router and the shared expert's gate stay unquantized. `replaces` are the
+    adapter's dense groups that a MoE block does not have; `shared` are the shared expert's
+    groups. A layer is sparse unless config.json lists it in `dense_layers_key` or
+    `sparse_step_key` skips it (`(i + 1) % step != 0`); a layer that is not sparse is dense.
+    """
+
+    moe: str
+    module: str
+    router: str
+    gate: str
+    up: str
+    down: str
+    count_keys: tuple[str, ...]  # config.json's expert count, under the first of these it has
+    intermediate_key: str
+    fused_gate_up: str = "gate_up_proj"
+    fused_down: str = "down_proj"
+    replaces: tuple[str, ...] = ("mlp_in", "mlp_out")
+    shared: tuple[InputGroup, ...] = ()
+    shared_intermediate_key: str | None = None
+    sparse_step_key: str | None = None
+    dense_layers_key: str | None = None
+
+    def linear(self, expert: int, part: str) -> str:
+        """Block-relative name of an expert's linear, e.g. 'block_sparse_moe.experts.3.w1'."""
+        return f"{self.module}.{expert}.{part}"
+
+    def groups(self, n_experts: int) -> tuple[InputGroup, ...]:
+        """The input groups of a sparse block's MLP in execution order: the shared expert's,
+        then every expert's gate/up (one pass), then every down (one pass). Each expert has
+        its own statistics: the tokens routed to it (or all, `quant.moe_calibrate_all_experts`)."""
+        ins, outs = [], []
+        for g in self.shared:  # the shared expert's gate/up read the block's hidden states
+            reads_hidden = g.in_dim == "hidden"
+            phase = "moe_in" if reads_hidden else "moe_out"
+            (ins if reads_hidden else outs).append(replace(g, phase=phase, stop_after=self.moe))
+        for e in range(n_experts):
+            ins.append(InputGroup(
+                f"expert.{e}.in", "post_attention_layernorm", (self.linear(e, self.gate), self.linear(e, self.up)),
+                consumer=f"{self.module}.{e}", in_dim="hidden", out_dims=("expert_intermediate",) * 2,
+                phase="moe_in", stop_after=self.moe, scalable=False,
+            ))
+            outs.append(InputGroup(
+                f"expert.{e}.out", self.linear(e, self.up), (self.linear(e, self.down),),
+                consumer=self.linear(e, self.down), in_dim="expert_intermediate", out_dims=("hidden",),
+                phase="moe_out", stop_after=self.moe,
+            ))
+        return (*ins, *outs)
+
+    def count(self, config: Mapping[str, object]) -> int:
+        """The number of routed experts in config.json values `config` (0 when absent)."""
+        return next((int(config[k] or 0) for k in self.count_keys if k in config), 0)
+
+    def sparse_layer(self, config: Mapping[str, object], index: int) -> bool:
+        """Whether block `index` has routed experts, by config.json values `config`."""
+        if self.dense_layers_key and index in (config.get(self.dense_layers_key) or ()):
+            return False
+        step = config.get(self.sparse_step_key, 1) if self.sparse_step_key else 1
+        return self.count(config) > 0 and (index + 1) % int(step or 1) == 0
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Where things are in a decoder-only family (names relative to the model or a block)."""
 
@@ -81,21 +165,33 @@ class Adapter:
     mask_rule: Literal["full", "sliding_if_configured", "layer_types"] = "full"
     norms: tuple[tuple[str, Dim], ...] = ()  # a block's norm weights and their sizes
     biases: tuple[Biases, ...] = ()
+    experts: Experts | None = None  # mixture-of-experts blocks: where the experts are
+    # Block submodules the skeleton renames to the checkpoint's names (transformers renames
+    # them on load): (transformers' name, the checkpoint's), e.g. ("mlp", "block_sparse_moe").
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def block_groups(self, n_experts: int = 0) -> tuple[InputGroup, ...]:
+        """The input groups of a block: `groups`, or for a block with `n_experts` routed
+        experts the groups it keeps and then the experts' (`Experts.groups`)."""
+        if not n_experts or self.experts is None:
+            return self.groups
+        kept = tuple(g for g in self.groups if g.name not in self.experts.replaces)
+        return (*kept, *self.experts.groups(n_experts))
 
     def block_prefix(self, index: int) -> str:
         """Tensor-name prefix of block `index`, e.g. 'model.layers.3.'."""
         return f"{self.blocks}.{index}."
 
-    def linears(self) -> tuple[str, ...]:
-        """Every quantizable linear of a block, in sequential order."""
-        return tuple(name for g in self.groups for name in g.linears)
+    def linears(self, n_experts: int = 0) -> tuple[str, ...]:
+        """Every quantizable linear of a block (with `n_experts` routed experts), in order."""
+        return tuple(name for g in self.block_groups(n_experts) for name in g.linears)
 
-    def linear_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    def linear_shapes(self, dims: Mapping[str, int], n_experts: int = 0) -> dict[str, tuple[int, int]]:
         """(out, in) of every quantizable linear of a block, in sequential order, given the
         values of the `Dim` names."""
         return {
             name: (dims[out], dims[g.in_dim])
-            for g in self.groups for name, out in zip(g.linears, g.out_dims, strict=True)
+            for g in self.block_groups(n_experts) for name, out in zip(g.linears, g.out_dims, strict=True)
         }
 
     def biased(self, config: Mapping[str, object]) -> tuple[str, ...]:
@@ -144,6 +240,42 @@ _LLAMA_LIKE_STAGES = (
     Stage("mlp", "mlp.down_proj", input_op="post_attention_layernorm"),
 )
 
+
+
+def phases(items: Sequence[T], group: Callable[[T], InputGroup], true_sequential: bool) -> list[list[T]]:
+    """`items` (one per input group, in order) split into observation passes: each group on
+    its own with true-sequential order, except that consecutive groups of one `phase` share a
+    pass; everything in one pass without it."""
+    if not items:
+        return []
+    if not true_sequential:
+        return [list(items)]
+    out: list[list[T]] = []
+    for it in items:
+        g = group(it)
+        if out and g.phase and group(out[-1][-1]).phase == g.phase:
+            out[-1].append(it)
+        else:
+            out.append([it])
+    return out
+
+
+_QWEN_SHARED = (
+    InputGroup(
+        "shared_in", "post_attention_layernorm", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+        consumer="mlp.shared_expert", in_dim="hidden", out_dims=("shared_intermediate",) * 2, scalable=False,
+    ),
+    InputGroup(
+        "shared_out", "mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",),
+        consumer="mlp.shared_expert.down_proj", in_dim="shared_intermediate", out_dims=("hidden",),
+    ),
+)
+_QWEN_EXPERTS = dict(
+    moe="mlp", module="mlp.experts", router="mlp.gate", gate="gate_proj", up="up_proj", down="down_proj",
+    count_keys=("num_experts", "num_local_experts"), intermediate_key="moe_intermediate_size",
+    sparse_step_key="decoder_sparse_step", dense_layers_key="mlp_only_layers",
+)
+
 ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter(
         "llama", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, norms=_NORMS,
@@ -166,6 +298,27 @@ ADAPTERS: dict[str, Adapter] = {
     "smollm3": Adapter(
         "smollm3", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="layer_types", norms=_NORMS,
         biases=(Biases(_ATTN, "attention_bias"), Biases(_MLP, "mlp_bias")),
+    ),
+    # transformers' MixtralDecoderLayer.mlp is the checkpoint's block_sparse_moe.
+    "mixtral": Adapter(
+        "mixtral", groups=_LLAMA_LIKE_GROUPS,
+        stages=(_LLAMA_LIKE_STAGES[0], Stage("block_sparse_moe", "", input_op="post_attention_layernorm")),
+        mask_rule="sliding_if_configured", norms=_NORMS, renames=(("mlp", "block_sparse_moe"),),
+        experts=Experts(
+            moe="block_sparse_moe", module="block_sparse_moe.experts", router="block_sparse_moe.gate",
+            gate="w1", up="w3", down="w2", count_keys=("num_local_experts",), intermediate_key="intermediate_size",
+        ),
+    ),
+    "qwen2_moe": Adapter(
+        "qwen2_moe", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="layer_types", norms=_NORMS,
+        biases=(Biases(_ATTN[:3], "qkv_bias"),),
+        experts=Experts(**_QWEN_EXPERTS, shared=_QWEN_SHARED, shared_intermediate_key="shared_expert_intermediate_size"),
+    ),
+    "qwen3_moe": Adapter(
+        "qwen3_moe", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="sliding_if_configured",
+        norms=(*_NORMS, ("self_attn.q_norm", "head_dim"), ("self_attn.k_norm", "head_dim")),
+        biases=(Biases(_ATTN, "attention_bias"),),
+        experts=Experts(**_QWEN_EXPERTS),
     ),
 }
 

@@ -20,7 +20,7 @@ class StopForward(Exception):
     """Raised by a hook to end a block's forward early once the wanted inputs were seen."""
 
 
-def _raise_stop(_module, _args):
+def _raise_stop(_module, _args, _out=None):
     raise StopForward
 
 
@@ -77,15 +77,20 @@ class BlockRunner:
         batches: Iterable[torch.Tensor],
         *,
         stop_at: nn.Module | None = None,
+        stop_after: nn.Module | None = None,
     ) -> list[torch.Tensor]:
         """Run every batch through the block; return the outputs.
 
         With `stop_at`, each batch's forward ends just before that submodule runs (after its
-        other pre-hooks, e.g. statistics, have seen its input); nothing is returned then.
+        other pre-hooks, e.g. statistics, have seen its input); with `stop_after`, just after
+        that submodule ran; nothing is returned then.
         """
-        if stop_at is None:
+        if stop_at is None and stop_after is None:
             return [self.forward(block, index, hidden) for hidden in batches]
-        handle = stop_at.register_forward_pre_hook(_raise_stop)
+        if stop_after is not None:
+            handle = stop_after.register_forward_hook(_raise_stop)
+        else:
+            handle = stop_at.register_forward_pre_hook(_raise_stop)
         try:
             for hidden in batches:
                 try:

@@ -18,8 +18,9 @@ from torch import nn
 
 from shardquant.config import compute_dtype
 from shardquant.errors import UserError, stop_requested
-from shardquant.model.adapters import Adapter, get_adapter
+from shardquant.model.adapters import Adapter, InputGroup, get_adapter
 from shardquant.model.checkpoint import CheckpointIndex
+from shardquant.model.experts import checkpoint_layout, num_experts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 SIDE_FILES = (
@@ -98,7 +99,7 @@ class ModelSource:
                     attn_implementation="sdpa",
                     trust_remote_code=self.trust_remote_code,
                 )
-        return model.eval()
+        return checkpoint_layout(model, self.adapter).eval()
 
     @property
     def num_blocks(self) -> int:
@@ -116,10 +117,28 @@ class ModelSource:
                 continue
             raise UserError(f"{self.key}: weight '{name}' is missing from the safetensors files")
 
+    def block_groups(self, index: int) -> tuple[InputGroup, ...]:
+        """The input groups of block `index` (a sparse block's include its experts')."""
+        block = self.skeleton.get_submodule(f"{self.adapter.blocks}.{index}")
+        return self.adapter.block_groups(num_experts(block, self.adapter))
+
+    def block_linears(self, index: int) -> tuple[str, ...]:
+        """Block-relative names of the quantizable linears of block `index`, in order."""
+        return tuple(n for g in self.block_groups(index) for n in g.linears)
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of each quantizable linear of block 0, by block-relative name."""
-        block = self.skeleton.get_submodule(f"{self.adapter.blocks}.0")
-        return {n: tuple(block.get_submodule(n).weight.shape) for n in self.adapter.linears()}
+        """(out_features, in_features) of each quantizable linear of any block, by
+        block-relative name (blocks of one model agree on the linears they share)."""
+        out: dict[str, tuple[int, int]] = {}
+        kinds: set[tuple[str, ...]] = set()
+        for i in range(self.num_blocks):
+            names = self.block_linears(i)
+            if names in kinds:
+                continue
+            kinds.add(names)
+            block = self.skeleton.get_submodule(f"{self.adapter.blocks}.{i}")
+            out.update({n: tuple(block.get_submodule(n).weight.shape) for n in names if n not in out})
+        return out
 
     # --- materialization ------------------------------------------------------------------
 

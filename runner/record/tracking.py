@@ -42,6 +42,11 @@ def block_metrics(block: dict[str, Any]) -> dict[str, Any]:
             row[f"block/{phase}"] = block[phase]
     for layer, loss in block["loss"].items():
         row[f"loss/{layer}"] = loss
+    experts = block.get("experts")
+    if experts:  # a sparse block: the tokens each expert received, the RTN fallbacks
+        for e, n in enumerate(experts["tokens"]):
+            row[f"experts/tokens/{e}"] = n
+        row["experts/rtn_fallbacks"] = len(experts["rtn_fallback"])
     return row
 
 

@@ -114,7 +114,8 @@ from shardquant.config import AWQ_METHODS, RunConfig, compute_dtype, parse_size
 from shardquant.errors import UserError
 from shardquant.execution.packing import assign, pack_units, split_range
 from shardquant.export.formats import BlockLinears, get_layout, quantized_linears
-from shardquant.model.adapters import Adapter, get_adapter
+from shardquant.model.adapters import Adapter, InputGroup, get_adapter
+from shardquant.model.adapters import phases as observation_phases
 from shardquant.tools.plan_text import human
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -143,6 +144,11 @@ class ModelShape:
     vocab: int
     tied: bool
     biased: tuple[str, ...] = ()  # the block linears with a bias (the adapter's bias keys)
+    # Mixture of experts (the adapter's `Experts` keys): routed experts per sparse block,
+    # an expert's and the shared expert's intermediate sizes. Every block is sized as sparse.
+    experts: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
 
     @property
     def adapter(self) -> Adapter:
@@ -153,11 +159,16 @@ class ModelShape:
         return {
             "hidden": self.hidden, "intermediate": self.intermediate, "head_dim": self.head_dim,
             "heads*head_dim": self.heads * self.head_dim, "kv_heads*head_dim": self.kv_heads * self.head_dim,
+            "expert_intermediate": self.expert_intermediate, "shared_intermediate": self.shared_intermediate,
         }
+
+    def groups(self) -> tuple[InputGroup, ...]:
+        """A block's input groups (a sparse block's, with every expert's)."""
+        return self.adapter.block_groups(self.experts)
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each quantizable linear of a block, by block-relative name."""
-        return self.adapter.linear_shapes(self.dims())
+        return self.adapter.linear_shapes(self.dims(), self.experts)
 
     def block_linears(self) -> BlockLinears:
         return BlockLinears(self.adapter.blocks, self.layers, self.linears())
@@ -165,7 +176,8 @@ class ModelShape:
     def block_other_numel(self) -> int:
         """Elements of a block's tensors other than the linears' weights: norms and biases."""
         dims, lins = self.dims(), self.linears()
-        return sum(dims[d] for _, d in self.adapter.norms) + sum(lins[n][0] for n in self.biased)
+        router = self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)  # + shared gate
+        return sum(dims[d] for _, d in self.adapter.norms) + sum(lins[n][0] for n in self.biased) + router
 
     def block_numel(self) -> int:
         return sum(o * i for o, i in self.linears().values()) + self.block_other_numel()
@@ -210,10 +222,17 @@ def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShap
         if hidden % heads:
             raise UserError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
         head_dim = hidden // heads
+    moe: dict[str, int] = {}
+    spec = adapter.experts
+    if spec is not None and spec.count(raw):
+        moe = {"experts": spec.count(raw), "expert_intermediate": num(spec.intermediate_key)}
+        if spec.shared_intermediate_key:
+            moe["shared_intermediate"] = num(spec.shared_intermediate_key)
     return ModelShape(
         family=family, layers=num("num_hidden_layers"), hidden=hidden, intermediate=num("intermediate_size"),
-        heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=num("head_dim", head_dim),
+        heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=num("head_dim") if raw.get("head_dim") is not None else head_dim,
         vocab=num("vocab_size"), tied=bool(raw.get("tie_word_embeddings", False)), biased=adapter.biased(raw),
+        **moe,
     )
 
 
@@ -347,17 +366,16 @@ def solve_copies(method: str, unit: int) -> int:
 
 def _phase_linears(shape: ModelShape, cfg: RunConfig, index: int) -> list[list[tuple[str, int, list[tuple[int, int]]]]]:
     """Block `index`'s solve phases, each [(group, in_features, [(out, in) of its quantized
-    linears])]: one group at a time with `quant.true_sequential` (not for RTN, which solves a
-    block at once), else all groups together."""
+    linears])]: the observation passes of `quant.true_sequential` (one group each, a sparse
+    block's experts together; not for RTN, which solves a block at once), else all groups."""
     q, lins, blocks = cfg.quant, shape.linears(), shape.adapter.blocks
     work = []
-    for g in shape.adapter.groups:
+    groups = {g.name: g for g in shape.groups()}
+    for g in groups.values():
         quantized = [lins[n] for n in quantized_linears(q, blocks, index, g.linears)]
         if quantized:
             work.append((g.name, lins[g.linears[0]][1], quantized))
-    if not work:
-        return []
-    return [[w] for w in work] if q.true_sequential and q.method != "rtn" else [work]
+    return observation_phases(work, lambda w: groups[w[0]], q.true_sequential and q.method != "rtn")
 
 
 def _owners(phase: list[tuple[str, int, list[tuple[int, int]]]], kind: str, world: int, row_split: str
@@ -389,7 +407,7 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int, ran
     if not phases or q.method == "none":
         return terms
     if q.method in ("gptq", *AWQ_METHODS) and q.true_sequential and cfg.calib.reuse_stages is not False:
-        tails = max(lins[s.tail][1] for s in shape.adapter.stages)  # o_proj's, down_proj's inputs
+        tails = max(lins[s.tail][1] for s in shape.adapter.stages if s.tail in lins)  # o_proj's, down_proj's inputs
         terms["stage_cache"] = tokens * (shape.hidden + tails) * d
     statistics = q.method in ("gptq", *AWQ_METHODS)
     for phase in phases:
@@ -506,7 +524,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
     # Blocks differ only in what `quant.ignore` leaves out: plan one block of each kind.
     kinds: dict[tuple, int] = {}
     for i in range(shape.layers):
-        key = tuple(tuple(quantized_linears(q, shape.adapter.blocks, i, g.linears)) for g in shape.adapter.groups)
+        key = tuple(tuple(quantized_linears(q, shape.adapter.blocks, i, g.linears)) for g in shape.groups())
         kinds.setdefault(key, i)
 
     def worker_memory(rank: int) -> tuple[dict[str, int], dict[str, Any]]:
