@@ -90,8 +90,14 @@ def weight_mean(weights: Sequence[Tensor], spec: QuantSpec) -> Tensor:
 
     The rows [out_i, in] of every linear of a group count alike; normalizing within each
     group makes the statistic say where a column sits in its group's range, not how large the
-    layer is. Summed a chunk of rows at a time (float64 sum: no copy of a whole weight).
+    layer is. Weights larger together than a chunk (`row_chunks`) are summed a chunk of rows at
+    a time (in float64), so no whole-weight copy is made.
     """
+    if sum(t.numel() for t in weights) <= ROW_CHUNK_ELEMENTS:
+        w = torch.cat([t.float() for t in weights], dim=0)
+        g = grouped(w.abs(), spec)
+        g = g / (g.amax(dim=-1, keepdim=True) + _EPS)
+        return g.reshape(w.shape[0], -1)[:, : w.shape[1]].mean(dim=0)
     total, rows = None, 0
     for t in weights:
         for r in row_chunks(*t.shape):

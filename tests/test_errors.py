@@ -93,7 +93,7 @@ def test_unsupported_architecture(tmp_path, texts, tiny_models, capsys):
     out = tmp_path / "out"
     code, err = run_cli(tmp_path, run_config(d, texts, out), capsys)
     assert_clean_failure(
-        code, err, r"architecture 'gpt_neox' is not supported \(supported: llama, mistral, qwen2, qwen3, smollm3\)", out
+        code, err, r"architecture 'gpt_neox' is not supported \(supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3\)", out
     )
 
 
