@@ -76,8 +76,10 @@ activations + solved_codes + awq_captures + stage_cache + max(workspace, fp32_co
 hessians)``. Outside the blocks (embedding at setup, final norm and lm_head for perplexity)
 ``outside phase = framework + activations + vocab · hidden · d + 2 · eval.seq_len · vocab · 4``
 (one window's float32 logits and their log-softmax). ``peak = max(block phase, outside
-phase)``, the largest over the ranks. A Ray run's driver holds no weights: ``DRIVER`` (0.5
-GiB of host RSS: the Ray client, token windows, AWQ's channel means; measured).
+phase)``, the largest over the ranks. A Ray run's driver holds no weights: ``DRIVER`` (0.45
+GiB of host RSS: the Ray client, token windows, AWQ's channel means; measured), and for awq
+with clipping ``8 · quant.awq_clip_tokens · max in · 4`` (the clip rows gathered from the
+workers and serialized into every solve call; measured).
 
 Checkpoint: the sum of the exported tensors' bytes (safetensors data, without headers,
 config or tokenizer), what ``report.json``'s ``export.bytes`` counts. Quantized linears (every
@@ -347,7 +349,11 @@ def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
 # and a run adds ~0.2 GiB (libraries, the block's skeleton and tokenizer, freed tensors the
 # allocator keeps). On a GPU: the CUDA context and allocator slack, not measured here.
 FRAMEWORK = {"local": 512 * 2**20, "ray": 563 * 2**20, "cuda": 512 * 2**20}
-DRIVER = 512 * 2**20  # a Ray run's driver (host RSS): no weight, token windows and AWQ channel means
+# A Ray run's driver (host RSS): no weight; the Ray client, token windows, AWQ's channel means
+# (measured: 0.45 GiB flat in width); awq adds its clip search's rows, gathered from the workers
+# and serialized into each solve call (8 copies at the peak, measured).
+DRIVER = 461 * 2**20
+DRIVER_CLIP_COPIES = 8
 AWQ_ROW_CHUNK = 1 << 24  # algorithms.awq.ROW_CHUNK_ELEMENTS: AWQ's per-row work goes in chunks this large
 
 
@@ -457,6 +463,16 @@ def worker_device(cfg: RunConfig, device: str | None = None) -> str:
     return "cuda" if any(Path("/proc/driver/nvidia/gpus").glob("*")) else "cpu"
 
 
+def _driver_bytes(shape: ModelShape, cfg: RunConfig) -> int:
+    """A Ray run's driver process: `DRIVER`, plus awq's clip rows (`quant.awq_clip_tokens` rows
+    of the widest input, float32) when it clips."""
+    q = cfg.quant
+    if q.method != "awq" or not q.awq_clip:
+        return DRIVER
+    widest = max(i for _, i in shape.linears().values())
+    return DRIVER + DRIVER_CLIP_COPIES * q.awq_clip_tokens * widest * 4
+
+
 def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) -> Plan:
     """The plan of `cfg` for the model described by config.json values `raw`, on workers of
     `device` ('cuda' or 'cpu'; None: `worker_device`)."""
@@ -559,7 +575,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         streams=streams, resident=resident, spilled=total - resident, block_bytes=block_bytes,
         hessian_group=terms["hessian_group"], hessian_in=terms["hessian_in"], memory=memory,
         checkpoint_bytes=checkpoint_bytes(shape, cfg), notes=notes, device=dev, worker_peaks=worker_peaks,
-        driver=DRIVER if cfg.cluster.backend == "ray" else None,
+        driver=_driver_bytes(shape, cfg) if cfg.cluster.backend == "ray" else None,
     )
 
 
