@@ -94,19 +94,21 @@ def weight_mean(weights: Sequence[Tensor], spec: QuantSpec) -> Tensor:
     a time (in float64), so no whole-weight copy is made.
     """
     if sum(t.numel() for t in weights) <= ROW_CHUNK_ELEMENTS:
-        w = torch.cat([t.float() for t in weights], dim=0)
-        g = grouped(w.abs(), spec)
-        g = g / (g.amax(dim=-1, keepdim=True) + _EPS)
-        return g.reshape(w.shape[0], -1)[:, : w.shape[1]].mean(dim=0)
+        return _group_relative_abs(torch.cat([t.float() for t in weights], dim=0), spec).mean(dim=0)
     total, rows = None, 0
     for t in weights:
         for r in row_chunks(*t.shape):
-            g = grouped(t[r].float().abs(), spec)
-            g = g / (g.amax(dim=-1, keepdim=True) + _EPS)
-            part = g.reshape(g.shape[0], -1)[:, : t.shape[1]].sum(dim=0, dtype=torch.float64)
+            part = _group_relative_abs(t[r].float(), spec).sum(dim=0, dtype=torch.float64)
             total = part if total is None else total + part
-            rows += g.shape[0]
+            rows += r.stop - r.start
     return (total / rows).float()
+
+
+def _group_relative_abs(w: Tensor, spec: QuantSpec) -> Tensor:
+    """``|w| / max|w|`` of its quantization group, for a float32 weight [rows, in]."""
+    g = grouped(w.abs(), spec)
+    g = g / (g.amax(dim=-1, keepdim=True) + _EPS)
+    return g.reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
 def awq_scales(x_mean: Tensor, ratio: float, w_mean: Tensor | None = None) -> Tensor:

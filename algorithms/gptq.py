@@ -430,7 +430,7 @@ def _block_rows_max(a: Tensor, block_rows: int) -> Tensor:
 
 def split_rows(out_features: int, k: int) -> list[tuple[int, int]]:
     """``k`` contiguous row ranges ``[start, end)`` covering ``out_features`` rows, the first
-    ``out_features % k`` one row longer (the split of runner/tools/plan.py ``split_range``).
+    ``out_features % k`` one row longer (the split of runner/execution/packing.py ``split_range``).
 
     A linear's rows may be quantized in such slices, by one solver (or copies of it: it is
     plain tensors) each: GPTQ treats each row on its own and the factorization depends on H

@@ -28,20 +28,25 @@ def blockwise_logits(path, ids: torch.Tensor, batch_size: int = 4) -> torch.Tens
     return torch.cat([head_logits(norm, head.weight, h) for h in hidden])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_blockwise_logits_equal_transformers(family, tiny_models):
+def assert_blockwise_equals_transformers(path) -> None:
+    """The blockwise fp forward of the saved model at `path` gives transformers' own whole-model
+    logits, and the perplexity from them."""
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 320, (6, 56), generator=torch.Generator().manual_seed(1))
-    ours = blockwise_logits(tiny_models[family], ids)
-    ref_model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
+    ours = blockwise_logits(path, ids)
+    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         ref = ref_model(ids).logits.float()
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    # Perplexity from the same logits agrees too.
     nll_ours = torch.nn.functional.cross_entropy(ours[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
     nll_ref = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
     assert math.isclose(nll_ours.item(), nll_ref.item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blockwise_logits_equal_transformers(family, tiny_models):
+    assert_blockwise_equals_transformers(tiny_models[family])
 
 
 def test_sliding_window_is_applied(tiny_models):

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from moe_fixtures import MOE_FAMILIES
-from test_forward import blockwise_logits
+from test_forward import assert_blockwise_equals_transformers
 
 from shardquant.model.experts import PerExpert, fused_weights
 from shardquant.model.source import ModelSource
@@ -50,17 +50,7 @@ def test_skeleton_has_the_checkpoints_names_and_fills_transformers_fused_experts
 def test_blockwise_logits_equal_transformers_moe(family, moe_models):
     """Identity: the blockwise fp forward (what `method: none` and evaluation run) equals
     transformers' own forward of the whole model, logits and perplexity."""
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.randint(0, 320, (6, 56), generator=torch.Generator().manual_seed(1))
-    ours = blockwise_logits(moe_models[family], ids)
-    ref_model = AutoModelForCausalLM.from_pretrained(moe_models[family], dtype=torch.float32)
-    with torch.no_grad():
-        ref = ref_model(ids).logits.float()
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    nll_ours = torch.nn.functional.cross_entropy(ours[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
-    nll_ref = torch.nn.functional.cross_entropy(ref[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
-    assert math.isclose(nll_ours.item(), nll_ref.item(), rel_tol=1e-6)
+    assert_blockwise_equals_transformers(moe_models[family])
 
 
 def _calib_windows(model_dir, cfg) -> torch.Tensor:

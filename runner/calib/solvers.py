@@ -133,11 +133,12 @@ def solve_awq(
     weights: dict[str, QuantizedWeight] = {}
     losses: dict[str, float] = {}
     for name in task.linears:
-        source = originals[name] if s is not None and name in originals else block.get_submodule(name).weight
+        scaled = s is not None and name in originals
+        source = originals[name] if scaled else block.get_submodule(name).weight
         clip = task.clip and name not in task.clip_skip and clip_x is not None
         parts, loss = [], 0.0
         for r in awq.row_chunks(*source.shape):  # a chunk of rows at a time: no whole-weight copies
-            w = source[r].float() * s if s is not None and name in originals else source[r].float()
+            w = source[r].float() * s if scaled else source[r].float()
             target = w
             if clip:
                 found = awq.search_clip(

@@ -61,23 +61,27 @@ REPORT = "report.json"
 FILES = ("compare.md", "compare.csv", "quality_vs_bits.png", "quality_vs_cost.png")
 
 
-def _get(tree: Any, path: str) -> Any:
-    """tree["a"]["b"] for "a.b"; None where any part is missing."""
+_MISSING = object()
+
+
+def _walk(tree: Any, path: str) -> Any:
+    """tree["a"]["b"] for "a.b"; `_MISSING` where any part is missing."""
     node = tree
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return _MISSING
         node = node[part]
     return node
 
 
+def _get(tree: Any, path: str) -> Any:
+    """tree["a"]["b"] for "a.b"; None where any part is missing."""
+    node = _walk(tree, path)
+    return None if node is _MISSING else node
+
+
 def _has(tree: Any, path: str) -> bool:
-    node = tree
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return _walk(tree, path) is not _MISSING
 
 
 def read_report(run: Path) -> dict[str, Any]:
