@@ -535,23 +535,19 @@ def _solve(
 def _fused_supported(dtype: torch.dtype, spec: QuantSpec, block_size: int, group_range: GroupRange) -> bool:
     """Whether ``_solve_fused`` covers a solve: float32, scales the kernel rounds, and blocks it
     holds (with ``block_start`` ranges the blocks are the caller's; otherwise it picks them)."""
-    from shardquant.kernels.gptq import MAX_BLOCK
-
     return (dtype == torch.float32 and spec.scale_dtype in (None, torch.float32, torch.float16, torch.bfloat16)
-            and (group_range != "block_start" or block_size <= MAX_BLOCK))
+            and (group_range != "block_start" or block_size <= select.GPTQ_MAX_BLOCK))
 
 
 def _fused_blocks(n: int, block_size: int, ends: dict[int, int], *, free: bool, in_kernel: bool) -> list[int]:
     """Block bounds ``[0, ..., n]`` for ``_solve_fused``. With ``block_start`` ranges (not
     ``free``) they are the caller's blocks. Otherwise any bounds give the same result, so each
-    block holds at most ``MAX_BLOCK`` columns, and a dynamic group that starts inside a block
+    block holds at most ``GPTQ_MAX_BLOCK`` columns, and a dynamic group that starts inside a block
     ends in it (the kernel takes its range from the block's columns); without ``in_kernel``
     qparams every group starts a block (they are computed before the launch)."""
-    from shardquant.kernels.gptq import MAX_BLOCK
-
     if not free:
         return [*range(0, n, block_size), n]
-    size = min(block_size, MAX_BLOCK)
+    size = min(block_size, select.GPTQ_MAX_BLOCK)
     starts = sorted(ends)
     bounds, i1, k = [0], 0, 0
     while i1 < n:

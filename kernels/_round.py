@@ -8,8 +8,9 @@ import triton.language as tl
 
 from . import select
 
-RND = 12582912.0  # 1.5 * 2**23: x + RND rounds x to an integer, ties to even, for |x| <= 2**22
-LIM = 4194304.0  # 2**22
+# Globals a kernel reads must be constexpr (the compiler refuses others; the interpreter does not).
+RND = tl.constexpr(12582912.0)  # 1.5 * 2**23: x + RND rounds x to an integer, ties to even, for |x| <= 2**22
+LIM = tl.constexpr(4194304.0)  # 2**22
 
 
 @triton.jit

@@ -85,5 +85,6 @@ def fake_quant(
         w, w if s is None else s, out, rows, cols, glen, tiny, smax,
         maxq=2**bits - 1, SYM=symmetric, SCALE_KIND=kind, HAS_S=s is not None,
         BR=br, BC=tile(glen, min(CHUNK, max(16, triton.next_power_of_2(glen))), 1024),
+        enable_fp_fusion=False,  # round every product as torch does: no fused multiply-adds
     )
     return out

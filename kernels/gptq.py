@@ -20,8 +20,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ._round import LIM, RND, qparams, scale_kind, tile
+from .select import GPTQ_MAX_BLOCK
 
-MAX_BLOCK = 256  # columns one launch holds (registers: MAX_BLOCK x ROWS floats a program)
+MAX_BLOCK = GPTQ_MAX_BLOCK  # columns one launch holds (registers: MAX_BLOCK x ROWS floats a program)
 ROWS = 16  # output rows per program on a GPU
 
 
@@ -92,4 +93,5 @@ def gptq_block(
     _gptq_block_kernel[grid](
         Wt, U, Q, E, scales, zeros, col_group, qend, rows, n, i1, nb, tiny, smax,
         maxq=maxq, SYM=symmetric, SCALE_KIND=kind, BS=max(16, triton.next_power_of_2(nb)), BR=br,
+        enable_fp_fusion=False,  # round every product as torch does: no fused multiply-adds
     )

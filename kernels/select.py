@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 Mode = Literal["auto", "triton", "torch"]
 MODES: tuple[str, ...] = ("auto", "triton", "torch")
 
+GPTQ_MAX_BLOCK = 256  # columns one GPTQ block launch holds (kernels.gptq; known here without triton)
+
 _mode: str = "auto"
 _ran: dict[str, set[str]] = {}
 
