@@ -174,15 +174,20 @@ def test_packed_matmul_equals_the_librarys_unpacked_weight(case):
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-def test_a_run_with_triton_kernels_exports_the_torch_runs_checkpoint(tmp_path_factory, texts, one_thread):
+@pytest.fixture(scope="module")
+def one_block_model(tmp_path_factory):
+    """A one-block llama small enough for the interpreter (hidden 16, intermediate 32)."""
+    return save_tiny_model(tmp_path_factory.mktemp("kernels") / "model", "llama", layers=1, hidden=16, inter=32)
+
+
+def test_a_run_with_triton_kernels_exports_the_torch_runs_checkpoint(one_block_model, tmp_path, texts, one_thread):
     """AWQ's search (fake-quant) and GPTQ's solve through the kernels, end to end, on a
-    one-block model small enough for the interpreter: the same checkpoint as the torch
-    references', and report.json says which ran."""
+    one-block model: the same checkpoint as the torch references', and report.json says
+    which ran."""
     from shardquant.config import build_config
     from shardquant.pipeline import quantize
 
-    root = tmp_path_factory.mktemp("kernels")
-    model = save_tiny_model(root / "model", "llama", layers=1, hidden=16, inter=32)
+    root, model = tmp_path, one_block_model
     reports = {}
     for mode in ("torch", "triton"):
         cfg = run_config(model, texts, root / mode, kernels={"mode": mode},
@@ -195,6 +200,21 @@ def test_a_run_with_triton_kernels_exports_the_torch_runs_checkpoint(tmp_path_fa
     ours, theirs = read_checkpoint(root / "triton" / "model"), read_checkpoint(root / "torch" / "model")
     assert ours.keys() == theirs.keys()
     assert [k for k in ours if not ours[k].equal(theirs[k])] == []
+
+
+def test_kernels_mode_is_checked_before_any_weight_is_read(one_block_model, tmp_path, texts, monkeypatch):
+    from shardquant.config import build_config
+    from shardquant.errors import UserError
+    from shardquant.prepare import prepare
+
+    with pytest.raises(UserError, match=r"kernels\.mode"):
+        build_config(run_config(one_block_model, texts, tmp_path / "bad", kernels={"mode": "cuda"}))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = build_config(run_config(one_block_model, texts, tmp_path / "out", kernels={"mode": "triton"},
+                                  quant={"group_size": 8}))
+    with pytest.raises(UserError, match=r"^kernels\.mode: triton needs a CUDA device \(model\.device is the CPU\)"):
+        prepare(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 COMPILE = r'''
