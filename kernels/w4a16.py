@@ -124,3 +124,33 @@ def packed_linear(
         IEEE=x.dtype == torch.float32, TM=tm, TN=tn, TK=tk,
     )
     return y.reshape(*lead, n)
+
+
+class PackedLinear(torch.nn.Module):
+    """A linear whose weight stays pack-quantized (``packed_linear``): no dequantized copy."""
+
+    def __init__(
+        self, packed: Tensor, scale: Tensor, zero_point: Tensor | None, shape: tuple[int, int], *,
+        bits: int = 4, group_size: int = 128, g_idx: Tensor | None = None, bias: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape, self.bits, self.group_size = (int(shape[0]), int(shape[1])), bits, group_size
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zero_point)
+        self.register_buffer("weight_g_idx", g_idx)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], name: str, *, bits: int, group_size: int) -> PackedLinear:
+        """The linear ``name`` of a compressed-tensors pack-quantized checkpoint's tensors
+        (``name.weight_packed``, ``.weight_scale``, ``.weight_shape``, and when present
+        ``.weight_zero_point``, ``.weight_g_idx``, ``.bias``)."""
+        shape = tuple(int(v) for v in tensors[f"{name}.weight_shape"].tolist())
+        return cls(tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"],
+                   tensors.get(f"{name}.weight_zero_point"), shape, bits=bits, group_size=group_size,
+                   g_idx=tensors.get(f"{name}.weight_g_idx"), bias=tensors.get(f"{name}.bias"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return packed_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.shape,
+                             bits=self.bits, group_size=self.group_size, g_idx=self.weight_g_idx, bias=self.bias)

@@ -200,6 +200,27 @@ def test_a_run_with_triton_kernels_exports_the_torch_runs_checkpoint(one_block_m
     ours, theirs = read_checkpoint(root / "triton" / "model"), read_checkpoint(root / "torch" / "model")
     assert ours.keys() == theirs.keys()
     assert [k for k in ours if not ours[k].equal(theirs[k])] == []
+    _packed_linear_reads_the_export(ours, "model.layers.0.mlp.down_proj", group_size=8)
+
+
+def _packed_linear_reads_the_export(tensors: dict[str, torch.Tensor], name: str, group_size: int) -> None:
+    """`PackedLinear` on an exported (asymmetric, compressed-tensors) linear multiplies by the
+    weight the library's own unpacking gives."""
+    from compressed_tensors.compressors.pack_quantized import unpack_from_int32
+
+    from shardquant.kernels.w4a16 import PackedLinear
+
+    shape = torch.Size(tensors[f"{name}.weight_shape"].tolist())
+    scale = tensors[f"{name}.weight_scale"].float()
+    codes = unpack_from_int32(tensors[f"{name}.weight_packed"], 4, shape).float()
+    zero = unpack_from_int32(tensors[f"{name}.weight_zero_point"], 4, torch.Size(scale.shape), packed_dim=0).float()
+    cols = torch.arange(shape[1]) // group_size
+    w = (codes - zero[:, cols]) * scale[:, cols]
+    x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(6))
+    with select.using("triton"):
+        y = PackedLinear.from_tensors(tensors, name, bits=4, group_size=group_size)(x)
+    assert select.take_ran() == {"w4a16_matmul": "triton"}
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_mode_is_checked_before_any_weight_is_read(one_block_model, tmp_path, texts, monkeypatch):
