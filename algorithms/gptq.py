@@ -335,6 +335,7 @@ class GPTQSolver:
         if self.perm is not None:
             W = W[:, self.perm]
         order = cols if self.perm is None else self.perm
+        select.use_triton("gptq_block", W, supported=False)  # tallied: float schemes have no kernel
         with _one_cpu_thread(W, W.numel()):
             values, loss_rows = _solve_float(
                 W.T.contiguous(), self.hinv, scales, grow, g_idx[order].tolist(), spec,

@@ -276,3 +276,11 @@ def test_the_kernels_compile_for_a_gpu(tmp_path):
     out = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "compiled"
+
+
+def test_float_gptq_schemes_run_the_reference_in_every_mode():
+    from shardquant.algorithms.floatq import FloatSpec
+
+    with select.using("triton"):
+        GPTQSolver(_hessian(32, 7)).quantize(torch.randn(4, 32), FloatSpec.mxfp4())
+    assert select.take_ran() == {"gptq_block": "torch"}
