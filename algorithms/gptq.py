@@ -7,6 +7,7 @@ the current block are applied lazily, once per block, as one matmul.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -550,12 +551,10 @@ def _fused_blocks(n: int, block_size: int, ends: dict[int, int], *, free: bool, 
         return [*range(0, n, block_size), n]
     size = min(block_size, select.GPTQ_MAX_BLOCK)
     starts = sorted(ends)
-    bounds, i1, k = [0], 0, 0
+    bounds, i1 = [0], 0
     while i1 < n:
         i2 = min(i1 + size, n)
-        while k < len(starts) and starts[k] <= i1:
-            k += 1
-        inner = [c for c in starts[k:] if c < i2]  # groups starting inside the block
+        inner = starts[bisect.bisect_right(starts, i1) : bisect.bisect_left(starts, i2)]  # starting inside
         if inner and not in_kernel:
             i2 = inner[0]
         elif inner and ends[inner[-1]] > i2:
@@ -603,8 +602,12 @@ def _solve_fused(
     qend = qend.to(Wt.device)
     U = U if U.is_contiguous() else U.contiguous()
     E = Wt.new_empty(max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), rows)
+    starts = sorted(ends)
     for i1, i2 in zip(bounds[:-1], bounds[1:], strict=True):
-        for c in [c for c in ends if i1 <= c < i2 and (c == i1 or not in_kernel)]:
+        here = starts[bisect.bisect_left(starts, i1) : bisect.bisect_left(starts, i2)]  # groups starting here
+        if in_kernel:  # only a group starting the block: the kernel ranges the others
+            here = here[:1] if here and here[0] == i1 else []
+        for c in here:
             s, z = search_qparams(Wt[c : ends[c]].T, spec, mse)
             scales[col_group[c]].copy_(s[:, 0])
             zeros[col_group[c]].copy_(z[:, 0])
