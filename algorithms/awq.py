@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shardquant.kernels import select
+
 from .quantizer import QuantizedWeight, QuantSpec, compute_qparams, fake_quantize, grouped
 
 ROW_CHUNK_ELEMENTS = 1 << 24  # per-row work on a weight goes this many elements (64 MB in fp32) at a time
@@ -126,8 +128,24 @@ def awq_scales(x_mean: Tensor, ratio: float, w_mean: Tensor | None = None) -> Te
     return s / (s.max() * s.min()).sqrt()
 
 
+def _fake_quant_kernel(w: Tensor, spec: QuantSpec) -> bool:
+    """Whether the fused kernel (``kernels.fakequant``) fake-quantizes ``w`` (the kernel mode's
+    choice; float64 stays on the reference)."""
+    return select.use_triton("fake_quant", w, supported=w.dtype != torch.float64)
+
+
 def fake_quantize_weight(w: Tensor, spec: QuantSpec) -> Tensor:
     """Round-to-nearest fake quantization of ``w`` [out, in] (equals ``quantize_rtn(...).dequantize()``)."""
+    if _fake_quant_kernel(w, spec):
+        from shardquant.kernels.fakequant import fake_quant
+
+        return fake_quant(w, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                          scale_dtype=spec.scale_dtype)
+    return _fake_quantize_weight_torch(w, spec)
+
+
+def _fake_quantize_weight_torch(w: Tensor, spec: QuantSpec) -> Tensor:
+    """``fake_quantize_weight``'s plain-torch reference."""
     x = w if w.dtype == torch.float64 else w.float()
     g = grouped(x, spec)
     scale, zero = compute_qparams(g, spec)
@@ -137,7 +155,12 @@ def fake_quantize_weight(w: Tensor, spec: QuantSpec) -> Tensor:
 def scaled_fake_quantize(w: Tensor, s: Tensor, spec: QuantSpec) -> Tensor:
     """``Q(w * s) / s``: the weight the layer effectively has once scaled and quantized."""
     s = s.to(device=w.device, dtype=torch.float32)
-    return fake_quantize_weight(w.float() * s, spec) / s
+    if _fake_quant_kernel(w, spec):  # the pre-scale and the division by it in the same pass
+        from shardquant.kernels.fakequant import fake_quant
+
+        return fake_quant(w, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                          scale_dtype=spec.scale_dtype, pre_scale=s)
+    return _fake_quantize_weight_torch(w.float() * s, spec) / s
 
 
 def linear_output_error(delta: Tensor, gram: Tensor) -> float:

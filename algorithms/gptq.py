@@ -7,6 +7,7 @@ the current block are applied lazily, once per block, as one matmul.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from shardquant.algorithms.counts import n_groups
+from shardquant.kernels import select
 
 from .floatq import (
     FloatQuantizedWeight,
@@ -250,8 +252,9 @@ class GPTQSolver:
         if self.perm is not None:
             W = W[:, self.perm]
         order = cols if self.perm is None else self.perm
+        fused = select.use_triton("gptq_block", W, supported=_fused_supported(self.dtype, spec, block_size, group_range))
         with _one_cpu_thread(W, W.numel()):
-            codes, loss_rows = _solve(
+            codes, loss_rows = (_solve_fused if fused else _solve)(
                 W.T.contiguous(),
                 self.hinv,
                 scales,
@@ -333,6 +336,7 @@ class GPTQSolver:
         if self.perm is not None:
             W = W[:, self.perm]
         order = cols if self.perm is None else self.perm
+        select.use_triton("gptq_block", W, supported=False)  # tallied: float schemes have no kernel
         with _one_cpu_thread(W, W.numel()):
             values, loss_rows = _solve_float(
                 W.T.contiguous(), self.hinv, scales, grow, g_idx[order].tolist(), spec,
@@ -524,6 +528,92 @@ def _solve(
                     Wt[c + 1 : j2].addr_(U[c, c + 1 : j2], e, alpha=-1)
             if j2 < i2:
                 Wt[j2:i2].addmm_(U[j1:j2, j2:i2].T, E1[j1 - i1 : j2 - i1], alpha=-1)
+        if i2 < n:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
+        loss_rows += E1.square().sum(0)
+    return Q.T.to(torch.uint8), loss_rows
+
+
+def _fused_supported(dtype: torch.dtype, spec: QuantSpec, block_size: int, group_range: GroupRange) -> bool:
+    """Whether ``_solve_fused`` covers a solve: float32, scales the kernel rounds, and blocks it
+    holds (with ``block_start`` ranges the blocks are the caller's; otherwise it picks them)."""
+    return (dtype == torch.float32 and spec.scale_dtype in (None, torch.float32, torch.float16, torch.bfloat16)
+            and (group_range != "block_start" or block_size <= select.GPTQ_MAX_BLOCK))
+
+
+def _fused_blocks(n: int, block_size: int, ends: dict[int, int], *, free: bool, in_kernel: bool) -> list[int]:
+    """Block bounds ``[0, ..., n]`` for ``_solve_fused``. With ``block_start`` ranges (not
+    ``free``) they are the caller's blocks. Otherwise any bounds give the same result, so each
+    block holds at most ``GPTQ_MAX_BLOCK`` columns, and a dynamic group that starts inside a block
+    ends in it (the kernel takes its range from the block's columns); without ``in_kernel``
+    qparams every group starts a block (they are computed before the launch)."""
+    if not free:
+        return [*range(0, n, block_size), n]
+    size = min(block_size, select.GPTQ_MAX_BLOCK)
+    starts = sorted(ends)
+    bounds, i1 = [0], 0
+    while i1 < n:
+        i2 = min(i1 + size, n)
+        inner = starts[bisect.bisect_right(starts, i1) : bisect.bisect_left(starts, i2)]  # starting inside
+        if inner and not in_kernel:
+            i2 = inner[0]
+        elif inner and ends[inner[-1]] > i2:
+            i2 = inner[-1]
+        bounds.append(i2)
+        i1 = i2
+    return bounds
+
+
+def _solve_fused(
+    Wt: Tensor,
+    U: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    col_group: list[int],
+    spec: QuantSpec,
+    *,
+    block_size: int,
+    dynamic: bool,
+    mse: MSEGrid | None,
+    block_start: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``_solve`` with each block's column loop in one Triton launch (``kernels.gptq``): same
+    arguments, same results up to float rounding order. Qparams of a group that starts a
+    block, and every group's with ``block_start`` ranges or an MSE search, are computed here
+    before the launch (from the weights as they are then, which is what ``_solve`` reads); a
+    dynamic min/max group starting inside a block gets them in the kernel."""
+    from shardquant.kernels.gptq import gptq_block
+
+    n, rows = Wt.shape
+    Q = torch.empty_like(Wt)
+    loss_rows = Wt.new_zeros(rows)
+    ends: dict[int, int] = {}
+    if dynamic:
+        starts = [c for c in range(n) if c == 0 or col_group[c] != col_group[c - 1]]
+        ends = dict(zip(starts, [*starts[1:], n], strict=True))
+    in_kernel = not block_start and mse is None
+    bounds = _fused_blocks(n, block_size, ends, free=not block_start, in_kernel=in_kernel)
+    groups = torch.tensor(col_group, dtype=torch.int32, device=Wt.device)
+    qend = torch.zeros(n, dtype=torch.int32)
+    if in_kernel:  # groups starting inside a block; a block's first column's are computed here
+        for c, e in ends.items():
+            qend[c] = e
+        qend[bounds[:-1]] = 0
+    qend = qend.to(Wt.device)
+    U = U if U.is_contiguous() else U.contiguous()
+    E = Wt.new_empty(max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)), rows)
+    starts = sorted(ends)
+    for i1, i2 in zip(bounds[:-1], bounds[1:], strict=True):
+        here = starts[bisect.bisect_left(starts, i1) : bisect.bisect_left(starts, i2)]  # groups starting here
+        if in_kernel:  # only a group starting the block: the kernel ranges the others
+            here = here[:1] if here and here[0] == i1 else []
+        for c in here:
+            s, z = search_qparams(Wt[c : ends[c]].T, spec, mse)
+            scales[col_group[c]].copy_(s[:, 0])
+            zeros[col_group[c]].copy_(z[:, 0])
+        gptq_block(Wt, U, Q, E, scales, zeros, groups, qend, i1, i2, maxq=spec.maxq,
+                   symmetric=spec.symmetric, scale_dtype=spec.scale_dtype)
+        E1 = E[: i2 - i1]
         if i2 < n:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
         loss_rows += E1.square().sum(0)

@@ -346,6 +346,15 @@ class TrackingConfig(_Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
+class KernelsConfig(_Section):
+    mode: Literal["auto", "triton", "torch"] = Field(
+        "auto",
+        description="Triton kernels (GPTQ's block solve, AWQ's fake-quant) or their plain-torch references: "
+        "auto = the kernels on a CUDA device when triton imports, else torch; triton = always the kernels "
+        "(an error where triton cannot run); torch = always the references. report.json `kernels` says which ran.",
+    )
+
+
 class RunConfig(_Section):
     model: ModelConfig
     calib: CalibConfig = Field(default_factory=CalibConfig)
@@ -354,6 +363,7 @@ class RunConfig(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
     output: str = Field("runs/latest", description="Run directory.")
     resume: bool = Field(
         False,

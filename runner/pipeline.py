@@ -21,6 +21,7 @@ from shardquant.errors import UserError
 from shardquant.execution.backends import executor_factory
 from shardquant.execution.block_loop import (
     PHASES,
+    merge_kernels,
     put_record,
     retry_lost,
     run_blocks,
@@ -172,6 +173,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
                     "mode": "stages" if staged else "data",
                     "stages": {**stage_overlap(blocks), "stream_s": stream_s} if staged else None,
                     "faults": progress["faults"], "peak_rss_bytes": dict(zip(ex.names, worker_peaks, strict=True))},
+        "kernels": {"mode": cfg.kernels.mode, "ran": merge_kernels(b.get("kernels", {}) for b in blocks)},
         "version": _version(),
     }
     files = write_report(p.output, report)

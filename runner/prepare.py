@@ -17,6 +17,7 @@ from shardquant.data import load_text, token_windows
 from shardquant.errors import UserError
 from shardquant.export.base import Exporter
 from shardquant.export.registry import get_exporter
+from shardquant.kernels import select
 from shardquant.model.source import ModelSource
 
 
@@ -47,6 +48,18 @@ def check_scheme(cfg: RunConfig, source: ModelSource) -> None:
             )
 
 
+def check_kernels(cfg: RunConfig, source: ModelSource) -> None:
+    """Refuse `kernels.mode: triton` where the kernels cannot run: triton does not import, or
+    a local run computes on the CPU outside triton's interpreter (TRITON_INTERPRET=1)."""
+    if cfg.kernels.mode != "triton":
+        return
+    err = select.triton_error()
+    if err is not None:
+        raise UserError(f"kernels.mode: triton needs the triton package ({err}); use auto or torch")
+    if cfg.cluster.backend == "local" and source.device.type == "cpu" and not select.interpreting():
+        raise UserError("kernels.mode: triton needs a CUDA device (model.device is the CPU); use auto or torch")
+
+
 def prepare_output(path: str) -> Path:
     """Create the run directory and prove it is writable, before any work."""
     out = Path(path).expanduser()
@@ -69,6 +82,7 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     check_scheme(cfg, source)
+    check_kernels(cfg, source)
     exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
     tokenizer = source.tokenizer()
     calib = None

@@ -92,6 +92,7 @@ def test_report_contents(tiny_models, texts, tmp_path):
         assert all(v > 0 and math.isfinite(v) for v in b["loss"].values())
     assert on_disk["config"]["quant"]["method"] == "gptq"
     assert on_disk["config"]["model"]["path"] == str(tiny_models["qwen2"])
+    assert on_disk["kernels"] == {"mode": "auto", "ran": {"gptq_block": "torch"}}  # auto on the CPU: the references
     # export.bytes: the tensor data of the written checkpoint, counted from what is on disk.
     written = sum(t.numel() * t.element_size() for t in read_checkpoint(out / "model").values())
     assert on_disk["export"] == {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from shardquant.calib.steps import BlockProfile, calibrate_block
@@ -93,6 +93,16 @@ def put_record(records: list[dict[str, Any]], record: dict[str, Any]) -> bool:
 PHASES = ("load_s", "forward_s", "stats_s", "solve_s", "search_s", "eval_s", "export_s")
 
 
+def merge_kernels(tallies: Iterable[dict[str, str]]) -> dict[str, str]:
+    """One tally of which implementation each kernel ran with (`kernels.select.take_ran`) from
+    several: ``triton``, ``torch``, or ``torch+triton`` where both ran."""
+    seen: dict[str, set[str]] = {}
+    for t in tallies:
+        for k, v in t.items():
+            seen.setdefault(k, set()).update(v.split("+"))
+    return {k: "+".join(sorted(v)) for k, v in sorted(seen.items())}
+
+
 def block_record(index: int, seconds: float, losses: dict[str, float], prof: BlockProfile,
                   parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One report.json `blocks[]` entry; phase times are the slowest worker's."""
@@ -106,6 +116,9 @@ def block_record(index: int, seconds: float, losses: dict[str, float], prof: Blo
     rec["activation_bytes"] = sum(p.get("activation_bytes", 0) for p in parts)
     rec["stage_cache_bytes"] = sum(p.get("stage_cache_bytes", 0) for p in parts)
     rec["peak_rss_bytes"] = max((p.get("peak_rss_bytes", 0) for p in parts), default=0)
+    kernels = merge_kernels(p.get("kernels", {}) for p in parts)
+    if kernels:
+        rec["kernels"] = kernels
     if prof.awq:
         rec["awq"] = prof.awq
     if prof.experts:

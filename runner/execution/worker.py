@@ -48,6 +48,7 @@ from shardquant.execution.checkpoints import ActivationCheckpointer
 from shardquant.execution.memory import trim_heap
 from shardquant.execution.streams import Streams
 from shardquant.export.registry import get_exporter
+from shardquant.kernels import select
 from shardquant.model.experts import PerExpert, block_experts
 from shardquant.model.forward import BlockRunner, stream_nll
 from shardquant.model.source import ModelSource
@@ -63,6 +64,7 @@ class BlockWorker:
         self.cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.model_validate(cfg)
         self.rank, self.world, self.name = rank, world, name
         c = self.cfg
+        select.set_mode(c.kernels.mode)  # this process's kernels (a Ray worker is a process of its own)
         self.source = ModelSource(
             c.model.path, dtype=c.model.dtype, device=c.model.device, trust_remote_code=c.model.trust_remote_code
         )
@@ -341,6 +343,7 @@ class BlockWorker:
             **{k: v for k, v in p.extra.items()}, "activation_bytes": self.store.nbytes("calib"),
             "stage_cache_bytes": cache_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
+            **({"kernels": ran} if (ran := select.take_ran()) else {}),
             **({"block_sha256": digest} if digest else {}),
         }
 
