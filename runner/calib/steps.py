@@ -81,8 +81,8 @@ def scale_blocker(block: nn.Module, group: InputGroup) -> str | None:
     """
     if not group.consumer:
         return f"{group.name}: the adapter names no consumer module to measure the scale search"
-    if not group.scalable:
-        return f"{group.name}: {group.prev} also feeds the router and the other experts"
+    if group.no_scale:
+        return f"{group.name}: {group.no_scale}"
     lins = [block.get_submodule(n) for n in group.linears]
     n_in = lins[0].in_features
     if any(lin.in_features != n_in for lin in lins):
