@@ -266,9 +266,10 @@ def test_gptq_and_awq_exports_keep_per_expert_names(fmt, moe_models, texts, tmp_
 
 def test_awq_on_experts_scales_each_experts_down_and_falls_back_without_tokens(moe_models, texts, tmp_path,
                                                                                one_thread):
-    """AWQ on the starved Mixtral with routed-only statistics: each calibrated expert's up ->
-    down scale is searched, the experts' shared input is left unscaled (the norm also feeds
-    the router), and an expert without enough tokens gets RTN and no search; all finite."""
+    """AWQ on the starved Mixtral with routed-only statistics: the experts' shared input gets
+    one searched scale (`experts_in`, with the router), each calibrated expert's up -> down
+    scale is searched, and an expert without enough tokens gets RTN and no search of its own;
+    no expert's gate/up is reported as skipped; all finite."""
     from shardquant.config import build_config
     from shardquant.pipeline import quantize
 
@@ -281,8 +282,78 @@ def test_awq_on_experts_scales_each_experts_down_and_falls_back_without_tokens(m
     assert {f"expert.{e}.out" for e in range(4) if e not in low} <= set(b0["awq"])
     assert not any(f"expert.{e}." in g for e in low for g in b0["awq"])
     assert not any(g.startswith("expert.") and g.endswith(".in") for g in b0["awq"])
-    assert any("expert.0.in" in n or "expert.1.in" in n for n in b0["notes"])
+    assert all("experts_in" in b["awq"] for b in report["blocks"])
+    assert not any(".in:" in n and "expert." in n for n in b0.get("notes", []))
     assert math.isfinite(report["ppl"]["quantized"])
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_awq_shared_input_scale_folds_exactly(family, moe_models):
+    """AWQ's scale for a sparse block's input (`Experts.shared_input`): random scales folded
+    from post_attention_layernorm into the router's columns (Qwen2-MoE's shared_expert_gate's
+    too), every expert's and the shared expert's gate/up leave the block's output (routing
+    included) where it was, before any rounding; the norm and the router really changed."""
+    from shardquant.calib.steps import fold_scales, scale_blocker
+    from shardquant.model.forward import BlockRunner
+
+    src = ModelSource(moe_models[family])
+    spec = src.adapter.experts
+    runner = BlockRunner(src.adapter, src.skeleton.config, src.rotary())
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 40, src.config.hidden_size, generator=gen)
+    i = 1 if family == "deepseek_v3" else 0  # a sparse block
+    block = src.block(i)
+    (group,) = src.adapter.scale_groups(len(block.get_submodule(spec.module)))
+    members = {n for g in src.block_groups(i) if g.phase == "moe_in" for n in g.linears}
+    assert set(group.linears) == {spec.router, *spec.input_readers, *members}
+    assert (spec.input_readers == ("mlp.shared_expert_gate",)) == (family == "qwen2_moe")
+    before = runner.forward(block, i, hidden)
+    old = {n: block.get_submodule(n).weight.clone() for n in ("post_attention_layernorm", spec.router)}
+    assert scale_blocker(block, group) is None
+    fold_scales(block, group, torch.exp(torch.randn(src.config.hidden_size, generator=gen)))
+    torch.testing.assert_close(runner.forward(block, i, hidden), before, rtol=1e-4, atol=1e-4)
+    assert all(not torch.equal(w, block.get_submodule(n).weight) for n, w in old.items())
+
+
+def test_awq_shared_input_scale_lowers_the_experts_error(moe_models, texts, tmp_path, one_thread):
+    """On the tiny Mixtral with two outlier channels in the experts' input (post_attention_
+    layernorm ×20 there; attention left unquantized), AWQ's shared-input scale is chosen in
+    every block with a lower search loss than no scale, and the first block's output, by
+    transformers' own forward of the exports, is closer to the full-precision model's than
+    RTN's (w3g32)."""
+    import shutil
+
+    from conftest import eval_windows
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from shardquant.pipeline import quantize
+
+    src = tmp_path / "outliers"
+    shutil.copytree(moe_models["mixtral"], src)
+    tensors = load_file(src / "model.safetensors")
+    for name, t in tensors.items():
+        if name.endswith("post_attention_layernorm.weight"):
+            t[[5, 17]] *= 20.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    windows = eval_windows(src, texts)
+
+    def first_block_output(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            return model(windows, output_hidden_states=True).hidden_states[1]
+
+    ref = first_block_output(src)
+    err = {}
+    for method in ("rtn", "awq"):
+        cfg = _moe_run(src, texts, tmp_path / method, method=method, bits=3, ignore=["lm_head", "re:.*self_attn.*"])
+        report = quantize(cfg, show_progress=False)
+        err[method] = float((first_block_output(tmp_path / method / "model") - ref).pow(2).mean())
+        if method == "awq":
+            for b in report["blocks"]:
+                found = b["awq"]["experts_in"]
+                assert found["ratio"] is not None and found["loss"] < found["identity_loss"]
+    assert err["awq"] < 0.8 * err["rtn"], err
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -86,6 +86,7 @@ class Stage:
 
 
 _SHARED_INPUT = "post_attention_layernorm also feeds the router and the other experts"
+SHARED_INPUT = "experts_in"  # the name of AWQ's scale group of a sparse block's input (`Experts.shared_input`)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,9 @@ class Experts:
     sparse_step_key: str | None = None
     dense_layers_key: str | None = None
     first_dense_key: str | None = None  # the first config[key] layers are dense (DeepSeek)
+    # Unquantized weights besides the router that read the sparse block's input (Qwen2-MoE's
+    # shared_expert_gate): AWQ's shared-input scale is folded into their columns too.
+    input_readers: tuple[str, ...] = ()
 
     def linear(self, expert: int, part: str) -> str:
         """Block-relative name of an expert's linear, e.g. 'block_sparse_moe.experts.3.w1'."""
@@ -160,6 +164,18 @@ class Experts:
                 phase="moe_out", stop_after=self.moe,
             ))
         return (*ins, *outs)
+
+    def shared_input(self, n_experts: int) -> InputGroup:
+        """AWQ's one scale for the sparse block's input (`SHARED_INPUT`): folded from
+        post_attention_layernorm into the columns of the router, the `input_readers` and every
+        expert's (and the shared expert's) gate/up, so the block's function is unchanged; searched
+        on the sparse block's output. It observes at the router (every token, once) and solves
+        nothing: each expert's gate/up is solved in its own group, with this scale."""
+        members = tuple(n for g in self.groups(n_experts) if g.phase == "moe_in" for n in g.linears)
+        return InputGroup(
+            SHARED_INPUT, "post_attention_layernorm", (self.router, *self.input_readers, *members),
+            consumer=self.moe, in_dim="hidden", phase="moe_in", stop_after=self.moe,
+        )
 
     def count(self, config: Mapping[str, object]) -> int:
         """The number of routed experts in config.json values `config` (0 when absent)."""
@@ -248,6 +264,13 @@ class Adapter:
             return self.groups
         kept = tuple(g for g in self.groups if g.name not in self.experts.replaces)
         return (*kept, *self.experts.groups(n_experts))
+
+    def scale_groups(self, n_experts: int = 0) -> tuple[InputGroup, ...]:
+        """Groups that AWQ scales but that solve nothing (their linears are solved in
+        `block_groups`): a sparse block's shared input (`Experts.shared_input`)."""
+        if not n_experts or self.experts is None:
+            return ()
+        return (self.experts.shared_input(n_experts),)
 
     def block_prefix(self, index: int) -> str:
         """Tensor-name prefix of block `index`, e.g. 'model.layers.3.'."""
@@ -424,7 +447,7 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2_moe": Adapter(
         "qwen2_moe", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="layer_types", norms=_NORMS,
         biases=(Biases(_ATTN[:3], "qkv_bias"),),
-        experts=Experts(**_QWEN_EXPERTS, shared=_shared("mlp.shared_expert"), shared_intermediate_key="shared_expert_intermediate_size"),
+        experts=Experts(**_QWEN_EXPERTS, shared=_shared("mlp.shared_expert"), input_readers=("mlp.shared_expert_gate",), shared_intermediate_key="shared_expert_intermediate_size"),
     ),
     "qwen3_moe": Adapter(
         "qwen3_moe", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="sliding_if_configured",
