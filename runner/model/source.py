@@ -69,6 +69,13 @@ class ModelSource:
             raise UserError(f"{key}: '{self.root / 'config.json'}' is not valid JSON") from None
         if not isinstance(raw, dict):
             raise UserError(f"{key}: '{self.root / 'config.json'}' is not a JSON object")
+        if raw.get("quantization_config"):
+            qc = raw["quantization_config"]
+            method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+            raise UserError(
+                f"{key}: '{self.root / 'config.json'}' declares a quantization_config ({method}): the checkpoint is "
+                "already quantized; give its float (bfloat16, float16 or float32) version"
+            )
         self.adapter: Adapter = get_adapter(raw.get("model_type"), key=key, config=raw)
         try:
             with warnings.catch_warnings():
