@@ -491,3 +491,8 @@ def test_deepseek_v3_plan_shapes_equal_transformers_modules(q_lora_rank):
         assert ("self_attn.q_proj" in linears) == (q_lora_rank is None)
         norms = {n.removesuffix(".weight"): p.shape[0] for n, p in block.named_parameters() if "norm" in n}
         assert {n: dims[d] for n, d in shape.adapter.norms} == norms
+    # A config.json without the key: transformers' default decides (DeepseekV3Config's is set).
+    from transformers import DeepseekV3Config
+
+    default = get_adapter("deepseek_v3", config={}).groups[0].linears[0]
+    assert default == ("self_attn.q_a_proj" if DeepseekV3Config().q_lora_rank is not None else "self_attn.q_proj")

@@ -98,10 +98,12 @@ class Present:
     key: str
     names: tuple[str, ...]
     when_set: bool = True
+    missing_is_set: bool = False  # a config.json without `key` gets transformers' non-null default
 
     def absent(self, config: Mapping[str, object]) -> tuple[str, ...]:
         """The names that the block of a model with config.json values `config` lacks."""
-        return () if (config.get(self.key) is not None) == self.when_set else self.names
+        is_set = config[self.key] is not None if self.key in config else self.missing_is_set
+        return () if is_set == self.when_set else self.names
 
 
 @dataclass(frozen=True)
@@ -464,8 +466,10 @@ ADAPTERS: dict[str, Adapter] = {
         biases=(Biases((_MLA + "q_a_proj", _MLA + "kv_a_proj_with_mqa", _MLA + "o_proj"), "attention_bias"),),
         sizes=(*_MLA_SIZES, ("shared_intermediate", (("moe_intermediate_size", "n_shared_experts"),))),
         present=(
-            Present("q_lora_rank", (_MLA + "q_a_proj", _MLA + "q_a_layernorm", _MLA + "q_b_proj")),
-            Present("q_lora_rank", (_MLA + "q_proj",), when_set=False),
+            # DeepseekV3Config's q_lora_rank defaults to 1536 (set) when config.json leaves it out.
+            Present("q_lora_rank", (_MLA + "q_a_proj", _MLA + "q_a_layernorm", _MLA + "q_b_proj"),
+                    missing_is_set=True),
+            Present("q_lora_rank", (_MLA + "q_proj",), when_set=False, missing_is_set=True),
         ),
         experts=Experts(
             moe="mlp", module="mlp.experts", router="mlp.gate", gate="gate_proj", up="up_proj", down="down_proj",

@@ -76,13 +76,16 @@ class ModelSource:
                 f"{key}: '{self.root / 'config.json'}' declares a quantization_config ({method}): the checkpoint is "
                 "already quantized; give its float (bfloat16, float16 or float32) version"
             )
-        self.adapter: Adapter = get_adapter(raw.get("model_type"), key=key, config=raw)
+        get_adapter(raw.get("model_type"), key=key)  # refuses an unsupported family first
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.config = AutoConfig.from_pretrained(self.root, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{key}: cannot read config.json: {str(e).splitlines()[0]}") from None
+        # Resolved by the values transformers builds the model from (config.json's, or the
+        # config class's defaults for keys it leaves out).
+        self.adapter: Adapter = get_adapter(raw.get("model_type"), key=key, config=self.config.to_dict())
         if not any((self.root / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{key}: '{self.root}' has no tokenizer (tokenizer.json or tokenizer.model)")
         self.index = CheckpointIndex(self.root, key=key)

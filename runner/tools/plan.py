@@ -235,7 +235,7 @@ def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShap
         moe = {"experts": spec.count(raw), "expert_intermediate": num(spec.intermediate_key)}
         if spec.shared_intermediate_key:
             moe["shared_intermediate"] = num(spec.shared_intermediate_key)
-    options = {p.key: raw.get(p.key) is not None for p in adapter.present}
+    options = {p.key: raw[p.key] is not None if p.key in raw else p.missing_is_set for p in adapter.present}
     try:
         sizes = adapter.resolve(raw).named_sizes(raw)
     except KeyError as e:
