@@ -224,11 +224,13 @@ def rtn_grid(tmp_path_factory, texts) -> dict:
 @pytest.fixture(scope="session")
 def moe_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny saved mixture-of-experts model per MoE family (tests/moe_fixtures.py): 4
-    experts, top-2; Qwen2-MoE with 3 layers, the middle one dense; plus `mixtral-starved`,
-    whose block 0 never routes a token to expert 3."""
+    experts (DeepSeek-V3 8), top-2; Qwen2-MoE with 3 layers, the middle one dense; DeepSeek-V3
+    with 3 layers, the first dense; plus `mixtral-starved`, whose block 0 never routes a token
+    to expert 3."""
     from moe_fixtures import MOE_FAMILIES, save_tiny_moe
 
     root = tmp_path_factory.mktemp("moe")
-    out = {fam: save_tiny_moe(root / fam, fam, layers=3 if fam == "qwen2_moe" else 2) for fam in MOE_FAMILIES}
+    out = {fam: save_tiny_moe(root / fam, fam, layers=3 if fam in ("qwen2_moe", "deepseek_v3") else 2)
+           for fam in MOE_FAMILIES}
     out["mixtral-starved"] = save_tiny_moe(root / "mixtral-starved", "mixtral", seed=1, starve=3)
     return out

@@ -6,14 +6,17 @@ from pathlib import Path
 
 import torch
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
-def tiny_moe_config(family: str, *, layers: int = 2, experts: int = 4, top_k: int = 2, vocab: int = 320):
-    """A small config with several experts, top-k routing; Qwen2-MoE gets a shared expert and
-    (with 3+ layers) a dense layer (`mlp_only_layers`)."""
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+def tiny_moe_config(family: str, *, layers: int = 2, experts: int | None = None, top_k: int = 2, vocab: int = 320):
+    """A small config with several experts (4; DeepSeek-V3 8), top-k routing; Qwen2-MoE gets a
+    shared expert and (with 3+ layers) a dense layer (`mlp_only_layers`); DeepSeek-V3 gets MLA
+    attention (low-rank q), two shared experts, group-limited routing (2 of 4 groups) and a
+    dense first layer (`first_k_dense_replace`)."""
+    from transformers import DeepseekV3Config, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
+    experts = experts or (8 if family == "deepseek_v3" else 4)
     common = dict(
         vocab_size=vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-5, num_experts_per_tok=top_k,
@@ -27,17 +30,27 @@ def tiny_moe_config(family: str, *, layers: int = 2, experts: int = 4, top_k: in
     if family == "qwen3_moe":
         return Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=experts,
                               head_dim=16, norm_topk_prob=True)
+    if family == "deepseek_v3":
+        return DeepseekV3Config(**{**common, "num_key_value_heads": 4}, intermediate_size=128, moe_intermediate_size=32,
+                                n_routed_experts=experts, n_shared_experts=2, n_group=4, topk_group=2,
+                                first_k_dense_replace=1 if layers > 2 else 0, q_lora_rank=96, kv_lora_rank=32,
+                                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=8, routed_scaling_factor=2.5,
+                                norm_topk_prob=True, num_nextn_predict_layers=0)
     raise ValueError(family)
 
 
 def randomize(model: torch.nn.Module) -> None:
-    """Norms near 1, every matrix (and fused [E, out, in] expert stack) ~ N(0, 1/in)."""
+    """Norms near 1, every matrix (and fused [E, out, in] expert stack) ~ N(0, 1/in), a
+    router's score-correction bias (DeepSeek-V3) ~ N(0, 0.1^2), so it changes the routing."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif p.dim() >= 2:
                 p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
 
 
 def starve_expert(model: torch.nn.Module, expert: int) -> None:

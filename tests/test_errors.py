@@ -93,8 +93,22 @@ def test_unsupported_architecture(tmp_path, texts, tiny_models, capsys):
     out = tmp_path / "out"
     code, err = run_cli(tmp_path, run_config(d, texts, out), capsys)
     assert_clean_failure(
-        code, err, r"architecture 'gpt_neox' is not supported \(supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3\)", out
+        code, err, r"architecture 'gpt_neox' is not supported \(supported: deepseek_v3, llama, mistral, mixtral, qwen2, "
+        r"qwen2_moe, qwen3, qwen3_moe, smollm3\)", out
     )
+
+
+def test_already_quantized_checkpoint(tmp_path, texts, tiny_models, capsys):
+    """A checkpoint whose config.json declares a quantization_config (DeepSeek-V3's own is FP8
+    with block scales) is refused before any weight is read: its weights are not floats to
+    calibrate, and reading them as such would be silently wrong."""
+    d = copy_model(tiny_models["qwen2"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    code, err = run_cli(tmp_path, run_config(d, texts, out), capsys)
+    assert_clean_failure(code, err, r"model\.path: .*config\.json' declares a quantization_config \(fp8\)", out)
 
 
 def test_empty_calibration_text(tmp_path, texts, tiny_models, capsys):

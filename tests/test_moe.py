@@ -18,7 +18,7 @@ from shardquant.model.source import ModelSource
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_skeleton_has_the_checkpoints_names_and_fills_transformers_fused_experts(family, moe_models):
-    """Every skeleton tensor is a checkpoint tensor under its on-disk name, and the per-expert
+    """Every skeleton tensor (DeepSeek-V3's router bias too) is a checkpoint tensor under its on-disk name, and the per-expert
     linears, fused as transformers fuses them, equal the fused parameters transformers loads."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -27,7 +27,7 @@ def test_skeleton_has_the_checkpoints_names_and_fills_transformers_fused_experts
     src = ModelSource(path)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         on_disk = set(f.keys())
-    assert {n for n, _ in src.skeleton.named_parameters()} == on_disk
+    assert set(src.skeleton.state_dict()) == on_disk  # parameters and persistent buffers
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     spec = src.adapter.experts
     sparse = 0
@@ -41,9 +41,10 @@ def test_skeleton_has_the_checkpoints_names_and_fills_transformers_fused_experts
             ref_experts = ref.model.layers[i].mlp.experts
             assert torch.equal(gate_up, ref_experts.gate_up_proj)
             assert torch.equal(down, ref_experts.down_proj)
-            assert len(src.block_linears(i)) == 4 + 3 * 4 + (3 if spec.shared else 0)
+            attention = 5 if family == "deepseek_v3" else 4  # MLA: q_a, q_b, kv_a, kv_b, o
+            assert len(src.block_linears(i)) == attention + 3 * len(experts) + (3 if spec.shared else 0)
         src.release(block)
-    assert sparse == 2  # qwen2_moe: 3 layers, the middle one dense
+    assert sparse == 2  # qwen2_moe: 3 layers, the middle one dense; deepseek_v3: 3, the first dense
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -66,16 +67,27 @@ def _calib_windows(model_dir, cfg) -> torch.Tensor:
 
 
 def _router_counts(model_dir, windows: torch.Tensor) -> list[list[int]]:
-    """Tokens each expert receives in each sparse layer by transformers' own router, on the
-    full-precision model (its router logits' top-k)."""
+    """Tokens each expert receives in each sparse layer by transformers' own router on the
+    full-precision model: the expert indices each router returns (its last output; for
+    DeepSeek-V3 after the score-correction bias and the group limit)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    k = model.config.num_experts_per_tok
-    n = getattr(model.config, "num_experts", None) or model.config.num_local_experts
+    routers = [r for layer in model.model.layers if (r := getattr(layer.mlp, "gate", None)) is not None]
+    n = routers[0].weight.shape[0]
+    counts = [torch.zeros(n, dtype=torch.int64) for _ in routers]
+
+    def count(into: torch.Tensor):
+        def hook(_module, _args, out) -> None:
+            into.add_(torch.bincount(out[-1].reshape(-1), minlength=n))
+        return hook
+
+    hooks = [r.register_forward_hook(count(c)) for r, c in zip(routers, counts, strict=True)]
     with torch.no_grad():
-        logits = model(windows, output_router_logits=True).router_logits
-    return [torch.bincount(lg.topk(k, dim=-1).indices.reshape(-1), minlength=n).tolist() for lg in logits]
+        model(windows)
+    for h in hooks:
+        h.remove()
+    return [c.tolist() for c in counts]
 
 
 def _moe_run(model_dir, texts, out, **quant):
@@ -87,11 +99,12 @@ def _moe_run(model_dir, texts, out, **quant):
     return build_config(run_config(model_dir, texts, out, quant=q, export={"format": "fake"}))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_expert_token_counts_equal_transformers_router(family, moe_models, texts, tmp_path, one_thread):
     """report.json's per-expert token counts equal a direct count of transformers' router on
     the same calibration windows (attention left unquantized and fp propagation, so every
-    router sees the full-precision model's inputs); the dense Qwen2-MoE layer has none."""
+    router sees the full-precision model's inputs); the dense Qwen2-MoE and DeepSeek-V3
+    layers have none."""
     from shardquant.pipeline import quantize
 
     cfg = _moe_run(moe_models[family], texts, tmp_path / "out", ignore=["lm_head", "re:.*self_attn.*"])
@@ -101,12 +114,13 @@ def test_expert_token_counts_equal_transformers_router(family, moe_models, texts
     got = [b["experts"]["tokens"] for b in report["blocks"] if "experts" in b]
     assert got == ref
     rows = cfg.calib.n_samples * cfg.calib.seq_len
+    n = len(ref[0])
     for b in report["blocks"]:
         if "experts" in b:
             assert b["experts"]["rows"] == rows and sum(b["experts"]["tokens"]) == 2 * rows
-            assert b["experts"]["statistics_tokens"] == [rows] * 4 and b["experts"]["rtn_fallback"] == []
-    assert [("experts" in b) for b in report["blocks"]] == ([True, False, True] if family == "qwen2_moe"
-                                                            else [True, True])
+            assert b["experts"]["statistics_tokens"] == [rows] * n and b["experts"]["rtn_fallback"] == []
+    sparse = {"qwen2_moe": [True, False, True], "deepseek_v3": [False, True, True]}.get(family, [True, True])
+    assert [("experts" in b) for b in report["blocks"]] == sparse
 
 
 def _expert_weight(model_dir, name: str) -> torch.Tensor:
@@ -151,9 +165,17 @@ def test_an_expert_no_token_picks(all_experts, moe_models, texts, tmp_path, one_
 
 
 _QUANTIZED = re.compile(
-    r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|(block_sparse_moe|mlp)\.experts\.\d+\.(w[123]|gate_proj|up_proj|"
-    r"down_proj)|mlp\.shared_expert\.(gate|up|down)_proj|mlp\.(gate|up|down)_proj)\.weight"
+    r"model\.layers\.\d+\.(self_attn\.([qkvo]|q_a|q_b|kv_a|kv_b)_proj(_with_mqa)?|(block_sparse_moe|mlp)\.experts\.\d+\."
+    r"(w[123]|gate_proj|up_proj|down_proj)|mlp\.shared_experts?\.(gate|up|down)_proj|mlp\.(gate|up|down)_proj)\.weight"
 )
+# Quantized linears of each fixture, by hand: attention + 3 per expert (+ 3 shared) per sparse
+# block, attention + 3 per dense block.
+_N_QUANTIZED = {
+    "mixtral": 2 * (4 + 3 * 4), "qwen3_moe": 2 * (4 + 3 * 4),
+    "qwen2_moe": 2 * (4 + 3 * 4 + 3) + (4 + 3),
+    "deepseek_v3": (5 + 3) + 2 * (5 + 3 * 8 + 3),
+}
+_SPARSE = {"qwen2_moe": [0, 2], "deepseek_v3": [1, 2]}
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -184,17 +206,18 @@ def test_compressed_tensors_export_keeps_per_expert_names_and_reloads(family, mo
         with safe_open(str(f), "pt") as fh:
             names |= set(fh.keys())
     quantized = {n for n in inputs if _QUANTIZED.fullmatch(n)}
-    assert len(quantized) == sum(4 + 3 * 4 + (3 if family == "qwen2_moe" else 0) for _ in range(2)) + (
-        7 if family == "qwen2_moe" else 0)  # qwen2_moe: two sparse blocks and a dense one
+    assert len(quantized) == _N_QUANTIZED[family]
     expected = (inputs - quantized) | {
         n.removesuffix(".weight") + s for n in quantized for s in (".weight_packed", ".weight_scale", ".weight_shape")
     }
     assert names == expected
     ignore = json.loads((model / "config.json").read_text())["quantization_config"]["ignore"]
     router = "block_sparse_moe.gate" if family == "mixtral" else "mlp.gate"
-    sparse = [0, 2] if family == "qwen2_moe" else [0, 1]
+    sparse = _SPARSE.get(family, [0, 1])
     assert {f"model.layers.{i}.{router}" for i in sparse} <= set(ignore)
     assert ("model.layers.0.mlp.shared_expert_gate" in ignore) == (family == "qwen2_moe")
+    if family == "deepseek_v3":  # the router's score-correction bias is kept as it was
+        assert {f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in sparse} <= names
     from shardquant.export.inspection import inspect_checkpoint
 
     floats = inspect_checkpoint(model).not_quantized  # what `shardquant inspect` prints as float
@@ -243,9 +266,10 @@ def test_gptq_and_awq_exports_keep_per_expert_names(fmt, moe_models, texts, tmp_
 
 def test_awq_on_experts_scales_each_experts_down_and_falls_back_without_tokens(moe_models, texts, tmp_path,
                                                                                one_thread):
-    """AWQ on the starved Mixtral with routed-only statistics: each calibrated expert's up ->
-    down scale is searched, the experts' shared input is left unscaled (the norm also feeds
-    the router), and an expert without enough tokens gets RTN and no search; all finite."""
+    """AWQ on the starved Mixtral with routed-only statistics: the experts' shared input gets
+    one searched scale (`experts_in`, with the router), each calibrated expert's up -> down
+    scale is searched, and an expert without enough tokens gets RTN and no search of its own;
+    no expert's gate/up is reported as skipped; all finite."""
     from shardquant.config import build_config
     from shardquant.pipeline import quantize
 
@@ -258,8 +282,78 @@ def test_awq_on_experts_scales_each_experts_down_and_falls_back_without_tokens(m
     assert {f"expert.{e}.out" for e in range(4) if e not in low} <= set(b0["awq"])
     assert not any(f"expert.{e}." in g for e in low for g in b0["awq"])
     assert not any(g.startswith("expert.") and g.endswith(".in") for g in b0["awq"])
-    assert any("expert.0.in" in n or "expert.1.in" in n for n in b0["notes"])
+    assert all("experts_in" in b["awq"] for b in report["blocks"])
+    assert not any(".in:" in n and "expert." in n for n in b0.get("notes", []))
     assert math.isfinite(report["ppl"]["quantized"])
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_awq_shared_input_scale_folds_exactly(family, moe_models):
+    """AWQ's scale for a sparse block's input (`Experts.shared_input`): random scales folded
+    from post_attention_layernorm into the router's columns (Qwen2-MoE's shared_expert_gate's
+    too), every expert's and the shared expert's gate/up leave the block's output (routing
+    included) where it was, before any rounding; the norm and the router really changed."""
+    from shardquant.calib.steps import fold_scales, scale_blocker
+    from shardquant.model.forward import BlockRunner
+
+    src = ModelSource(moe_models[family])
+    spec = src.adapter.experts
+    runner = BlockRunner(src.adapter, src.skeleton.config, src.rotary())
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 40, src.config.hidden_size, generator=gen)
+    i = 1 if family == "deepseek_v3" else 0  # a sparse block
+    block = src.block(i)
+    (group,) = src.adapter.scale_groups(len(block.get_submodule(spec.module)))
+    members = {n for g in src.block_groups(i) if g.phase == "moe_in" for n in g.linears}
+    assert set(group.linears) == {spec.router, *spec.input_readers, *members}
+    assert (spec.input_readers == ("mlp.shared_expert_gate",)) == (family == "qwen2_moe")
+    before = runner.forward(block, i, hidden)
+    old = {n: block.get_submodule(n).weight.clone() for n in ("post_attention_layernorm", spec.router)}
+    assert scale_blocker(block, group) is None
+    fold_scales(block, group, torch.exp(torch.randn(src.config.hidden_size, generator=gen)))
+    torch.testing.assert_close(runner.forward(block, i, hidden), before, rtol=1e-4, atol=1e-4)
+    assert all(not torch.equal(w, block.get_submodule(n).weight) for n, w in old.items())
+
+
+def test_awq_shared_input_scale_lowers_the_experts_error(moe_models, texts, tmp_path, one_thread):
+    """On the tiny Mixtral with two outlier channels in the experts' input (post_attention_
+    layernorm ×20 there; attention left unquantized), AWQ's shared-input scale is chosen in
+    every block with a lower search loss than no scale, and the first block's output, by
+    transformers' own forward of the exports, is closer to the full-precision model's than
+    RTN's (w3g32)."""
+    import shutil
+
+    from conftest import eval_windows
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from shardquant.pipeline import quantize
+
+    src = tmp_path / "outliers"
+    shutil.copytree(moe_models["mixtral"], src)
+    tensors = load_file(src / "model.safetensors")
+    for name, t in tensors.items():
+        if name.endswith("post_attention_layernorm.weight"):
+            t[[5, 17]] *= 20.0
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    windows = eval_windows(src, texts)
+
+    def first_block_output(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            return model(windows, output_hidden_states=True).hidden_states[1]
+
+    ref = first_block_output(src)
+    err = {}
+    for method in ("rtn", "awq"):
+        cfg = _moe_run(src, texts, tmp_path / method, method=method, bits=3, ignore=["lm_head", "re:.*self_attn.*"])
+        report = quantize(cfg, show_progress=False)
+        err[method] = float((first_block_output(tmp_path / method / "model") - ref).pow(2).mean())
+        if method == "awq":
+            for b in report["blocks"]:
+                found = b["awq"]["experts_in"]
+                assert found["ratio"] is not None and found["loss"] < found["identity_loss"]
+    assert err["awq"] < 0.8 * err["rtn"], err
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -280,3 +374,125 @@ def test_method_none_run_matches_transformers_and_exports_the_checkpoint(family,
     exported = read_checkpoint(tmp_path / "out" / "model")
     assert exported.keys() == original.keys()
     assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_rtn_on_deepseek_v3_rounds_every_linear_and_keeps_the_rest(moe_models, texts, tmp_path, one_thread):
+    """RTN end to end on the tiny DeepSeek-V3 (MLA attention, a dense first layer, shared and
+    routed experts): each quantized linear of the fake export is RTN of the input checkpoint's
+    weight (hand-listed names), every other tensor (norms, routers, their score-correction
+    bias) is the input's bit for bit, and the run's perplexity is transformers' own of the export."""
+    from conftest import eval_windows, read_checkpoint, reference_ppl
+    from safetensors.torch import load_file
+
+    from shardquant.algorithms.rtn import quantize_rtn
+    from shardquant.calib.steps import quant_spec
+    from shardquant.pipeline import quantize
+
+    src = moe_models["deepseek_v3"]
+    cfg = _moe_run(src, texts, tmp_path / "out", method="rtn")
+    report = quantize(cfg, show_progress=False)
+    original = load_file(src / "model.safetensors")
+    exported = read_checkpoint(tmp_path / "out" / "model")
+    assert exported.keys() == original.keys()
+    quantized = {n for n in original if _QUANTIZED.fullmatch(n)}
+    assert len(quantized) == _N_QUANTIZED["deepseek_v3"]
+    assert "model.layers.0.mlp.gate_proj.weight" in quantized and "model.layers.1.mlp.gate.weight" not in quantized
+    spec = quant_spec(cfg.quant)
+    for name, t in original.items():
+        want = quantize_rtn(t, spec).dequantize() if name in quantized else t
+        assert torch.equal(exported[name], want), name
+    ppl = reference_ppl(tmp_path / "out" / "model", eval_windows(tmp_path / "out" / "model", texts))
+    assert report["ppl"]["quantized"] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_deepseek_v3_router_stays_float32_in_bfloat16(moe_models, texts, tmp_path):
+    """In bfloat16 every tensor of the tiny DeepSeek-V3 loads in the dtype transformers gives
+    it (its router weight and score-correction bias stay float32: the routing depends on small
+    bias differences), and a `method: none` export keeps them so: float32 and the input's
+    values, every other float tensor the input's in bfloat16."""
+    from conftest import read_checkpoint
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from shardquant.config import build_config
+    from shardquant.pipeline import quantize
+
+    src_dir = moe_models["deepseek_v3"]
+    src = ModelSource(src_dir, dtype="bfloat16")
+    ref = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.bfloat16).state_dict()
+    block = src.block(1)
+    ours = {f"model.layers.1.{k}": v for k, v in block.state_dict().items()}
+    assert {k: v.dtype for k, v in ours.items() if ".experts." not in k} == {
+        k: v.dtype for k, v in ref.items() if k.startswith("model.layers.1.") and ".experts." not in k}
+    assert ours["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    src.release(block)
+    cfg = _moe_run(src_dir, texts, tmp_path / "out", method="none").model_dump()
+    cfg["model"]["dtype"] = "bfloat16"
+    quantize(build_config(cfg), show_progress=False)
+    original = load_file(src_dir / "model.safetensors")
+    exported = read_checkpoint(tmp_path / "out" / "model")
+    for name, t in original.items():
+        keep = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+        assert torch.equal(exported[name], t if keep else t.to(torch.bfloat16)), name
+
+
+def test_awq_folds_exactly_into_mla_attention(moe_models):
+    """AWQ's folding on the tiny DeepSeek-V3's dense block: random scales folded into
+    input_layernorm (q_a_proj, kv_a_proj_with_mqa), q_a_layernorm (q_b_proj), kv_a_layernorm
+    (kv_b_proj), post_attention_layernorm and up_proj leave the block's output where it was
+    and really change those norms; o_proj is refused (kv_b_proj's rows are not its inputs)."""
+    from shardquant.calib.steps import fold_scales, scale_blocker
+    from shardquant.model.forward import BlockRunner
+
+    src = ModelSource(moe_models["deepseek_v3"])
+    runner = BlockRunner(src.adapter, src.skeleton.config, src.rotary())
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 40, src.config.hidden_size, generator=gen)
+    block = src.block(0)
+    before = runner.forward(block, 0, hidden)
+    norms = {n: p.clone() for n, p in block.named_parameters() if "norm" in n}
+    skipped = []
+    for g in src.block_groups(0):
+        if (reason := scale_blocker(block, g)) is not None:
+            skipped.append(reason)
+            continue
+        fold_scales(block, g, torch.exp(torch.randn(block.get_submodule(g.linears[0]).in_features, generator=gen)))
+    torch.testing.assert_close(runner.forward(block, 0, hidden), before, rtol=1e-4, atol=1e-4)
+    assert [r.split(":")[0] for r in skipped] == ["attn_out"]
+    after = dict(block.named_parameters())
+    assert all(not torch.equal(p, after[n]) for n, p in norms.items()), sorted(norms)
+    assert len(norms) == 4
+
+
+@pytest.mark.parametrize("q_lora_rank", [96, None])
+def test_deepseek_v3_plan_shapes_equal_transformers_modules(q_lora_rank):
+    """From config.json alone (`shardquant plan`'s `model_shape`, the adapter resolved by
+    `q_lora_rank`: q_a/q_b or one q_proj) the linears of a dense and a sparse DeepSeek-V3
+    block, and their (out, in), are those of transformers' own modules (meta device, the
+    checkpoint's per-expert layout), and so are the norms' sizes."""
+    from moe_fixtures import tiny_moe_config
+    from transformers import AutoModelForCausalLM
+
+    from shardquant.model.adapters import get_adapter
+    from shardquant.model.experts import checkpoint_layout
+    from shardquant.tools.plan import model_shape
+
+    config = tiny_moe_config("deepseek_v3", layers=3)
+    config.q_lora_rank = q_lora_rank
+    raw = json.loads(config.to_json_string())
+    with torch.device("meta"):
+        model = checkpoint_layout(AutoModelForCausalLM.from_config(config), get_adapter("deepseek_v3", config=raw))
+    shape = model_shape(raw)
+    dims = shape.dims()
+    for i, n_experts in ((0, 0), (1, 8)):
+        block = model.model.layers[i]
+        linears = {n: tuple(m.weight.shape) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert shape.adapter.linear_shapes(dims, n_experts) == linears
+        assert ("self_attn.q_proj" in linears) == (q_lora_rank is None)
+        norms = {n.removesuffix(".weight"): p.shape[0] for n, p in block.named_parameters() if "norm" in n}
+        assert {n: dims[d] for n, d in shape.adapter.norms} == norms
+    # A config.json without the key: transformers' default decides (DeepseekV3Config's is set).
+    from transformers import DeepseekV3Config
+
+    default = get_adapter("deepseek_v3", config={}).groups[0].linears[0]
+    assert default == ("self_attn.q_a_proj" if DeepseekV3Config().q_lora_rank is not None else "self_attn.q_proj")

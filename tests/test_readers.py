@@ -1,6 +1,7 @@
 """The formats' own reference code reads our packed checkpoints back into exactly the weights
 of the `fake` export of the same run: AutoAWQ's `dequantize_gemm` for `awq`, GPTQModel's
-checkpoint dequantizer for `gptq`, over several shapes, group sizes and bit widths.
+checkpoint dequantizer for `gptq`, over several shapes, group sizes and bit widths, and on
+mixture-of-experts checkpoints (DeepSeek-V3 through AWQ, Qwen2-MoE through GPTQ).
 
 Those packages cannot share shardquant's environment, so they live in a venv of their own
 (tests/readers/make_env.sh: PyPI only, torch pinned, cached under $SHARDQUANT_CACHE/readers;
@@ -39,6 +40,11 @@ CASES = [
     ("gptq-rtn8-g128-wide", "gptq", "wide", {"method": "rtn", "bits": 8, "group_size": 128}),
     ("gptq-gptq2-g64-static-wide", "gptq", "wide",
      {"method": "gptq", "bits": 2, "group_size": 64, "act_order": True, "static_groups": True}),
+    # Mixture-of-experts checkpoints (tests/moe_fixtures.py): per-expert names, routers as floats.
+    ("awq-awq4-g32-deepseek_v3", "awq", "deepseek_v3", {"method": "awq", "bits": 4, "group_size": 32,
+                                                        "awq_grid": 4, "awq_clip_grid": 4}),
+    ("gptq-gptq4-g32-act_order-qwen2_moe", "gptq", "qwen2_moe",
+     {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, "static_groups": False}),
 ]
 
 
@@ -56,10 +62,10 @@ def reader_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def dequantized(reader_python, tiny_models, texts, tmp_path_factory) -> dict[str, tuple[dict, dict, Path]]:
+def dequantized(reader_python, tiny_models, moe_models, texts, tmp_path_factory) -> dict[str, tuple[dict, dict, Path]]:
     """case id -> (fake export's tensors, the reader's tensors, packed model dir)."""
     root = tmp_path_factory.mktemp("readers")
-    models = dict(tiny_models)
+    models = {**tiny_models, **moe_models}
     models["wide"] = save_tiny_model(root / "wide", "llama", hidden=128, inter=256, layers=2)
     jobs, fakes = [], {}
     for case, fmt, family, quant in CASES:
@@ -96,6 +102,10 @@ def test_reference_reader_gives_the_fake_weights(case, fmt, family, quant, dequa
     for name, w in fake.items():
         assert read[name].dtype == torch.float32, name
         assert torch.equal(read[name], w), name
+    if family in ("deepseek_v3", "qwen2_moe"):  # every expert's linears packed under its own name
+        experts = [n for n in linears if ".mlp.experts." in n]
+        assert len(experts) == 2 * 3 * (8 if family == "deepseek_v3" else 4), experts
+        assert not any(n.endswith((".mlp.gate", "shared_expert_gate")) for n in linears)
     # The quantized linears really were packed (not float weights passed through).
     for name in linears:
         assert f"{name}.weight" not in packed

@@ -58,9 +58,10 @@ def observing(
     handles = []
     for gname, first_name in groups:
         first = block.get_submodule(first_name)
+        n_in = first.weight.shape[-1]  # a linear's in_features, or a router's (not an nn.Linear)
         st = obs.stats[gname] = GroupStats(
-            HessianAccumulator(first.in_features, device=first.weight.device),
-            awq.ChannelStats(first.in_features, device=first.weight.device) if channel else None,
+            HessianAccumulator(n_in, device=first.weight.device),
+            awq.ChannelStats(n_in, device=first.weight.device) if channel else None,
         )
         cap = None
         if gname in capture:

@@ -81,11 +81,11 @@ def scale_blocker(block: nn.Module, group: InputGroup) -> str | None:
     """
     if not group.consumer:
         return f"{group.name}: the adapter names no consumer module to measure the scale search"
-    if not group.scalable:
-        return f"{group.name}: {group.prev} also feeds the router and the other experts"
+    if group.no_scale:
+        return f"{group.name}: {group.no_scale}"
     lins = [block.get_submodule(n) for n in group.linears]
-    n_in = lins[0].in_features
-    if any(lin.in_features != n_in for lin in lins):
+    n_in = lins[0].weight.shape[-1]  # a router is no nn.Linear, but has a [out, in] weight
+    if any(lin.weight.shape[-1] != n_in for lin in lins):
         return f"{group.name}: its linears read inputs of different sizes"
     prev = block.get_submodule(group.prev)
     if isinstance(prev, nn.Linear):
@@ -279,6 +279,9 @@ def calibrate_block(
         return losses
     use_awq = q.method in AWQ_METHODS
     losses: dict[str, float] = {}
+    shared: set[str] = set()  # groups whose input took a scale group's scale (`Adapter.scale_groups`)
+    scale_only = adapter.scale_groups(num_experts(shapes, adapter)) if use_awq else ()
+    work = _with_scale_groups(work, scale_only)
     for phase in phases(work, lambda w: w[0], q.true_sequential):
         means = ex.observe(
             [(g.name, g.linears[0]) for g, _ in phase],
@@ -294,19 +297,17 @@ def calibrate_block(
             ex.apply()
             continue
         for g, quantized in phase:
+            if any(g is sg for sg in scale_only):  # scales only: its linears solve in their own groups
+                shared |= _search_and_fold(ex, g, quantized, shapes, means, block_name, q, profile, phase)
+                ex.end_group(g.name)
+                continue
             if g.name in fallback:  # too few tokens to search scales on: plain RTN
                 losses.update(ex.solve([SolveTask(g.name, quantized, "rtn", fused=quantized)]))
                 ex.apply()
                 ex.end_group(g.name)
                 continue
-            blocker = scale_blocker(shapes, g)
-            if blocker is not None:
-                profile.notes.append(f"{block_name}: AWQ scales skipped for {blocker}")
-            else:
-                found = awq.choose_index(ex.awq_losses(g.name, g.linears, quantized, g.consumer, means[g.name]))
-                ratio = None if found.index == 0 else (found.index - 1) / q.awq_grid
-                profile.awq[g.name] = {"ratio": ratio, "loss": found.loss, "identity_loss": found.identity_loss}
-                ex.fold(g.name, found.index or None, g.prev, g.linears)
+            if g.name not in shared:
+                _search_and_fold(ex, g, quantized, shapes, means, block_name, q, profile, phase)
             task = SolveTask(g.name, quantized, q.method, clip=q.awq_clip, clip_skip=tuple(g.clip_skip))
             if q.method == "awq" and q.awq_clip:
                 task.clip_rows = ex.sample_rows(g.name, q.awq_clip_tokens)
@@ -314,6 +315,41 @@ def calibrate_block(
             ex.apply()
             ex.end_group(g.name)
     return losses
+
+
+def _with_scale_groups(
+    work: list[tuple[InputGroup, tuple[str, ...]]], scale_groups: Iterable[InputGroup]
+) -> list[tuple[InputGroup, tuple[str, ...]]]:
+    """`work` with each scale-only group placed before the first group of its phase (it is
+    observed in the same pass), paired with its linears that get quantized."""
+    out = list(work)
+    for sg in scale_groups:
+        quantized = tuple(n for n in sg.linears if n in {m for _, qs in work for m in qs})
+        at = next((i for i, (g, _) in enumerate(out) if g.phase == sg.phase), None)
+        if quantized and at is not None:
+            out.insert(at, (sg, quantized))
+    return out
+
+
+def _search_and_fold(
+    ex: BlockSteps, g: InputGroup, quantized: tuple[str, ...], shapes: nn.Module, means: dict[str, torch.Tensor],
+    block_name: str, q: QuantConfig, profile: BlockProfile, phase: list[tuple[InputGroup, tuple[str, ...]]],
+) -> set[str]:
+    """AWQ's scale search for group `g` and its fold (a note when the group cannot take
+    scales); returns the groups of `phase` whose every linear took the scale (for a scale-only
+    group: the experts' and the shared expert's gate/up), empty when nothing was folded."""
+    blocker = scale_blocker(shapes, g)
+    if blocker is None and g.name not in means:
+        blocker = f"{g.name}: no calibration token reached it"
+    if blocker is not None:
+        profile.notes.append(f"{block_name}: AWQ scales skipped for {blocker}")
+        return set()
+    found = awq.choose_index(ex.awq_losses(g.name, g.linears, quantized, g.consumer, means[g.name]))
+    ratio = None if found.index == 0 else (found.index - 1) / q.awq_grid
+    profile.awq[g.name] = {"ratio": ratio, "loss": found.loss, "identity_loss": found.identity_loss}
+    ex.fold(g.name, found.index or None, g.prev, g.linears)
+    folded = set(g.linears)
+    return {m.name for m, _ in phase if m.name != g.name and m.prev == g.prev and set(m.linears) <= folded}
 
 
 def expert_index(group: InputGroup) -> int | None:

@@ -118,8 +118,9 @@ class BlockWorker:
         t = time.perf_counter()
         self.block = self.source.block(index)
         self.index = index
-        self.groups = {g.name: g for g in self.source.block_groups(index)}
         self.experts = block_experts(self.block, self.adapter)
+        scale_only = self.adapter.scale_groups(0 if self.experts is None else len(self.experts))
+        self.groups = {g.name: g for g in (*self.source.block_groups(index), *scale_only)}
         self.profile.extra["load_s"] = time.perf_counter() - t
         self.results, self.captures, self.originals, self.candidates, self.scales = {}, {}, {}, {}, {}
         self.stage_cache = None
@@ -220,6 +221,12 @@ class BlockWorker:
         s = self.candidates.pop(group)[choice].to(self._lin(linears[0]).weight.device)
         self.scales[group] = s
         fold_scales(self.block, InputGroup(group, prev, linears), s, self.results)
+        # Groups whose every linear took these scales from the same op read x / s as well
+        # (each expert's gate/up under the sparse block's shared-input scale): their solves
+        # scale their Hessians and clip rows by them.
+        for name, g in self.groups.items():
+            if name != group and g.prev == prev and set(g.linears) <= set(linears):
+                self.scales[name] = s
         # Dropped, not rescaled: results must be bit-identical with and without the cache, and
         # no rescaling of kept tensors gives the bits the folded block computes. A quantized
         # `prev` (v_proj, up_proj) has its row scales divided and re-rounded through the scale

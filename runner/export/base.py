@@ -61,7 +61,7 @@ class Exporter:
         """A source tensor as it is exported unchanged (floats in the compute dtype)."""
         info = self.source.index.infos[name]
         dtype = ST_TO_TORCH[info.dtype]
-        return TensorSpec(name, self.source.dtype if dtype.is_floating_point else dtype, info.shape)
+        return TensorSpec(name, self.source.tensor_dtype(name) if dtype.is_floating_point else dtype, info.shape)
 
     # --- the contract -------------------------------------------------------------------
 
@@ -98,7 +98,7 @@ class Exporter:
         """Tensors outside the blocks (embedding, final norm, lm_head), read from the source."""
         for n in sorted(self.source.non_block_names()):
             t = self.source.read_tensors([n])[n]
-            yield n, t.to(self.source.dtype) if t.is_floating_point() else t
+            yield n, t.to(self.source.tensor_dtype(n)) if t.is_floating_point() else t
 
     def config_json(self) -> dict:
         """The exported config.json: the source's, dtype set, no quantization_config."""

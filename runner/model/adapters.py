@@ -20,11 +20,16 @@ T = TypeVar("T")
 # Sizes of a block's tensors, named after config.json: hidden_size, intermediate_size,
 # head_dim, and the attention widths num_attention_heads·head_dim, num_key_value_heads·head_dim;
 # for mixture-of-experts blocks an expert's and the shared expert's intermediate sizes (the
-# config keys are the adapter's `Experts` record's).
+# config keys are the adapter's `Experts` record's); for multi-head latent attention (MLA)
+# the sizes an adapter spells out in `Adapter.sizes`.
 Dim = Literal[
     "hidden", "intermediate", "head_dim", "heads*head_dim", "kv_heads*head_dim",
     "expert_intermediate", "shared_intermediate",
+    "q_lora_rank", "kv_lora_rank", "kv_a", "heads*qk_head_dim", "heads*kv_b", "heads*v_head_dim",
 ]
+# A named size as a sum of products of config.json keys, e.g. (("kv_lora_rank",),
+# ("qk_rope_head_dim",)) is kv_lora_rank + qk_rope_head_dim.
+Size = tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,9 @@ class InputGroup:
     # A pass observing this group may end once this submodule has run (instead of just
     # before the group's first linear runs): experts run in a data-dependent order.
     stop_after: str = ""
-    # False: AWQ may not fold scales into `prev` (it also feeds the router and other experts).
-    scalable: bool = True
+    # Why AWQ may not fold scales into `prev` ("" when it may), e.g. `prev` also feeds the
+    # router and the other experts.
+    no_scale: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,27 @@ class Stage:
     tail: str
     returns_tuple: bool = False
     input_op: str | None = None
+
+
+_SHARED_INPUT = "post_attention_layernorm also feeds the router and the other experts"
+SHARED_INPUT = "experts_in"  # the name of AWQ's scale group of a sparse block's input (`Experts.shared_input`)
+
+
+@dataclass(frozen=True)
+class Present:
+    """Block tensors (linears, norms) that exist only when config.json's `key` is set (not
+    null), or with `when_set=False` only when it is null or absent; e.g. DeepSeek's low-rank
+    q_a_proj/q_a_layernorm/q_b_proj with `q_lora_rank`, its q_proj without."""
+
+    key: str
+    names: tuple[str, ...]
+    when_set: bool = True
+    missing_is_set: bool = False  # a config.json without `key` gets transformers' non-null default
+
+    def absent(self, config: Mapping[str, object]) -> tuple[str, ...]:
+        """The names that the block of a model with config.json values `config` lacks."""
+        is_set = config[self.key] is not None if self.key in config else self.missing_is_set
+        return () if is_set == self.when_set else self.names
 
 
 @dataclass(frozen=True)
@@ -109,6 +136,10 @@ class Experts:
     shared_intermediate_key: str | None = None
     sparse_step_key: str | None = None
     dense_layers_key: str | None = None
+    first_dense_key: str | None = None  # the first config[key] layers are dense (DeepSeek)
+    # Unquantized weights besides the router that read the sparse block's input (Qwen2-MoE's
+    # shared_expert_gate): AWQ's shared-input scale is folded into their columns too.
+    input_readers: tuple[str, ...] = ()
 
     def linear(self, expert: int, part: str) -> str:
         """Block-relative name of an expert's linear, e.g. 'block_sparse_moe.experts.3.w1'."""
@@ -127,7 +158,7 @@ class Experts:
             ins.append(InputGroup(
                 f"expert.{e}.in", "post_attention_layernorm", (self.linear(e, self.gate), self.linear(e, self.up)),
                 consumer=f"{self.module}.{e}", in_dim="hidden", out_dims=("expert_intermediate",) * 2,
-                phase="moe_in", stop_after=self.moe, scalable=False,
+                phase="moe_in", stop_after=self.moe, no_scale=_SHARED_INPUT,
             ))
             outs.append(InputGroup(
                 f"expert.{e}.out", self.linear(e, self.up), (self.linear(e, self.down),),
@@ -136,6 +167,18 @@ class Experts:
             ))
         return (*ins, *outs)
 
+    def shared_input(self, n_experts: int) -> InputGroup:
+        """AWQ's one scale for the sparse block's input (`SHARED_INPUT`): folded from
+        post_attention_layernorm into the columns of the router, the `input_readers` and every
+        expert's (and the shared expert's) gate/up, so the block's function is unchanged; searched
+        on the sparse block's output. It observes at the router (every token, once) and solves
+        nothing: each expert's gate/up is solved in its own group, with this scale."""
+        members = tuple(n for g in self.groups(n_experts) if g.phase == "moe_in" for n in g.linears)
+        return InputGroup(
+            SHARED_INPUT, "post_attention_layernorm", (self.router, *self.input_readers, *members),
+            consumer=self.moe, in_dim="hidden", phase="moe_in", stop_after=self.moe,
+        )
+
     def count(self, config: Mapping[str, object]) -> int:
         """The number of routed experts in config.json values `config` (0 when absent)."""
         return next((int(config[k] or 0) for k in self.count_keys if k in config), 0)
@@ -143,6 +186,8 @@ class Experts:
     def sparse_layer(self, config: Mapping[str, object], index: int) -> bool:
         """Whether block `index` has routed experts, by config.json values `config`."""
         if self.dense_layers_key and index in (config.get(self.dense_layers_key) or ()):
+            return False
+        if self.first_dense_key and index < int(config.get(self.first_dense_key) or 0):
             return False
         step = config.get(self.sparse_step_key, 1) if self.sparse_step_key else 1
         return self.count(config) > 0 and (index + 1) % int(step or 1) == 0
@@ -169,6 +214,50 @@ class Adapter:
     # Block submodules the skeleton renames to the checkpoint's names (transformers renames
     # them on load): (transformers' name, the checkpoint's), e.g. ("mlp", "block_sparse_moe").
     renames: tuple[tuple[str, str], ...] = ()
+    # Named sizes beyond plan's own (`Dim`), as sums of products of config.json keys.
+    sizes: tuple[tuple[Dim, Size], ...] = ()
+    # Tensors that depend on config.json (`resolve` drops the absent ones).
+    present: tuple[Present, ...] = ()
+
+    def resolve(self, config: Mapping[str, object]) -> Adapter:
+        """This adapter for a model with config.json values `config`: the linears and norms
+        its blocks lack (`present`) are dropped, and groups left without linears with them."""
+        absent = {n for p in self.present for n in p.absent(config)}
+        if not absent:
+            return self
+        groups = []
+        for g in self.groups:
+            keep = [i for i, n in enumerate(g.linears) if n not in absent]
+            if keep:
+                groups.append(replace(
+                    g, linears=tuple(g.linears[i] for i in keep),
+                    out_dims=tuple(g.out_dims[i] for i in keep) if g.out_dims else (),
+                    clip_skip=tuple(n for n in g.clip_skip if n not in absent),
+                ))
+        return replace(
+            self, groups=tuple(groups), present=(),
+            norms=tuple(nd for nd in self.norms if nd[0] not in absent),
+            biases=tuple(replace(b, linears=tuple(n for n in b.linears if n not in absent)) for b in self.biases),
+        )
+
+    def named_sizes(self, config: Mapping[str, object]) -> dict[str, int]:
+        """The values of the `sizes` this (resolved) adapter's blocks use, for config.json values
+        `config` (KeyError naming a missing key)."""
+        used = {d for g in self.block_groups(1) for d in (g.in_dim, *g.out_dims)} | {d for _, d in self.norms}
+        out = {}
+        for name, terms in self.sizes:
+            if name not in used:
+                continue
+            total = 0
+            for term in terms:
+                prod = 1
+                for key in term:
+                    if config.get(key) is None:
+                        raise KeyError(key)
+                    prod *= int(config[key])
+                total += prod
+            out[name] = total
+        return out
 
     def block_groups(self, n_experts: int = 0) -> tuple[InputGroup, ...]:
         """The input groups of a block: `groups`, or for a block with `n_experts` routed
@@ -177,6 +266,13 @@ class Adapter:
             return self.groups
         kept = tuple(g for g in self.groups if g.name not in self.experts.replaces)
         return (*kept, *self.experts.groups(n_experts))
+
+    def scale_groups(self, n_experts: int = 0) -> tuple[InputGroup, ...]:
+        """Groups that AWQ scales but that solve nothing (their linears are solved in
+        `block_groups`): a sparse block's shared input (`Experts.shared_input`)."""
+        if not n_experts or self.experts is None:
+            return ()
+        return (self.experts.shared_input(n_experts),)
 
     def block_prefix(self, index: int) -> str:
         """Tensor-name prefix of block `index`, e.g. 'model.layers.3.'."""
@@ -260,20 +356,61 @@ def phases(items: Sequence[T], group: Callable[[T], InputGroup], true_sequential
     return out
 
 
-_QWEN_SHARED = (
-    InputGroup(
-        "shared_in", "post_attention_layernorm", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
-        consumer="mlp.shared_expert", in_dim="hidden", out_dims=("shared_intermediate",) * 2, scalable=False,
-    ),
-    InputGroup(
-        "shared_out", "mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",),
-        consumer="mlp.shared_expert.down_proj", in_dim="shared_intermediate", out_dims=("hidden",),
-    ),
-)
+def _shared(module: str) -> tuple[InputGroup, ...]:
+    """The input groups of a shared expert at block submodule `module` (a gated MLP)."""
+    return (
+        InputGroup(
+            "shared_in", "post_attention_layernorm", (f"{module}.gate_proj", f"{module}.up_proj"),
+            consumer=module, in_dim="hidden", out_dims=("shared_intermediate",) * 2, no_scale=_SHARED_INPUT,
+        ),
+        InputGroup(
+            "shared_out", f"{module}.up_proj", (f"{module}.down_proj",), consumer=f"{module}.down_proj",
+            in_dim="shared_intermediate", out_dims=("hidden",),
+        ),
+    )
+
+
 _QWEN_EXPERTS = dict(
     moe="mlp", module="mlp.experts", router="mlp.gate", gate="gate_proj", up="up_proj", down="down_proj",
     count_keys=("num_experts", "num_local_experts"), intermediate_key="moe_intermediate_size",
     sparse_step_key="decoder_sparse_step", dense_layers_key="mlp_only_layers",
+)
+
+# DeepSeek-V3's multi-head latent attention: q from q_a_proj -> q_a_layernorm -> q_b_proj (or
+# one q_proj when q_lora_rank is null), keys and values from kv_a_proj_with_mqa (the latent
+# and the shared rotary key) -> kv_a_layernorm (on the latent) -> kv_b_proj (each head's
+# k_nope then v rows). o_proj reads only kv_b_proj's value rows, so no scale folds there
+# (llm-compressor's DeepSeek AWQ mappings leave o_proj out too). The q and k paths are not
+# clipped (see above).
+_MLA = "self_attn."
+_MLA_GROUPS = (
+    InputGroup(
+        "attn_in", "input_layernorm", (_MLA + "q_a_proj", _MLA + "q_proj", _MLA + "kv_a_proj_with_mqa"),
+        consumer="self_attn", clip_skip=(_MLA + "q_a_proj", _MLA + "q_proj", _MLA + "kv_a_proj_with_mqa"),
+        in_dim="hidden", out_dims=("q_lora_rank", "heads*qk_head_dim", "kv_a"),
+    ),
+    InputGroup(
+        "q_b", _MLA + "q_a_layernorm", (_MLA + "q_b_proj",), consumer=_MLA + "q_b_proj",
+        clip_skip=(_MLA + "q_b_proj",), in_dim="q_lora_rank", out_dims=("heads*qk_head_dim",),
+    ),
+    InputGroup(
+        "kv_b", _MLA + "kv_a_layernorm", (_MLA + "kv_b_proj",), consumer=_MLA + "kv_b_proj",
+        in_dim="kv_lora_rank", out_dims=("heads*kv_b",),
+    ),
+    InputGroup(
+        "attn_out", _MLA + "kv_b_proj", (_MLA + "o_proj",), consumer=_MLA + "o_proj",
+        in_dim="heads*v_head_dim", out_dims=("hidden",),
+        no_scale="self_attn.kv_b_proj's rows interleave each head's keys and values",
+    ),
+    *_LLAMA_LIKE_GROUPS[2:],  # the first `first_k_dense_replace` layers' dense MLP
+)
+_MLA_SIZES: tuple[tuple[Dim, Size], ...] = (
+    ("q_lora_rank", (("q_lora_rank",),)),
+    ("kv_lora_rank", (("kv_lora_rank",),)),
+    ("kv_a", (("kv_lora_rank",), ("qk_rope_head_dim",))),
+    ("heads*qk_head_dim", (("num_attention_heads", "qk_nope_head_dim"), ("num_attention_heads", "qk_rope_head_dim"))),
+    ("heads*kv_b", (("num_attention_heads", "qk_nope_head_dim"), ("num_attention_heads", "v_head_dim"))),
+    ("heads*v_head_dim", (("num_attention_heads", "v_head_dim"),)),
 )
 
 ADAPTERS: dict[str, Adapter] = {
@@ -312,7 +449,7 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2_moe": Adapter(
         "qwen2_moe", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="layer_types", norms=_NORMS,
         biases=(Biases(_ATTN[:3], "qkv_bias"),),
-        experts=Experts(**_QWEN_EXPERTS, shared=_QWEN_SHARED, shared_intermediate_key="shared_expert_intermediate_size"),
+        experts=Experts(**_QWEN_EXPERTS, shared=_shared("mlp.shared_expert"), input_readers=("mlp.shared_expert_gate",), shared_intermediate_key="shared_expert_intermediate_size"),
     ),
     "qwen3_moe": Adapter(
         "qwen3_moe", groups=_LLAMA_LIKE_GROUPS, stages=_LLAMA_LIKE_STAGES, mask_rule="sliding_if_configured",
@@ -320,13 +457,37 @@ ADAPTERS: dict[str, Adapter] = {
         biases=(Biases(_ATTN, "attention_bias"),),
         experts=Experts(**_QWEN_EXPERTS),
     ),
+    # Routed experts behind DeepseekV3TopkRouter (sigmoid scores, e_score_correction_bias,
+    # group-limited top-k: transformers' own, unquantized), shared experts without a gate,
+    # and dense MLPs in the first `first_k_dense_replace` layers.
+    "deepseek_v3": Adapter(
+        "deepseek_v3", groups=_MLA_GROUPS, stages=_LLAMA_LIKE_STAGES,
+        norms=(*_NORMS, (_MLA + "q_a_layernorm", "q_lora_rank"), (_MLA + "kv_a_layernorm", "kv_lora_rank")),
+        biases=(Biases((_MLA + "q_a_proj", _MLA + "kv_a_proj_with_mqa", _MLA + "o_proj"), "attention_bias"),),
+        sizes=(*_MLA_SIZES, ("shared_intermediate", (("moe_intermediate_size", "n_shared_experts"),))),
+        present=(
+            # DeepseekV3Config's q_lora_rank defaults to 1536 (set) when config.json leaves it out.
+            Present("q_lora_rank", (_MLA + "q_a_proj", _MLA + "q_a_layernorm", _MLA + "q_b_proj"),
+                    missing_is_set=True),
+            Present("q_lora_rank", (_MLA + "q_proj",), when_set=False, missing_is_set=True),
+        ),
+        experts=Experts(
+            moe="mlp", module="mlp.experts", router="mlp.gate", gate="gate_proj", up="up_proj", down="down_proj",
+            count_keys=("n_routed_experts",), intermediate_key="moe_intermediate_size",
+            first_dense_key="first_k_dense_replace",
+            shared=_shared("mlp.shared_experts"),
+        ),
+    ),
 }
 
 
-def get_adapter(model_type: str | None, *, key: str = "model.path") -> Adapter:
-    """The adapter for a config.json `model_type`, or a UserError listing the supported ones."""
+def get_adapter(
+    model_type: str | None, *, key: str = "model.path", config: Mapping[str, object] | None = None
+) -> Adapter:
+    """The adapter for a config.json `model_type` (resolved for its values `config` when given:
+    `Adapter.resolve`), or a UserError listing the supported ones."""
     adapter = ADAPTERS.get(model_type or "")
     if adapter is None:
         supported = ", ".join(sorted(ADAPTERS))
         raise UserError(f"{key}: architecture '{model_type}' is not supported (supported: {supported})")
-    return adapter
+    return adapter if config is None else adapter.resolve(config)

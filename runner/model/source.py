@@ -69,13 +69,23 @@ class ModelSource:
             raise UserError(f"{key}: '{self.root / 'config.json'}' is not valid JSON") from None
         if not isinstance(raw, dict):
             raise UserError(f"{key}: '{self.root / 'config.json'}' is not a JSON object")
-        self.adapter: Adapter = get_adapter(raw.get("model_type"), key=key)
+        if raw.get("quantization_config"):
+            qc = raw["quantization_config"]
+            method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+            raise UserError(
+                f"{key}: '{self.root / 'config.json'}' declares a quantization_config ({method}): the checkpoint is "
+                "already quantized; give its float (bfloat16, float16 or float32) version"
+            )
+        get_adapter(raw.get("model_type"), key=key)  # refuses an unsupported family first
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.config = AutoConfig.from_pretrained(self.root, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{key}: cannot read config.json: {str(e).splitlines()[0]}") from None
+        # Resolved by the values transformers builds the model from (config.json's, or the
+        # config class's defaults for keys it leaves out).
+        self.adapter: Adapter = get_adapter(raw.get("model_type"), key=key, config=self.config.to_dict())
         if not any((self.root / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{key}: '{self.root}' has no tokenizer (tokenizer.json or tokenizer.model)")
         self.index = CheckpointIndex(self.root, key=key)
@@ -83,6 +93,10 @@ class ModelSource:
         self.dtype = DTYPES[compute_dtype(dtype, self.device.type)]
         self.trust_remote_code = trust_remote_code
         self.skeleton = self._build_skeleton()
+        # Tensors transformers keeps in float32 whatever the dtype (DeepSeek-V3's router weight
+        # and score-correction bias: `_keep_in_fp32_modules_strict`), as name substrings.
+        plan = getattr(self.skeleton, "_get_dtype_plan", None)
+        self.fp32_patterns = tuple(p for p, d in (plan(self.dtype) if plan else {}).items() if d == torch.float32)
         self._check_weights_present()
 
     # --- structure -------------------------------------------------------------------------
@@ -140,6 +154,11 @@ class ModelSource:
             out.update({n: tuple(block.get_submodule(n).weight.shape) for n in names if n not in out})
         return out
 
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        """The dtype a floating tensor `name` is loaded (and exported) in: the compute dtype,
+        or float32 for what transformers keeps in float32 (`fp32_patterns`)."""
+        return torch.float32 if any(p in name for p in self.fp32_patterns) else self.dtype
+
     # --- materialization ------------------------------------------------------------------
 
     def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -175,7 +194,7 @@ class ModelSource:
                 t = self.read_tensors([f"{self.adapter.embed}.weight"])[f"{self.adapter.embed}.weight"]
             if t is None:
                 raise UserError(f"{self.key}: weight '{full}' is missing from the safetensors files")
-            state[local] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+            state[local] = t.to(device=self.device, dtype=self.tensor_dtype(full) if t.is_floating_point() else t.dtype)
         module.load_state_dict(state, strict=True, assign=True)
         module.requires_grad_(False)
         return module

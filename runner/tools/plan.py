@@ -151,10 +151,14 @@ class ModelShape:
     experts: int = 0
     expert_intermediate: int = 0
     shared_intermediate: int = 0
+    # The adapter's own named sizes (`Adapter.sizes`, e.g. MLA's ranks) and its config keys
+    # that decide which tensors a block has (`Adapter.present`): (key, set in config.json).
+    sizes: tuple[tuple[str, int], ...] = ()
+    options: tuple[tuple[str, bool], ...] = ()
 
     @property
     def adapter(self) -> Adapter:
-        return get_adapter(self.family)
+        return get_adapter(self.family, config={k: (1 if on else None) for k, on in self.options})
 
     def dims(self) -> dict[str, int]:
         """The values of the adapter's named sizes (`adapters.Dim`)."""
@@ -162,6 +166,7 @@ class ModelShape:
             "hidden": self.hidden, "intermediate": self.intermediate, "head_dim": self.head_dim,
             "heads*head_dim": self.heads * self.head_dim, "kv_heads*head_dim": self.kv_heads * self.head_dim,
             "expert_intermediate": self.expert_intermediate, "shared_intermediate": self.shared_intermediate,
+            **dict(self.sizes),
         }
 
     def groups(self) -> tuple[InputGroup, ...]:
@@ -230,11 +235,16 @@ def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShap
         moe = {"experts": spec.count(raw), "expert_intermediate": num(spec.intermediate_key)}
         if spec.shared_intermediate_key:
             moe["shared_intermediate"] = num(spec.shared_intermediate_key)
+    options = {p.key: raw[p.key] is not None if p.key in raw else p.missing_is_set for p in adapter.present}
+    try:
+        sizes = adapter.resolve(raw).named_sizes(raw)
+    except KeyError as e:
+        raise UserError(f"{where}: '{e.args[0]}' is missing") from None
     return ModelShape(
         family=family, layers=num("num_hidden_layers"), hidden=hidden, intermediate=num("intermediate_size"),
         heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=num("head_dim") if raw.get("head_dim") is not None else head_dim,
-        vocab=num("vocab_size"), tied=bool(raw.get("tie_word_embeddings", False)), biased=adapter.biased(raw),
-        **moe,
+        vocab=num("vocab_size"), tied=bool(raw.get("tie_word_embeddings", False)),
+        biased=adapter.resolve(raw).biased(raw), sizes=tuple(sizes.items()), options=tuple(options.items()), **moe,
     )
 
 
