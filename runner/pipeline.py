@@ -24,6 +24,7 @@ from shardquant.execution.block_loop import (
     put_record,
     retry_lost,
     run_blocks,
+    setup,
     stage_overlap,
 )
 from shardquant.execution.protocol import ExecutorFactory
@@ -81,14 +82,14 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         print(f"shardquant: resuming '{p.output}' at block {start} of {src.num_blocks}", file=sys.stderr)
     tracker = make_tracker(cfg.tracking.wandb, p.output)
     tracker.start(config_dict(cfg))
-    do_fp = p.evals is not None and cfg.eval.fp and q.method != "none"
+    do_fp = (p.evals is not None or p.tasks is not None) and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
     fit = fit_run(cfg, src)
     ex = (executors or executor_factory(cfg.cluster.backend))(fit.cfg, src)
     bar = None
     try:
         t = time.perf_counter()
-        ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+        setup(ex, p, do_fp)
         staged = ex.staged
         if staged:  # finished blocks need not be a prefix: the stages run side by side
             start = len(progress.get("stage_done", []))
@@ -118,7 +119,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
 
         def restore() -> None:  # a replaced worker needs its streams as they were after the blocks
             if staged:  # every block is done: the stages only stream the fp inputs again
-                ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+                setup(ex, p, do_fp)
                 run_blocks(ex, p, state, progress, start=start, staged=True, do_fp=do_fp, on_record=on_record)
             else:
                 ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
@@ -126,6 +127,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         t = time.perf_counter()
         ppl = retry_lost(ex, progress, lambda: _perplexities(ex, cfg, p.evals is not None), restore,
                          "evaluating again from the last checkpoint")
+        tasks = retry_lost(ex, progress, lambda: _task_results(ex, cfg, p), restore,
+                           "scoring the tasks again from the last checkpoint")
         final_eval_s = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -167,7 +170,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
             "windows": 0 if p.calib is None else int(p.calib.shape[0]),
             "tokens": 0 if p.calib is None else int(p.calib.numel()),
         },
-        "eval": {"windows": 0 if p.evals is None else int(p.evals.shape[0])},
+        "eval": {"windows": 0 if p.evals is None else int(p.evals.shape[0]), **tasks},
         "cluster": {"backend": cfg.cluster.backend, "workers": ex.names, "resumed_at": start or None,
                     "mode": "stages" if staged else "data",
                     "stages": {**stage_overlap(blocks), "stream_s": stream_s} if staged else None,
@@ -196,6 +199,41 @@ def _perplexities(ex, cfg: RunConfig, evaluating: bool) -> dict[str, float | Non
     if cfg.quant.method == "none" and cfg.eval.fp:
         ppl["fp"] = ppl["quantized"]
     return ppl
+
+
+def _task_results(ex, cfg: RunConfig, p: Prepared) -> dict[str, Any]:
+    """report.json's `eval.tasks` ({fp, quantized} -> task -> metric) and `eval.task_requests`
+    from every worker's task-sequence scores, answered to the harness; {} without eval.tasks."""
+    if p.tasks is None:
+        return {}
+    streams: dict[str, list[tuple[float, bool]]] = {}
+    for part in ex.task_scores():  # worker order = sequence order
+        for stream, scores in part.items():
+            streams.setdefault(stream, []).extend(scores)
+    named = {"quantized": "task_q", "fp": "task_fp"}
+    return task_report(p, {k: streams.get(v) for k, v in named.items()},
+                       same_fp=cfg.quant.method == "none" and cfg.eval.fp)
+
+
+def task_report(p: Prepared, scores: dict[str, list[tuple[float, bool]] | None], *,
+                same_fp: bool = False) -> dict[str, Any]:
+    """The harness answered from each model's task scores ({fp, quantized} -> scores or None):
+    report.json's `eval.tasks` (model -> task -> metric), `eval.task_requests`,
+    `eval.task_samples` (the file with every request's answer, output/task_samples.json)."""
+    from shardquant.tasks.harness import metrics, samples
+
+    out: dict[str, Any] = {"fp": None, "quantized": None}
+    per_doc: dict[str, Any] = {}
+    for model, got in scores.items():
+        if got is not None:
+            result = p.tasks.evaluate(got)
+            out[model], per_doc[model] = metrics(result), samples(result)
+    if same_fp and out["fp"] is None:
+        out["fp"], per_doc["fp"] = out["quantized"], per_doc.get("quantized")
+    path = p.output / "task_samples.json"
+    write_json_atomic(path, per_doc)
+    return {"tasks": out, "task_requests": p.tasks.requests, "task_sequences": len(p.tasks.sequences),
+            "task_samples": str(path)}
 
 
 def fit_run(cfg: RunConfig, source: ModelSource) -> Fit:
