@@ -36,6 +36,7 @@ from shardquant.prepare import Prepared, prepare
 from shardquant.record.report import own_peak_rss_bytes, peak_rss_bytes, write_report
 from shardquant.record.state import RunState
 from shardquant.record.tracking import make_tracker
+from shardquant.tasks.sequences import embed_sequences, score_sequences
 from shardquant.tools.fit import Fit, choose
 from shardquant.tools.plan import read_model_config
 
@@ -217,12 +218,13 @@ def _task_results(ex, cfg: RunConfig, p: Prepared) -> dict[str, Any]:
 
 def task_report(p: Prepared, scores: dict[str, list[tuple[float, bool]] | None], *,
                 same_fp: bool = False) -> dict[str, Any]:
-    """The harness answered from each model's task scores ({fp, quantized} -> scores or None):
+    """The harness answered from each model's task scores ({fp, quantized} -> scores or None;
+    `eval`: {model}):
     report.json's `eval.tasks` (model -> task -> metric), `eval.task_requests`,
     `eval.task_samples` (the file with every request's answer, output/task_samples.json)."""
     from shardquant.tasks.harness import metrics, samples
 
-    out: dict[str, Any] = {"fp": None, "quantized": None}
+    out: dict[str, Any] = dict.fromkeys(scores)
     per_doc: dict[str, Any] = {}
     for model, got in scores.items():
         if got is not None:
@@ -282,31 +284,48 @@ def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:
 
 
 def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
-    """Perplexity of model.path as it is (blockwise), written to output/eval.json."""
-    if not (cfg.eval.enabled and cfg.eval.path):
-        raise UserError("eval.path: no evaluation text configured")
+    """Perplexity and eval.tasks of model.path as it is, blockwise (a packed checkpoint's
+    linears dequantized block by block: `model.packed`), written to output/eval.json."""
+    if not (cfg.eval.enabled and (cfg.eval.path or cfg.eval.tasks)):
+        raise UserError("eval.path: no evaluation text configured (set eval.path or eval.tasks)")
     p = prepare(cfg, need_calib=False)
     src, ad = p.source, p.source.adapter
     runner = BlockRunner(ad, src.skeleton.config, src.rotary())
+    bs = cfg.eval.batch_size
     t0 = time.perf_counter()
     embedding = src.load(ad.embed)
-    hidden = embed_batches(embedding, p.evals, cfg.eval.batch_size, src.device)
+    streams: dict[str, list[torch.Tensor]] = {}
+    if p.evals is not None:
+        streams["ppl"] = embed_batches(embedding, p.evals, bs, src.device)
+    if p.tasks is not None:
+        streams["tasks"] = embed_sequences(embedding, p.tasks.sequences, bs, src.device)
     src.release(embedding)
     bar = _progress(src.num_blocks, "eval") if show_progress else None
     for i in range(src.num_blocks):
         block = src.block(i)
-        hidden = runner.forward_all(block, i, hidden)
+        streams = {k: runner.forward_all(block, i, v) for k, v in streams.items()}
         src.release(block)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    ppl = _perplexity(src, {"model": hidden}, p.evals, cfg.eval.batch_size)["model"]
+    ppl, task_out = None, {}
+    if p.evals is not None:
+        ppl = _perplexity(src, {"model": streams["ppl"]}, p.evals, bs)["model"]
+    if p.tasks is not None:
+        norm, head = src.load(ad.final_norm), src.load(ad.lm_head)
+        scores = score_sequences(norm, head.weight, streams["tasks"], p.tasks.sequences, bs)
+        src.release(norm)
+        src.release(head)
+        task_out = task_report(p, {"model": scores})
+        task_out["tasks"] = task_out["tasks"]["model"]
     result = {
         "ppl": ppl,
         "model": str(src.root),
-        "windows": int(p.evals.shape[0]),
+        "format": src.packed.layout.name if src.packed is not None else "dense",
+        "windows": 0 if p.evals is None else int(p.evals.shape[0]),
         "seq_len": cfg.eval.seq_len,
+        **task_out,
         "seconds": time.perf_counter() - t0,
         "memory": {"peak_rss_bytes": peak_rss_bytes()},
         "config": config_dict(cfg),

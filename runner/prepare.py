@@ -73,7 +73,8 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
         device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    check_scheme(cfg, source)
+    if need_calib:  # `eval` quantizes nothing: the quant section does not apply
+        check_scheme(cfg, source)
     exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
     tokenizer = source.tokenizer()
     calib = None
