@@ -140,3 +140,18 @@ def test_llm_compressor_checkpoint_evaluates_as_transformers_loads_it(rtn_export
     ours = _eval(out, texts, tmp_path / "eval", capsys)
     assert ours["format"] == "compressed-tensors"
     assert ours["ppl"] == pytest.approx(reference_ppl(out, windows), rel=1e-4)
+
+
+def test_eval_tasks_of_a_packed_checkpoint_equal_hflm_on_its_fake_export(rtn_exports, texts, local_tasks,
+                                                                         hflm_reference, tmp_path, capsys):
+    from task_fixtures import TASKS, assert_same_as_hflm
+
+    rc = main(["eval", str(rtn_exports["gptq"]), "--eval.tasks=[tiny_mc, tiny_rolling]",
+               f"--eval.task_paths=[{local_tasks}]", f"--eval.task_max_length={TASKS['task_max_length']}",
+               "--eval.batch_size=4", f"--output={tmp_path}", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert "tiny_mc: acc" in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["ppl"] is None  # no eval.path: tasks only
+    samples = json.loads((tmp_path / "task_samples.json").read_text())["model"]
+    assert_same_as_hflm((result["tasks"], samples), hflm_reference(rtn_exports["fake"]))
