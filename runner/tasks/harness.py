@@ -72,6 +72,11 @@ class BlockwiseLM(TemplateLM):
             kw["add_special_tokens"] = False
         return self.tokenizer.encode(string, **kw)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """The harness's own tokenization (`TemplateLM.loglikelihood`), without its progress bar
+        (answering from scores takes no time)."""
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     def _loglikelihood_tokens(self, requests, **kwargs) -> list[tuple[float, bool]]:
         out = []
         for _, ctx, cont in requests:
