@@ -155,3 +155,36 @@ def test_eval_tasks_of_a_packed_checkpoint_equal_hflm_on_its_fake_export(rtn_exp
     assert result["ppl"] is None  # no eval.path: tasks only
     samples = json.loads((tmp_path / "task_samples.json").read_text())["model"]
     assert_same_as_hflm((result["tasks"], samples), hflm_reference(rtn_exports["fake"]))
+
+
+@pytest.mark.parametrize(("fmt", "sym", "act_order"), [
+    ("compressed-tensors", True, False), ("compressed-tensors", False, False), ("gptq", True, False),
+    ("gptq", True, True), ("awq", True, False), ("awq", False, False),
+])
+def test_each_reader_undoes_its_exporter(rtn_exports, fmt, sym, act_order):
+    """Random codes, fp16 scales, zeros and (act-order) a permuted g_idx, written by the format's
+    exporter, read back by `model.packed` as `QuantizedWeight.dequantize` computes them."""
+    from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec
+    from shardquant.config import QuantConfig
+    from shardquant.export.registry import get_exporter
+    from shardquant.model.packed import READERS
+    from shardquant.model.source import ModelSource
+
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f, group = 128, 64, 32
+    q = QuantConfig(method="gptq", bits=4, group_size=group, symmetric=sym, act_order=act_order)
+    exporter = get_exporter(fmt, ModelSource(rtn_exports["model"]), q)
+    g_idx = torch.arange(in_f, dtype=torch.int32) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    zeros = torch.full((out_f, in_f // group), 8, dtype=torch.int32) if sym else \
+        torch.randint(0, 16, (out_f, in_f // group), generator=g, dtype=torch.int32)
+    qw = QuantizedWeight(
+        codes=torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8),
+        scales=(torch.rand(out_f, in_f // group, generator=g) * 0.1 + 1e-3).half().float(),
+        zeros=zeros, g_idx=g_idx, spec=QuantSpec(4, group, sym),
+    )
+    tensors = exporter.linear_tensors("x", qw)
+    qc = exporter.config_json()["quantization_config"]
+    got = READERS[fmt]({k.removeprefix("x."): v for k, v in tensors.items()}, qc)
+    torch.testing.assert_close(got, qw.dequantize(), rtol=0, atol=0)
