@@ -34,9 +34,6 @@ def compressed_tensors(t: Tensors, qc: dict) -> Tensor:
     packed along out, scale [out, groups]."""
     from compressed_tensors.compressors.pack_quantized import unpack_from_int32
 
-    if str(qc.get("format", "pack-quantized")) not in ("pack-quantized", "mixed-precision"):
-        raise UserError(f"model.path: compressed-tensors format '{qc.get('format')}' is not read by eval "
-                        "(pack-quantized integer weights are)")
     out_f, in_f = (int(x) for x in t["weight_shape"])
     bits = _bits(qc, t["weight_packed"].shape[1], in_f)
     codes = unpack_from_int32(t["weight_packed"], bits, torch.Size((out_f, in_f))).float()
@@ -74,8 +71,6 @@ def gptq(t: Tensors, qc: dict) -> Tensor:
 def awq(t: Tensors, qc: dict) -> Tensor:
     """AWQ GEMM: codes [in, out] and zeros [groups, out] in AWQ's interleaved 4-bit packing
     along out, scales [groups, out]."""
-    if str(qc.get("version", "gemm")).lower() != "gemm":
-        raise UserError(f"model.path: AWQ version '{qc.get('version')}' is not read by eval (GEMM is)")
     codes = unpack_awq(t["qweight"], dim=1).float()
     zeros = unpack_awq(t["qzeros"], dim=1).float()
     scales = t["scales"].float()
@@ -121,4 +116,9 @@ def packed_reader(raw_config: dict) -> PackedReader | None:
     if method not in READERS:
         raise UserError(f"model.path: quantization_config quant_method '{method}' is not read "
                         f"(readable: {', '.join(sorted(READERS))}, or dense weights)")
+    if method == "compressed-tensors" and str(qc.get("format", "pack-quantized")) != "pack-quantized":
+        raise UserError(f"model.path: compressed-tensors format '{qc.get('format')}' is not read "
+                        "(pack-quantized integer weights are)")
+    if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+        raise UserError(f"model.path: AWQ version '{qc.get('version')}' is not read (GEMM is)")
     return PackedReader(method, qc)
