@@ -190,13 +190,16 @@ class RayExecutor:
 
     # --- run lifecycle --------------------------------------------------------------------
 
-    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
+    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool,
+              tasks: Any = None) -> None:
+        """Each actor embeds its share of the windows (and of the eval.tasks sequences)."""
         import ray
 
-        self._setup_args = (ray.put(calib), ray.put(evals), do_fp_eval)
-        self._windows = ray.get(
-            [a.setup.remote(self._setup_args[0], self._setup_args[1], do_fp_eval=do_fp_eval) for a in self.actors]
-        )
+        self._setup_args = (ray.put(calib), ray.put(evals), do_fp_eval, ray.put(tasks))
+        self._windows = ray.get([
+            a.setup.remote(self._setup_args[0], self._setup_args[1], do_fp_eval=do_fp_eval, tasks=self._setup_args[3])
+            for a in self.actors
+        ])
 
     def begin_block(self, index: int) -> None:
         self._index = index
@@ -242,6 +245,10 @@ class RayExecutor:
     def nll(self) -> list[dict[str, tuple[float, int]]]:
         return self._all("nll")
 
+    def task_scores(self) -> list[dict[str, list[tuple[float, bool]]]]:
+        """Each actor's task-sequence scores, in worker (= sequence share) order."""
+        return self._all("task_scores")
+
     def peak_rss(self) -> list[int]:
         """Each worker's peak RSS (report.json: cluster.peak_rss_bytes)."""
         return self._all("peak_rss")
@@ -260,8 +267,8 @@ class RayExecutor:
                 ray.kill(a, no_restart=True)
                 self.actors[k] = self._spawn(k)
                 if self._setup_args is not None:
-                    calib, evals, do_fp = self._setup_args
-                    ray.get(self.actors[k].setup.remote(calib, evals, do_fp_eval=do_fp))
+                    calib, evals, do_fp, tasks = self._setup_args
+                    ray.get(self.actors[k].setup.remote(calib, evals, do_fp_eval=do_fp, tasks=tasks))
         self._stats, self._pending = [], []
         return True
 

@@ -17,6 +17,7 @@ import torch
 
 from shardquant.cluster.ray_executor import RayExecutor
 from shardquant.cluster.stage_worker import StageWorker
+from shardquant.errors import UserError
 
 
 class StageExecutor(RayExecutor):
@@ -29,10 +30,14 @@ class StageExecutor(RayExecutor):
         super().__init__(cfg, linear_shapes)
         self._qblock_files: dict[int, str] = {}  # what `run` wrote (and skipped blocks hold), for `nll`
 
-    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
+    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool,
+              tasks: Any = None) -> None:
         import ray
 
-        self._setup_args = (ray.put(calib), ray.put(evals), do_fp_eval)
+        if tasks is not None:
+            raise UserError("eval.tasks: not computed by pipeline stages (calib.propagate: fp on Ray); "
+                            "use calib.propagate: quantized, or `shardquant eval` on the exported checkpoint")
+        self._setup_args = (ray.put(calib), ray.put(evals), do_fp_eval, None)
         ray.get([
             self.actors[0].setup.remote(self._setup_args[0], self._setup_args[1], do_fp_eval=do_fp_eval),
             self.actors[-1].set_eval_tokens.remote(self._setup_args[1]),

@@ -59,13 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, text in (
-        ("quantize", "calibrate, quantize, evaluate and export a model (the main job)"),
-        ("eval", "perplexity of model.path on eval.path, blockwise (writes output/eval.json)"),
+    for name, text, target in (
+        ("quantize", "calibrate, quantize, evaluate and export a model (the main job)", "YAML run config"),
+        ("eval", "perplexity (eval.path) and lm-eval tasks (eval.tasks) of a model, blockwise: dense, or packed "
+         "by any tool (compressed-tensors pack-quantized, GPTQ, AWQ GEMM), dequantized block by block; writes "
+         "output/eval.json",
+         "YAML run config, or a checkpoint directory (its model.path; a run directory means its model/)"),
     ):
-        s = sub.add_parser(name, help=text, description=text, epilog=EPILOG, allow_abbrev=False,
+        s = sub.add_parser(name, help=text.split(":")[0], description=text, epilog=EPILOG, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        s.add_argument("config", help="YAML run config")
+        s.add_argument("config", metavar="CONFIG" if name == "quantize" else "CONFIG|CHECKPOINT", help=target)
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     qs = sub.add_parser(
         "quickstart",
@@ -284,7 +287,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         report = run_quickstart(Path(args.output), show_progress=not args.quiet)
         print(_summary(report))
         return 0
-    cfg = load_config(args.config, extra)
+    if args.command == "eval" and Path(args.config).is_dir():
+        cfg = _checkpoint_config(Path(args.config), extra)
+    else:
+        cfg = load_config(args.config, extra)
     args.output = cfg.output  # named by the disk-full message when a library gives no path
     from shardquant import pipeline
 
@@ -293,9 +299,23 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         print(_summary(report))
     else:
         result = pipeline.evaluate(cfg, show_progress=not args.quiet)
-        print(f"perplexity {result['ppl']:.4f} over {result['windows']} windows of {result['seq_len']} tokens")
+        if result["ppl"] is not None:
+            print(f"perplexity {result['ppl']:.4f} over {result['windows']} windows of {result['seq_len']} tokens")
+        for task, values in (result.get("tasks") or {}).items():
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
         print(f"written: {Path(cfg.output) / 'eval.json'}")
     return 0
+
+
+def _checkpoint_config(target: Path, extra: list[str]):
+    """`shardquant eval DIR --eval.path=... [--output=...]`: DIR is model.path (a run directory
+    stands for its model/); the output defaults to runs/eval-<name of DIR>."""
+    from shardquant.config import build_config, parse_overrides
+
+    model = target / "model" if not (target / "config.json").is_file() and (target / "model").is_dir() else target
+    overrides = parse_overrides(extra)
+    overrides.setdefault("output", f"runs/eval-{model.resolve().name}")
+    return build_config({"model": {"path": str(model)}}, overrides)
 
 
 def _stop_on_signals() -> None:

@@ -270,6 +270,20 @@ class EvalConfig(_Section):
     n_samples: int | None = Field(32, ge=1, description="Windows; null = every full window of the text.")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
     fp: bool = Field(True, description="Also measure the unquantized model on the same windows.")
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks (loglikelihood, multiple_choice, "
+        "loglikelihood_rolling), computed blockwise on the fp and quantized model; needs the `eval` extra. "
+        "Harness task names load their data from the hub; tasks in eval.task_paths work offline."
+    )
+    task_paths: list[str] = Field(
+        default_factory=list, description="Folders or files of local lm-eval task YAMLs (the harness's include_path)."
+    )
+    task_limit: int | None = Field(None, ge=1, description="Documents per task (the harness's limit); null = all.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per task; null = each task's default.")
+    task_max_length: int | None = Field(
+        None, ge=2, description="Tokens a task request may feed the model (longer ones lose their left end); "
+        "null = the model's context length, as the harness reads it from config.json."
+    )
 
 
 class ExportConfig(_Section):

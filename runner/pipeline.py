@@ -25,6 +25,7 @@ from shardquant.execution.block_loop import (
     put_record,
     retry_lost,
     run_blocks,
+    setup,
     stage_overlap,
 )
 from shardquant.execution.protocol import ExecutorFactory
@@ -36,6 +37,7 @@ from shardquant.prepare import Prepared, prepare
 from shardquant.record.report import own_peak_rss_bytes, peak_rss_bytes, write_report
 from shardquant.record.state import RunState
 from shardquant.record.tracking import make_tracker
+from shardquant.tasks.sequences import embed_sequences, score_sequences
 from shardquant.tools.fit import Fit, choose
 from shardquant.tools.plan import read_model_config
 
@@ -82,14 +84,14 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         print(f"shardquant: resuming '{p.output}' at block {start} of {src.num_blocks}", file=sys.stderr)
     tracker = make_tracker(cfg.tracking.wandb, p.output)
     tracker.start(config_dict(cfg))
-    do_fp = p.evals is not None and cfg.eval.fp and q.method != "none"
+    do_fp = (p.evals is not None or p.tasks is not None) and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
     fit = fit_run(cfg, src)
     ex = (executors or executor_factory(cfg.cluster.backend))(fit.cfg, src)
     bar = None
     try:
         t = time.perf_counter()
-        ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+        setup(ex, p, do_fp)
         staged = ex.staged
         if staged:  # finished blocks need not be a prefix: the stages run side by side
             start = len(progress.get("stage_done", []))
@@ -119,7 +121,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
 
         def restore() -> None:  # a replaced worker needs its streams as they were after the blocks
             if staged:  # every block is done: the stages only stream the fp inputs again
-                ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+                setup(ex, p, do_fp)
                 run_blocks(ex, p, state, progress, start=start, staged=True, do_fp=do_fp, on_record=on_record)
             else:
                 ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
@@ -127,6 +129,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         t = time.perf_counter()
         ppl = retry_lost(ex, progress, lambda: _perplexities(ex, cfg, p.evals is not None), restore,
                          "evaluating again from the last checkpoint")
+        tasks = retry_lost(ex, progress, lambda: _task_results(ex, cfg, p), restore,
+                           "scoring the tasks again from the last checkpoint")
         final_eval_s = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -168,7 +172,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
             "windows": 0 if p.calib is None else int(p.calib.shape[0]),
             "tokens": 0 if p.calib is None else int(p.calib.numel()),
         },
-        "eval": {"windows": 0 if p.evals is None else int(p.evals.shape[0])},
+        "eval": {"windows": 0 if p.evals is None else int(p.evals.shape[0]), **tasks},
         "cluster": {"backend": cfg.cluster.backend, "workers": ex.names, "resumed_at": start or None,
                     "mode": "stages" if staged else "data",
                     "stages": {**stage_overlap(blocks), "stream_s": stream_s} if staged else None,
@@ -198,6 +202,42 @@ def _perplexities(ex, cfg: RunConfig, evaluating: bool) -> dict[str, float | Non
     if cfg.quant.method == "none" and cfg.eval.fp:
         ppl["fp"] = ppl["quantized"]
     return ppl
+
+
+def _task_results(ex, cfg: RunConfig, p: Prepared) -> dict[str, Any]:
+    """report.json's `eval.tasks` ({fp, quantized} -> task -> metric) and `eval.task_requests`
+    from every worker's task-sequence scores, answered to the harness; {} without eval.tasks."""
+    if p.tasks is None:
+        return {}
+    streams: dict[str, list[tuple[float, bool]]] = {}
+    for part in ex.task_scores():  # worker order = sequence order
+        for stream, scores in part.items():
+            streams.setdefault(stream, []).extend(scores)
+    named = {"quantized": "task_q", "fp": "task_fp"}
+    return task_report(p, {k: streams.get(v) for k, v in named.items()},
+                       same_fp=cfg.quant.method == "none" and cfg.eval.fp)
+
+
+def task_report(p: Prepared, scores: dict[str, list[tuple[float, bool]] | None], *,
+                same_fp: bool = False) -> dict[str, Any]:
+    """The harness answered from each model's task scores ({fp, quantized} -> scores or None;
+    `eval`: {model}):
+    report.json's `eval.tasks` (model -> task -> metric), `eval.task_requests`,
+    `eval.task_samples` (the file with every request's answer, output/task_samples.json)."""
+    from shardquant.tasks.harness import metrics, samples
+
+    out: dict[str, Any] = dict.fromkeys(scores)
+    per_doc: dict[str, Any] = {}
+    for model, got in scores.items():
+        if got is not None:
+            result = p.tasks.evaluate(got)
+            out[model], per_doc[model] = metrics(result), samples(result)
+    if same_fp and out["fp"] is None:
+        out["fp"], per_doc["fp"] = out["quantized"], per_doc.get("quantized")
+    path = p.output / "task_samples.json"
+    write_json_atomic(path, per_doc)
+    return {"tasks": out, "task_requests": p.tasks.requests, "task_sequences": len(p.tasks.sequences),
+            "task_samples": str(path)}
 
 
 def fit_run(cfg: RunConfig, source: ModelSource) -> Fit:
@@ -246,31 +286,48 @@ def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:
 
 
 def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
-    """Perplexity of model.path as it is (blockwise), written to output/eval.json."""
-    if not (cfg.eval.enabled and cfg.eval.path):
-        raise UserError("eval.path: no evaluation text configured")
+    """Perplexity and eval.tasks of model.path as it is, blockwise (a packed checkpoint's
+    linears dequantized block by block: `model.packed`), written to output/eval.json."""
+    if not (cfg.eval.enabled and (cfg.eval.path or cfg.eval.tasks)):
+        raise UserError("eval.path: no evaluation text configured (set eval.path or eval.tasks)")
     p = prepare(cfg, need_calib=False)
     src, ad = p.source, p.source.adapter
     runner = BlockRunner(ad, src.skeleton.config, src.rotary())
+    bs = cfg.eval.batch_size
     t0 = time.perf_counter()
     embedding = src.load(ad.embed)
-    hidden = embed_batches(embedding, p.evals, cfg.eval.batch_size, src.device)
+    streams: dict[str, list[torch.Tensor]] = {}
+    if p.evals is not None:
+        streams["ppl"] = embed_batches(embedding, p.evals, bs, src.device)
+    if p.tasks is not None:
+        streams["tasks"] = embed_sequences(embedding, p.tasks.sequences, bs, src.device)
     src.release(embedding)
     bar = _progress(src.num_blocks, "eval") if show_progress else None
     for i in range(src.num_blocks):
         block = src.block(i)
-        hidden = runner.forward_all(block, i, hidden)
+        streams = {k: runner.forward_all(block, i, v) for k, v in streams.items()}
         src.release(block)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    ppl = _perplexity(src, {"model": hidden}, p.evals, cfg.eval.batch_size)["model"]
+    ppl, task_out = None, {}
+    if p.evals is not None:
+        ppl = _perplexity(src, {"model": streams["ppl"]}, p.evals, bs)["model"]
+    if p.tasks is not None:
+        norm, head = src.load(ad.final_norm), src.load(ad.lm_head)
+        scores = score_sequences(norm, head.weight, streams["tasks"], p.tasks.sequences, bs)
+        src.release(norm)
+        src.release(head)
+        task_out = task_report(p, {"model": scores})
+        task_out["tasks"] = task_out["tasks"]["model"]
     result = {
         "ppl": ppl,
         "model": str(src.root),
-        "windows": int(p.evals.shape[0]),
+        "format": src.packed.layout.name if src.packed is not None else "dense",
+        "windows": 0 if p.evals is None else int(p.evals.shape[0]),
         "seq_len": cfg.eval.seq_len,
+        **task_out,
         "seconds": time.perf_counter() - t0,
         "memory": {"peak_rss_bytes": peak_rss_bytes()},
         "config": config_dict(cfg),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from shardquant.export.base import Exporter
 from shardquant.export.registry import get_exporter
 from shardquant.kernels import select
 from shardquant.model.source import ModelSource
+
+if TYPE_CHECKING:
+    from shardquant.tasks.harness import TaskRun
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Prepared:
     calib: torch.Tensor | None
     evals: torch.Tensor | None
     output: Path
+    tasks: TaskRun | None = None  # eval.tasks, their requests collected (`tasks.harness.collect`)
 
 
 def check_scheme(cfg: RunConfig, source: ModelSource) -> None:
@@ -81,7 +86,8 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
         device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    check_scheme(cfg, source)
+    if need_calib:  # `eval` quantizes nothing: the quant section does not apply
+        check_scheme(cfg, source)
     check_kernels(cfg, source)
     exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
     tokenizer = source.tokenizer()
@@ -107,5 +113,17 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
             tokenizer, text, n_samples=cfg.eval.n_samples, seq_len=cfg.eval.seq_len,
             seed=0, mode="sequential", key="eval", source=cfg.eval.path,
         )
+    tasks = prepare_tasks(cfg, source, tokenizer)
     output = prepare_output(cfg.output)
-    return Prepared(cfg, source, exporter, calib, evals, output)
+    return Prepared(cfg, source, exporter, calib, evals, output, tasks)
+
+
+def prepare_tasks(cfg: RunConfig, source: ModelSource, tokenizer) -> TaskRun | None:
+    """eval.tasks' requests, collected by running the harness once (no weights read)."""
+    e = cfg.eval
+    if not (e.enabled and e.tasks):
+        return None
+    from shardquant.tasks.harness import TaskSpec, collect
+
+    spec = TaskSpec(tuple(e.tasks), tuple(e.task_paths), e.task_limit, e.num_fewshot)
+    return collect(spec, tokenizer, source.config, e.task_max_length)

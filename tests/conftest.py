@@ -234,3 +234,27 @@ def moe_models(tmp_path_factory) -> dict[str, Path]:
            for fam in MOE_FAMILIES}
     out["mixtral-starved"] = save_tiny_moe(root / "mixtral-starved", "mixtral", seed=1, starve=3)
     return out
+
+
+@pytest.fixture(scope="session")
+def local_tasks(tmp_path_factory) -> Path:
+    """Two tiny lm-eval task YAMLs over local jsonl files (tests/task_fixtures.py)."""
+    from task_fixtures import write_tasks
+
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+@pytest.fixture(scope="session")
+def hflm_reference(local_tasks):
+    """lm-eval's own HFLM on the local tasks, per model directory, computed once each."""
+    from task_fixtures import hflm_results
+
+    cache: dict[str, tuple[dict, dict]] = {}
+
+    def get(model_dir: Path) -> tuple[dict, dict]:
+        key = str(model_dir)
+        if key not in cache:
+            cache[key] = hflm_results(model_dir, local_tasks)
+        return cache[key]
+
+    return get

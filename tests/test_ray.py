@@ -425,3 +425,17 @@ def test_float_scheme_on_workers_is_bytewise_local(ray_local, tiny_models, texts
     assert reports["ray"]["ppl"] == reports["local"]["ppl"]
     g = [b[f"model.layers.0.self_attn.{n}.weight_global_scale"] for n in ("q_proj", "k_proj", "v_proj")]
     assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+
+
+def test_tasks_on_two_workers_equal_hflm(ray_local, tiny_models, texts, local_tasks, hflm_reference, tmp_path,
+                                         one_thread):
+    """eval.tasks with the sequences split over 2 workers: fp and quantized requests equal
+    lm-eval's HFLM on the original model and on the fake export."""
+    from task_fixtures import TASKS, assert_same_as_hflm
+    from test_tasks import ours
+
+    rep = quantize(_cfg(tiny_models["llama"], texts, tmp_path, quant={"method": "rtn", "bits": 4, "group_size": 32},
+                        eval={**TASKS, "task_paths": [str(local_tasks)]}, cluster=TWO), show_progress=False)
+    assert len(rep["cluster"]["workers"]) == 2
+    assert_same_as_hflm(ours(rep, "fp"), hflm_reference(tiny_models["llama"]))
+    assert_same_as_hflm(ours(rep, "quantized"), hflm_reference(tmp_path / "model"))

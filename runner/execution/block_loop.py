@@ -22,6 +22,14 @@ Record = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
 
 
+def setup(ex, p: Prepared, do_fp: bool) -> None:
+    """Embed the run's windows (and its eval.tasks sequences) on the executor's workers."""
+    if p.tasks is None:
+        ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+    else:
+        ex.setup(p.calib, p.evals, do_fp_eval=do_fp, tasks=p.tasks.sequences)
+
+
 def run_blocks(ex, p: Prepared, state: RunState, progress: dict[str, Any], *, start: int, staged: bool,
                do_fp: bool, on_record: Record) -> float | None:
     """Calibrate blocks `start`.. (stage mode: every block not in progress `stage_done`) on
@@ -55,7 +63,7 @@ def run_blocks(ex, p: Prepared, state: RunState, progress: dict[str, Any], *, st
             if i:
                 ex.load_activations([str(state.dir / a["file"]) for a in progress["activations"]])
             else:
-                ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+                setup(ex, p, do_fp)
             _record_fault(progress, e, i, t_fault, f"redoing from block {i}")
             continue
         on_record(rec)
@@ -69,7 +77,7 @@ def _stages_with_recovery(ex, p: Prepared, state: RunState, progress: dict[str, 
     while True:
         try:
             if not fresh:  # stage 0 starts again from the embedded windows
-                ex.setup(p.calib, p.evals, do_fp_eval=do_fp)
+                setup(ex, p, do_fp)
             fresh = False
             return _run_stages(ex, p, state, progress, on_record)
         except Exception as e:  # a lost Ray worker: replace it, redo the unfinished blocks

@@ -16,6 +16,7 @@ from shardquant.calib.steps import GroupStats, SolveTask
 from shardquant.config import RunConfig
 from shardquant.execution.worker import BlockWorker
 from shardquant.model.source import ModelSource
+from shardquant.tasks.sequences import TaskSequences
 
 
 class LocalExecutor:
@@ -35,8 +36,9 @@ class LocalExecutor:
 
     # --- run lifecycle --------------------------------------------------------------------
 
-    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
-        self.worker.setup(calib, evals, do_fp_eval=do_fp_eval)
+    def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool,
+              tasks: TaskSequences | None = None) -> None:
+        self.worker.setup(calib, evals, do_fp_eval=do_fp_eval, tasks=tasks)
 
     def begin_block(self, index: int) -> None:
         self.worker.begin_block(index)
@@ -59,6 +61,9 @@ class LocalExecutor:
 
     def nll(self) -> list[dict[str, tuple[float, int]]]:
         return [self.worker.nll()]
+
+    def task_scores(self) -> list[dict[str, list[tuple[float, bool]]]]:
+        return [self.worker.task_scores()]
 
     def assemble(self, jobs: list[tuple[str, list, list[str]]]) -> None:
         self.worker.assemble(jobs)

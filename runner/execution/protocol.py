@@ -35,7 +35,9 @@ class Executor(BlockSteps, Protocol):
     def world(self) -> int: ...
 
     def setup(self, calib: torch.Tensor | None, evals: torch.Tensor | None, *, do_fp_eval: bool) -> None:
-        """Embed each worker's windows (its share, or all of them for stages)."""
+        """Embed each worker's windows (its share, or all of them for stages). With eval.tasks
+        the pipeline also passes `tasks=` (`tasks.sequences.TaskSequences`): each worker embeds
+        its share, streams it like the evaluation windows, and `task_scores` answers."""
 
     def begin_block(self, index: int) -> None:
         """Load block `index` on every worker and run the fp streams through it."""
@@ -61,6 +63,10 @@ class Executor(BlockSteps, Protocol):
 
     def nll(self) -> list[dict[str, tuple[float, int]]]:
         """Per worker: summed NLL and token count of each evaluation stream."""
+
+    def task_scores(self) -> list[dict[str, list[tuple[float, bool]]]]:
+        """Per worker, in sequence-share order: (logprob, greedy) of each task sequence, per
+        stream (`task_q`, `task_fp`); asked only when `setup` got tasks."""
 
     def assemble(self, jobs: list[tuple[str, list, list[str]]]) -> None:
         """Write the planned shards from the block state files."""

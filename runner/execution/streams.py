@@ -1,7 +1,7 @@
 """A worker's activation streams and their passes through one block.
 
 The streams of a share (`calib`, its fp-propagated `calib_next`, the quantized and fp
-evaluation streams `eval_q` and `eval_fp`) live in an `ActivationStore`; a pass replaces a
+evaluation streams `eval_q` and `eval_fp`, the task sequences' `task_q` and `task_fp`) live in an `ActivationStore`; a pass replaces a
 stream by its output after a block, batch by batch, with the block's finished stages taken
 from a `StageCache` when there is one.
 """
@@ -17,6 +17,7 @@ from shardquant.calib.stage_cache import StageCache
 from shardquant.execution.activations import ActivationStore
 from shardquant.execution.packing import split_range
 from shardquant.model.forward import BlockRunner, embed_batches
+from shardquant.tasks.sequences import TaskSequences, embed_sequences
 
 
 class Streams:
@@ -45,6 +46,19 @@ class Streams:
             if fp_eval:
                 self.store.put("eval_fp", [b.clone() for b in batches])
         return n_calib, eval_tokens
+
+    def embed_tasks(
+        self, emb: nn.Module, seqs: TaskSequences, *, world: int, rank: int, batch: int, fp: bool,
+        device: torch.device | str,
+    ) -> TaskSequences:
+        """Share `rank` of `world` of the task sequences into `task_q` (and `task_fp`); the share."""
+        a, b = split_range(len(seqs), world, rank)
+        share = seqs.share(a, b)
+        batches = embed_sequences(emb, share, batch, device)
+        self.store.put("task_q", batches)
+        if fp:
+            self.store.put("task_fp", [t.clone() for t in batches])
+        return share
 
     def _step(self, block: nn.Module, index: int) -> Callable[[Tensor], Tensor]:
         def step(h: Tensor) -> Tensor:

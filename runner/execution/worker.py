@@ -54,6 +54,7 @@ from shardquant.model.forward import BlockRunner, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.record.report import peak_rss_bytes
 from shardquant.record.state import assemble_shard, save_tensors
+from shardquant.tasks.sequences import TaskSequences, score_sequences
 from shardquant.tools.plan import activation_cap
 
 
@@ -88,6 +89,7 @@ class BlockWorker:
         self.stage_cache: StageCache | None = None
         self.groups = {g.name: g for g in self.adapter.groups}  # the current block's (begin_block)
         self.eval_tokens: Tensor | None = None
+        self.task_share: TaskSequences | None = None
         self.do_fp_eval = False
 
     # --- samples -------------------------------------------------------------------------
@@ -97,14 +99,21 @@ class BlockWorker:
         return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.source.device)}
 
-    def setup(self, calib: Tensor | None, evals: Tensor | None, *, do_fp_eval: bool) -> int:
-        """Embed this worker's share of the calibration and evaluation windows; return its
-        number of calibration windows."""
+    def setup(self, calib: Tensor | None, evals: Tensor | None, *, do_fp_eval: bool,
+              tasks: TaskSequences | None = None) -> int:
+        """Embed this worker's share of the calibration and evaluation windows (and of the
+        eval.tasks sequences); return its number of calibration windows."""
         emb = self.source.load(self.adapter.embed)
         n_calib, self.eval_tokens = self.streams.embed(
             emb, calib, evals, world=self.world, rank=self.rank, calib_batch=self.cfg.calib.batch_size,
             eval_batch=self.cfg.eval.batch_size, fp_eval=do_fp_eval, device=self.source.device,
         )
+        self.task_share = None
+        if tasks is not None:
+            self.task_share = self.streams.embed_tasks(
+                emb, tasks, world=self.world, rank=self.rank, batch=self.cfg.eval.batch_size, fp=do_fp_eval,
+                device=self.source.device,
+            )
         self.do_fp_eval = do_fp_eval
         self.source.release(emb)
         return n_calib
@@ -127,8 +136,9 @@ class BlockWorker:
         if self.cfg.calib.reuse_stages and self.cfg.quant.true_sequential:
             self.stage_cache = StageCache.for_block(self.block, self.adapter, index, self.cfg.quant)
         t = time.perf_counter()
-        if self.do_fp_eval and self.store.has("eval_fp"):
-            self.streams.through("eval_fp", self.block, index)
+        for stream in ("eval_fp", "task_fp"):
+            if self.do_fp_eval and self.store.has(stream):
+                self.streams.through(stream, self.block, index)
         self.profile.extra["eval_s"] = time.perf_counter() - t
         if self.cfg.calib.propagate == "fp" and self.cfg.quant.method != "none":
             t = time.perf_counter()
@@ -328,8 +338,9 @@ class BlockWorker:
             self.stage_cache = None
         self.profile.forward_s += time.perf_counter() - t
         t = time.perf_counter()
-        if self.store.has("eval_q"):
-            self.streams.through("eval_q", self.block, self.index)
+        for stream in ("eval_q", "task_q"):
+            if self.store.has(stream):
+                self.streams.through(stream, self.block, self.index)
         self.profile.extra["eval_s"] = self.profile.extra.get("eval_s", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         digest = None
@@ -380,6 +391,22 @@ class BlockWorker:
             if self.store.has(stream):
                 batches = self.store.iter(stream)
                 out[stream] = stream_nll(norm, head.weight, batches, self.eval_tokens, bs)
+        self.source.release(norm)
+        self.source.release(head)
+        return out
+
+    def task_scores(self) -> dict[str, list[tuple[float, bool]]]:
+        """(log-probability, greedy) of each of this share's task sequences, per task stream
+        (`task_q`, `task_fp`), in sequence order."""
+        out: dict[str, list[tuple[float, bool]]] = {}
+        if self.task_share is None or len(self.task_share) == 0:
+            return out
+        norm = self.source.load(self.adapter.final_norm)
+        head = self.source.load(self.adapter.lm_head)
+        for stream in ("task_q", "task_fp"):
+            if self.store.has(stream):
+                out[stream] = score_sequences(norm, head.weight, self.store.iter(stream), self.task_share,
+                                              self.cfg.eval.batch_size)
         self.source.release(norm)
         self.source.release(head)
         return out

@@ -21,6 +21,7 @@ from shardquant.errors import UserError, stop_requested
 from shardquant.model.adapters import Adapter, InputGroup, get_adapter
 from shardquant.model.checkpoint import CheckpointIndex
 from shardquant.model.experts import checkpoint_layout, num_experts
+from shardquant.model.packed import packed_reader
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 SIDE_FILES = (
@@ -89,6 +90,7 @@ class ModelSource:
         if not any((self.root / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{key}: '{self.root}' has no tokenizer (tokenizer.json or tokenizer.model)")
         self.index = CheckpointIndex(self.root, key=key)
+        self.packed = packed_reader(raw)  # a quantized checkpoint's linears, dequantized as read
         self.device = resolve_device(device)
         self.dtype = DTYPES[compute_dtype(dtype, self.device.type)]
         self.trust_remote_code = trust_remote_code
@@ -123,9 +125,15 @@ class ModelSource:
     def tied_embeddings(self) -> bool:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
+    def _packed_parts(self, name: str) -> list[str] | None:
+        """The stored tensors of parameter `name` when it is a packed linear's weight."""
+        if self.packed is None or not name.endswith(".weight") or name in self.index:
+            return None
+        return self.packed.parts(name.removesuffix(".weight"), self.index.__contains__)
+
     def _check_weights_present(self) -> None:
         for name, _ in self.skeleton.named_parameters():
-            if name in self.index:
+            if name in self.index or self._packed_parts(name):
                 continue
             if name == f"{self.adapter.lm_head}.weight" and self.tied_embeddings:
                 continue
@@ -186,7 +194,11 @@ class ModelSource:
             n for n, _ in module.named_buffers() if n in dict(module.state_dict())
         ]
         names = {n: prefix + n for n in wanted}
-        tensors = self.read_tensors([full for full in names.values() if full in self.index])
+        packed = {full: parts for full in names.values() if (parts := self._packed_parts(full))}
+        stored = [full for full in names.values() if full in self.index]
+        tensors = self.read_tensors(stored + [n for parts in packed.values() for n in parts])
+        for full, parts in packed.items():
+            tensors[full] = self.packed.weight(full.removesuffix(".weight"), {n: tensors.pop(n) for n in parts})
         state = {}
         for local, full in names.items():
             t = tensors.get(full)

@@ -39,6 +39,19 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def task_table(tasks: dict[str, Any] | None) -> list[str]:
+    """report.md's task table (task, metric, fp, quantized) from report.json `eval.tasks`."""
+    if not tasks:
+        return []
+    fp, q = tasks.get("fp") or {}, tasks.get("quantized") or {}
+    lines = ["## Tasks (lm-evaluation-harness)", "", "| task | metric | fp | quantized |", "| --- | --- | --- | --- |"]
+    for task in sorted(set(fp) | set(q)):
+        for metric in sorted(set(fp.get(task, {})) | set(q.get(task, {}))):
+            lines.append(f"| {task} | {metric} | {_fmt(fp.get(task, {}).get(metric))} | "
+                         f"{_fmt(q.get(task, {}).get(metric))} |")
+    return [*lines, ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A short human summary of report.json."""
     cfg = report["config"]
@@ -63,6 +76,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| calibration time (s) | {_fmt(report['timing']['calibrate_s'], 1)} |",
         f"| peak RSS (GiB) | {report['memory']['peak_rss_bytes'] / 2**30:.2f} |",
         "",
+        *task_table(report.get("eval", {}).get("tasks")),
         "## Blocks",
         "",
         "| block | seconds | worker | worst layer | loss |",

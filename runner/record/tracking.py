@@ -51,8 +51,13 @@ def block_metrics(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """The W&B summary of a finished run."""
-    return {
+    """The W&B summary of a finished run (task scores as `tasks/<fp|quantized>/<task>/<metric>`)."""
+    tasks = {
+        f"tasks/{model}/{task}/{metric}": v
+        for model, by_task in (report.get("eval", {}).get("tasks") or {}).items() if by_task
+        for task, values in by_task.items() for metric, v in values.items()
+    }
+    return tasks | {
         "ppl/fp": report["ppl"]["fp"],
         "ppl/quantized": report["ppl"]["quantized"],
         "timing/total_s": report["timing"]["total_s"],

@@ -1,0 +1,1 @@
+"""Downstream tasks through lm-evaluation-harness, computed blockwise (`harness`, `sequences`)."""
