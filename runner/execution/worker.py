@@ -149,6 +149,8 @@ class BlockWorker:
             self.experts.reset_counts()
             self.experts.counting = True
             self.experts.observe_all = self.cfg.quant.moe_calibrate_all_experts
+            chosen = {self.groups[g].expert for g, _ in groups} - {None}
+            self.experts.active = frozenset(chosen) if len(chosen) < len(self.experts) else None
         try:
             with observing(self.block, groups, channel=channel, capture=capture) as obs:
                 self.captures.update(obs.captures)
@@ -157,6 +159,7 @@ class BlockWorker:
         finally:
             if moe:
                 self.experts.counting = self.experts.observe_all = False
+                self.experts.active = None
         if self.stage_cache is not None:
             last, first = groups[-1]
             self.stage_cache.offer_tail(first, self.groups[last].linears, obs.last_inputs)
@@ -260,7 +263,8 @@ class BlockWorker:
         linear; a row-split task's weight comes as a `RowSlice` in a list (a worker may get
         several slices of one linear), its loss added to the linear's."""
         t = time.perf_counter()
-        merged = merge_stats(self._each_part(stats), own_first=self.owns_parts) if stats else {}
+        only = {t.group for t in tasks}
+        merged = merge_stats(self._each_part(stats), own_first=self.owns_parts, only=only) if stats else {}
         weights: dict[str, QuantizedWeight | list[RowSlice]] = {}
         losses: dict[str, float] = {}
         for task in tasks:
