@@ -80,7 +80,7 @@ def choose(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None, bu
                 "to disk (cluster.spill_dir)"
             )
     fit.plan, fit.cfg = plan, out
-    if per_pass_auto:
+    if per_pass_auto and plan.shape.experts:
         fit.choices["quant.moe_experts_per_pass"] = out.quant.moe_experts_per_pass
     if reuse_auto:
         fit.choices["calib.reuse_stages"] = out.calib.reuse_stages
