@@ -204,3 +204,15 @@ def test_dense_layers_of_a_moe_model_are_sized_dense():
     assert plan.shape.dense_layers == frozenset({0, 2})
     assert plan.checkpoint_bytes == (2 * dense + 2 * sparse + 2 * 151936 * h + h) * 2
     assert plan.block_bytes == sparse * 2
+
+
+def test_advice_names_fewer_experts_per_pass():
+    """Qwen3-235B with 128 experts a pass said explicitly on 8 workers of 14 GB: auto drops the
+    stage cache (0.8 GB), still 17.2 GB a worker; half as many experts a pass (64 Hessians of
+    4096² fewer, 4.3 GB) is the first change that fits."""
+    from shardquant.tools.fit import suggest
+
+    fit = choose(QWEN3_235B_A22B, build_config(run(8, moe_experts_per_pass=128)), device="cuda", budget=14 * GB)
+    assert "quant.moe_experts_per_pass" not in fit.choices and fit.choices["calib.reuse_stages"] is False
+    assert fit.plan.peak > 14 * GB >= fit.plan.peak - 64 * 4096 * 4096 * 4
+    assert suggest(QWEN3_235B_A22B, fit, device="cuda") == "quant.moe_experts_per_pass: 64"

@@ -9,7 +9,7 @@ the stage cache goes (it is the largest term that only buys speed; the experts p
 chosen again without it), then activations spill to disk, capped at what fits.
 Neither is ever chosen so that the run cannot fit. `suggest` names the smallest single change
 that makes a plan that still does not fit fit: more workers, fewer calibration windows per
-worker, a smaller forward batch, spilling, or the dtype. No torch: the numbers are
+worker, a smaller forward batch, fewer experts per pass, spilling, or the dtype. No torch: the numbers are
 `tools.plan`'s.
 """
 
@@ -141,6 +141,11 @@ def suggest(raw: dict[str, Any], fit: Fit, *, device: str | None = None) -> str 
         for b in (cfg.calib.batch_size // 2, cfg.calib.batch_size // 4, 1):
             if b >= 1:
                 tries.append((f"calib.batch_size: {b}", _with(cfg, "calib", batch_size=b)))
+    per_pass = cfg.quant.moe_experts_per_pass
+    if isinstance(per_pass, int) and per_pass > 1:  # auto has chosen already
+        for n in sorted({per_pass // 2, per_pass // 4, fit.plan.world, 1}, reverse=True):
+            if 1 <= n < per_pass:
+                tries.append((f"quant.moe_experts_per_pass: {n}", _with(cfg, "quant", moe_experts_per_pass=n)))
     if cfg.calib.reuse_stages is not False:
         tries.append(("calib.reuse_stages: false", _with(cfg, "calib", reuse_stages=False)))
     if fit.plan.resident:
