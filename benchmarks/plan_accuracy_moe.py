@@ -1,12 +1,13 @@
 """`shardquant plan` against measurement on a mixture-of-experts model (issue 18), and what
 observing the experts in passes (`quant.moe_experts_per_pass`) costs and saves.
 
-Usage: python benchmarks/plan_accuracy_moe.py [--hidden 1536] [--experts 64] [--per-pass 0 16]
+Usage: python benchmarks/plan_accuracy_moe.py [--hidden 1024] [--experts 64] [--layers 1] [--windows 8]
+                                              [--seq-len 128] [--per-pass 0 16]
                                               [--backends local ray] [--out DIR] [--replan]
 
-A random Qwen3-MoE model (fp32 safetensors, vocab 512, 2 sparse blocks, `--experts` experts
+A random Qwen3-MoE model (fp32 safetensors, vocab 512, `--layers` sparse blocks, `--experts` experts
 of hidden/4, top 8, heads hidden/128 of 128, 4 KV heads) is quantized by GPTQ (4-bit, group
-128, every expert calibrated on every token; 16 × 256 calibration tokens, batch 4, no eval)
+128, every expert calibrated on every token; 8 × 128 calibration tokens, batch 4, no eval)
 locally and on 2 private Ray workers, each run in a fresh process, once with every expert in
 one pass (`--per-pass 0`: auto, no budget) and once per listed number of experts a pass.
 Prints, per run and process, the measured VmHWM against the plan (`shardquant plan CONFIG
@@ -30,7 +31,7 @@ from _common import ROOT, run_quantize
 from plan_accuracy import GIB, TERMS, VOCAB, env, idle_process, idle_ray, plan
 
 
-def build(path: Path, hidden: int, experts: int) -> int:
+def build(path: Path, hidden: int, experts: int, layers: int) -> int:
     """Save a random Qwen3-MoE model at `path` (unless there); return one block's fp32 bytes."""
     if (path / "config.json").is_file():
         return json.loads((path / "block_bytes.json").read_text())
@@ -43,7 +44,7 @@ def build(path: Path, hidden: int, experts: int) -> int:
 
     cfg = Qwen3MoeConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 2, moe_intermediate_size=hidden // 4,
-        num_hidden_layers=2, num_attention_heads=hidden // 128, num_key_value_heads=4, head_dim=128,
+        num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=4, head_dim=128,
         num_experts=experts, num_experts_per_tok=8, norm_topk_prob=True, tie_word_embeddings=False,
         max_position_embeddings=1024,
     )
@@ -57,14 +58,15 @@ def build(path: Path, hidden: int, experts: int) -> int:
     return block
 
 
-def run_config(model: Path, text: Path, backend: str, per_pass: int, output: Path) -> dict:
+def run_config(model: Path, text: Path, backend: str, per_pass: int, output: Path, windows: int, seq_len: int
+               ) -> dict:
     cluster = {"backend": "ray", "workers": 2, "cpus_per_worker": 1} if backend == "ray" else {"backend": "local"}
     quant = {"method": "gptq", "bits": 4, "group_size": 128}
     if per_pass:
         quant["moe_experts_per_pass"] = per_pass
     return {
         "model": {"path": str(model), "device": "cpu"},
-        "calib": {"path": str(text), "n_samples": 16, "seq_len": 256, "batch_size": 4},
+        "calib": {"path": str(text), "n_samples": windows, "seq_len": seq_len, "batch_size": 4},
         "quant": quant,
         "eval": {"enabled": False},
         "cluster": cluster,
@@ -74,8 +76,11 @@ def run_config(model: Path, text: Path, backend: str, per_pass: int, output: Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=8, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=1, help="sparse blocks")
     ap.add_argument("--per-pass", type=int, nargs="+", default=[0, 16], help="0: every expert in one pass")
     ap.add_argument("--backends", nargs="+", default=["local", "ray"])
     ap.add_argument("--out", default=None, help="work directory (default: a new temp dir)")
@@ -91,15 +96,15 @@ def main() -> None:
         text.write_text(make_text(20000, 1))
     idle = idle_process()
     _, ray_actor, ray_driver = idle_ray()
-    model = work / f"qwen3moe-{args.hidden}-{args.experts}"
-    block = build(model, args.hidden, args.experts)
+    model = work / f"qwen3moe-{args.hidden}-{args.experts}-{args.layers}"
+    block = build(model, args.hidden, args.experts, args.layers)
     print(f"work dir {work}\nmodel {model.name}: block {block / 2**20:.0f} MiB fp32\n", flush=True)
 
     runs = []
     for per_pass in args.per_pass:
         for backend in args.backends:
             rundir = work / "runs" / f"{backend}-{per_pass or 'all'}"
-            cfg = run_config(model, text, backend, per_pass, rundir / "out")
+            cfg = run_config(model, text, backend, per_pass, rundir / "out", args.windows, args.seq_len)
             rundir.mkdir(parents=True, exist_ok=True)
             (rundir / "run.yaml").write_text(yaml.safe_dump(cfg))
             runs.append((backend, per_pass, rundir, cfg))
