@@ -303,6 +303,7 @@ class RayExecutor:
     def observe(self, groups, *, channel, capture):
         import ray
 
+        self._stats = []  # the last pass's parts leave the object store before this pass's arrive
         refs = [
             a.observe_parts.options(num_returns=2).remote(groups, channel=channel, capture=capture)
             for a in self.actors

@@ -170,6 +170,13 @@ class QuantConfig(_Section):
         description="Mixture-of-experts: every calibration token goes through every expert for the experts' "
         "statistics (the block's output keeps the router's choice); false: each expert sees only its routed tokens.",
     )
+    moe_experts_per_pass: int | Literal["auto"] = Field(
+        "auto",
+        description="Mixture-of-experts with true_sequential: routed experts observed and solved per pass, so a "
+        "worker holds only that many experts' Hessians (the router reruns per pass; results are the same). auto: "
+        "every expert in one pass, unless the plan says the run would not fit cluster.worker_memory, then the "
+        "most that fit (a multiple of cluster.workers).",
+    )
     moe_min_tokens: int = Field(
         128, ge=1,
         description="Mixture-of-experts: an expert whose statistics hold fewer tokens than this is quantized by RTN "
@@ -181,6 +188,13 @@ class QuantConfig(_Section):
     def _bits_range(cls, v: int) -> int:
         if not 2 <= v <= 8:
             raise ValueError(f"must be between 2 and 8, got {v}")
+        return v
+
+    @field_validator("moe_experts_per_pass")
+    @classmethod
+    def _per_pass(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError(f"must be auto or a positive number of experts, got {v}")
         return v
 
     @field_validator("group_size")

@@ -11,6 +11,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     do_fp = (p.evals is not None or p.tasks is not None) and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
     fit = fit_run(cfg, src)
+    p = replace(p, cfg=p.cfg.model_copy(update={"quant": fit.cfg.quant}))  # the driver's steps read the choices
     ex = (executors or executor_factory(cfg.cluster.backend))(fit.cfg, src)
     bar = None
     try:

@@ -1,6 +1,6 @@
 """Mixture-of-experts on Ray: two data-parallel workers agree with the local executor
 (RTN byte for byte; GPTQ's per-expert token counts and fallbacks exactly, weights up to
-float summation order)."""
+float summation order; experts observed in passes give the bytes of one pass)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,22 @@ def test_rtn_workers_bytewise_local(ray_local, moe_models, texts, tmp_path, one_
 
 def test_gptq_two_workers_match_local(ray_local, moe_models, texts, tmp_path, one_thread):  # noqa: F811
     """Routed-only statistics on the starved Mixtral: each worker counts its share of the
-    tokens; the sums, and so the RTN fallbacks, equal the local run's."""
+    tokens; the sums, and so the RTN fallbacks, equal the local run's. Observed one expert per
+    pass (`quant.moe_experts_per_pass: 1`: 4 passes of gate/up, 4 of down, each pass's
+    Hessians summed at its owners), the Ray run exports the bytes of one pass over all."""
     kw = {"quant": {"method": "gptq", "bits": 4, "group_size": 32, "moe_calibrate_all_experts": False}}
     local = quantize(_cfg(moe_models["mixtral-starved"], texts, tmp_path / "local", **kw), show_progress=False)
     dist = quantize(_cfg(moe_models["mixtral-starved"], texts, tmp_path / "ray", cluster=TWO, **kw),
                     show_progress=False)
+    kw["quant"]["moe_experts_per_pass"] = 1
+    passes = quantize(_cfg(moe_models["mixtral-starved"], texts, tmp_path / "passes", cluster=TWO, **kw),
+                      show_progress=False)
+    assert _files(tmp_path / "passes" / "model") == _files(tmp_path / "ray" / "model")
     assert dist["cluster"]["mode"] == "data"
-    for a, b in zip(local["blocks"], dist["blocks"], strict=True):
+    for a, b, c in zip(local["blocks"], dist["blocks"], passes["blocks"], strict=True):
         assert a["experts"] == b["experts"]
+        assert b["experts"].pop("passes") == 2 and c["experts"].pop("passes") == 8
+        assert b["experts"] == c["experts"]
     assert 3 in local["blocks"][0]["experts"]["rtn_fallback"]
     a, b = read_checkpoint(tmp_path / "local" / "model"), read_checkpoint(tmp_path / "ray" / "model")
     assert a.keys() == b.keys()

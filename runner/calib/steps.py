@@ -146,13 +146,19 @@ class GroupStats:
     solver: GPTQSolver | None = None  # the factorized Hessian, once a GPTQ solve built it
 
 
-def merge_stats(parts: Iterable[dict[str, GroupStats]], *, own_first: bool = False) -> dict[str, GroupStats]:
+def merge_stats(
+    parts: Iterable[dict[str, GroupStats]], *, own_first: bool = False, only: set[str] | None = None
+) -> dict[str, GroupStats]:
     """Sum per-worker statistics group by group (exact: sums and counts add), one part at a
-    time. The parts are left untouched (received ones may be read-only buffers), except with
-    `own_first`: the first part is this worker's own, which becomes the running sum, so no
-    in×in copy is made (the solve may then spend it, see `solvers.factorize`)."""
+    time; with `only`, just those groups (a worker sums the groups it solves, and never reads
+    the others' received buffers). The parts are left untouched (received ones may be
+    read-only buffers), except with `own_first`: the first part is this worker's own, which
+    becomes the running sum, so no in×in copy is made (the solve may then spend it, see
+    `solvers.factorize`)."""
     out: dict[str, GroupStats] = {}
     for k, part in enumerate(parts):
+        if only is not None:
+            part = {name: st for name, st in part.items() if name in only}
         if k == 0 and own_first:
             out = {name: GroupStats(st.hessian, st.channel) for name, st in part.items()}
             continue
@@ -245,6 +251,13 @@ class BlockSteps(Protocol):
         ...
 
 
+def experts_per_pass(q: QuantConfig) -> int | None:
+    """Routed experts observed (and solved) per pass: `quant.moe_experts_per_pass` once chosen
+    (`tools.fit.choose`), None (all at once) while it is still `auto`."""
+    v = q.moe_experts_per_pass
+    return None if v == "auto" else int(v)
+
+
 def block_work(
     groups: Iterable[InputGroup], block_name: str, q: QuantConfig
 ) -> list[tuple[InputGroup, tuple[str, ...]]]:
@@ -282,7 +295,7 @@ def calibrate_block(
     shared: set[str] = set()  # groups whose input took a scale group's scale (`Adapter.scale_groups`)
     scale_only = adapter.scale_groups(num_experts(shapes, adapter)) if use_awq else ()
     work = _with_scale_groups(work, scale_only)
-    for phase in phases(work, lambda w: w[0], q.true_sequential):
+    for phase in phases(work, lambda w: w[0], q.true_sequential, experts_per_pass(q)):
         means = ex.observe(
             [(g.name, g.linears[0]) for g, _ in phase],
             channel=use_awq,
@@ -352,12 +365,6 @@ def _search_and_fold(
     return {m.name for m, _ in phase if m.name != g.name and m.prev == g.prev and set(m.linears) <= folded}
 
 
-def expert_index(group: InputGroup) -> int | None:
-    """The routed expert whose linears `group` holds (`Experts.groups` names), else None."""
-    parts = group.name.split(".")
-    return int(parts[1]) if len(parts) == 3 and parts[0] == "expert" else None
-
-
 def _expert_fallbacks(
     ex: BlockSteps, phase: list[tuple[InputGroup, tuple[str, ...]]], block_name: str, q: QuantConfig,
     profile: BlockProfile,
@@ -365,7 +372,7 @@ def _expert_fallbacks(
     """After a pass that observed experts: record each expert's routed tokens on `profile`
     and return the expert groups whose statistics hold fewer than `quant.moe_min_tokens`
     tokens (they are quantized by RTN instead; the note says which)."""
-    experts = {g.name: e for g, _ in phase if (e := expert_index(g)) is not None}
+    experts = {g.name: g.expert for g, _ in phase if g.expert is not None}
     if not experts:
         return set()
     got = ex.expert_tokens()
@@ -373,6 +380,7 @@ def _expert_fallbacks(
     seen = [rows] * len(routed) if q.moe_calibrate_all_experts else routed
     low = {name for name, e in experts.items() if seen[e] < q.moe_min_tokens}
     rec = profile.experts
+    rec["passes"] = rec.get("passes", 0) + 1  # observation passes over experts (`quant.moe_experts_per_pass`)
     rec["tokens"], rec["rows"] = routed, rows
     rec["statistics_tokens"] = seen
     rec.setdefault("rtn_fallback", [])

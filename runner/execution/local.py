@@ -81,6 +81,7 @@ class LocalExecutor:
     # --- block steps (see calibrate.BlockSteps) --------------------------------------------
 
     def observe(self, groups, *, channel, capture):
+        self._stats = {}  # the last pass's statistics go before this pass accumulates its own
         self._stats = self.worker.observe(groups, channel=channel, capture=capture)
         # An expert no token reached has no mean (it falls back to RTN: steps._expert_fallbacks).
         return {g: st.channel.mean() for g, st in self._stats.items() if st.channel is not None and st.channel.count}

@@ -162,6 +162,8 @@ class BlockWorker:
             self.experts.reset_counts()
             self.experts.counting = True
             self.experts.observe_all = self.cfg.quant.moe_calibrate_all_experts
+            chosen = {self.groups[g].expert for g, _ in groups} - {None}
+            self.experts.active = frozenset(chosen) if len(chosen) < len(self.experts) else None
         try:
             with observing(self.block, groups, channel=channel, capture=capture) as obs:
                 self.captures.update(obs.captures)
@@ -170,6 +172,7 @@ class BlockWorker:
         finally:
             if moe:
                 self.experts.counting = self.experts.observe_all = False
+                self.experts.active = None
         if self.stage_cache is not None:
             last, first = groups[-1]
             self.stage_cache.offer_tail(first, self.groups[last].linears, obs.last_inputs)
@@ -232,10 +235,11 @@ class BlockWorker:
         self.scales[group] = s
         fold_scales(self.block, InputGroup(group, prev, linears), s, self.results)
         # Groups whose every linear took these scales from the same op read x / s as well
-        # (each expert's gate/up under the sparse block's shared-input scale): their solves
-        # scale their Hessians and clip rows by them.
+        # (each expert's gate/up under the sparse block's shared-input scale): those observed
+        # in this pass (their captures are here) scale their Hessians and clip rows by them; a
+        # later pass (`quant.moe_experts_per_pass`) observes the folded input itself.
         for name, g in self.groups.items():
-            if name != group and g.prev == prev and set(g.linears) <= set(linears):
+            if name != group and name in self.captures and g.prev == prev and set(g.linears) <= set(linears):
                 self.scales[name] = s
         # Dropped, not rescaled: results must be bit-identical with and without the cache, and
         # no rescaling of kept tensors gives the bits the folded block computes. A quantized
@@ -279,7 +283,8 @@ class BlockWorker:
         linear; a row-split task's weight comes as a `RowSlice` in a list (a worker may get
         several slices of one linear), its loss added to the linear's."""
         t = time.perf_counter()
-        merged = merge_stats(self._each_part(stats), own_first=self.owns_parts) if stats else {}
+        only = {t.group for t in tasks}
+        merged = merge_stats(self._each_part(stats), own_first=self.owns_parts, only=only) if stats else {}
         weights: dict[str, QuantizedWeight | list[RowSlice]] = {}
         losses: dict[str, float] = {}
         for task in tasks:

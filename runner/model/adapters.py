@@ -9,6 +9,7 @@ bias, in named sizes of config.json (`Dim`). Adding a family is adding one entry
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
@@ -59,6 +60,8 @@ class InputGroup:
     # Why AWQ may not fold scales into `prev` ("" when it may), e.g. `prev` also feeds the
     # router and the other experts.
     no_scale: str = ""
+    # The routed expert whose linears the group holds (`Experts.groups`), else None.
+    expert: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,9 @@ class Experts:
         """The input groups of a sparse block's MLP in execution order: the shared expert's,
         then every expert's gate/up (one pass), then every down (one pass). Each expert has
         its own statistics: the tokens routed to it (or all, `quant.moe_calibrate_all_experts`)."""
+        return _expert_groups(self, n_experts)
+
+    def _groups(self, n_experts: int) -> tuple[InputGroup, ...]:
         ins, outs = [], []
         for g in self.shared:  # the shared expert's gate/up read the block's hidden states
             reads_hidden = g.in_dim == "hidden"
@@ -158,12 +164,12 @@ class Experts:
             ins.append(InputGroup(
                 f"expert.{e}.in", "post_attention_layernorm", (self.linear(e, self.gate), self.linear(e, self.up)),
                 consumer=f"{self.module}.{e}", in_dim="hidden", out_dims=("expert_intermediate",) * 2,
-                phase="moe_in", stop_after=self.moe, no_scale=_SHARED_INPUT,
+                phase="moe_in", stop_after=self.moe, no_scale=_SHARED_INPUT, expert=e,
             ))
             outs.append(InputGroup(
                 f"expert.{e}.out", self.linear(e, self.up), (self.linear(e, self.down),),
                 consumer=self.linear(e, self.down), in_dim="expert_intermediate", out_dims=("hidden",),
-                phase="moe_out", stop_after=self.moe,
+                phase="moe_out", stop_after=self.moe, expert=e,
             ))
         return (*ins, *outs)
 
@@ -191,6 +197,11 @@ class Experts:
             return False
         step = config.get(self.sparse_step_key, 1) if self.sparse_step_key else 1
         return self.count(config) > 0 and (index + 1) % int(step or 1) == 0
+
+
+@functools.cache
+def _expert_groups(spec: Experts, n_experts: int) -> tuple[InputGroup, ...]:
+    return spec._groups(n_experts)  # built once per (record, count): plan asks for them per block and rank
 
 
 @dataclass(frozen=True)
@@ -338,10 +349,16 @@ _LLAMA_LIKE_STAGES = (
 
 
 
-def phases(items: Sequence[T], group: Callable[[T], InputGroup], true_sequential: bool) -> list[list[T]]:
+def phases(
+    items: Sequence[T], group: Callable[[T], InputGroup], true_sequential: bool, experts_per_pass: int | None = None
+) -> list[list[T]]:
     """`items` (one per input group, in order) split into observation passes: each group on
     its own with true-sequential order, except that consecutive groups of one `phase` share a
-    pass; everything in one pass without it."""
+    pass; everything in one pass without it. `experts_per_pass` (true-sequential only): a
+    shared pass holds at most that many routed experts' groups (`InputGroup.expert`), the
+    experts in order, in as many passes as it takes; the pass's other groups (a shared
+    expert's) go with the first. An expert's statistics never depend on another's weights,
+    so the passes see what one pass would."""
     if not items:
         return []
     if not true_sequential:
@@ -353,7 +370,18 @@ def phases(items: Sequence[T], group: Callable[[T], InputGroup], true_sequential
             out[-1].append(it)
         else:
             out.append([it])
-    return out
+    if experts_per_pass is None:
+        return out
+    return [part for p in out for part in _expert_chunks(p, group, experts_per_pass)]
+
+
+def _expert_chunks(items: list[T], group: Callable[[T], InputGroup], per_pass: int) -> list[list[T]]:
+    experts = [it for it in items if group(it).expert is not None]
+    if len(experts) <= per_pass:
+        return [items]
+    others = [it for it in items if group(it).expert is None]
+    chunks = [experts[k:k + per_pass] for k in range(0, len(experts), per_pass)]
+    return [others + chunks[0], *chunks[1:]]
 
 
 def _shared(module: str) -> tuple[InputGroup, ...]:

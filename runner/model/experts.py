@@ -13,7 +13,9 @@ model against transformers' own forward).
 For statistics, `PerExpert` counts the tokens the router sends to each expert (`counting`),
 and with `observe_all` also runs every expert on the tokens not routed to it, output
 discarded, so each expert's statistics see every token while the block's output keeps the
-real routing.
+real routing. With `active` set (a pass that observes only some experts: `quant.moe_experts_per_pass`),
+only those experts run; the block's output is then partial, and the pass ends right after the
+sparse block (its output is never used).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class PerExpert(nn.ModuleList):
         super().__init__(experts)
         self.observe_all = False
         self.counting = False
+        self.active: frozenset[int] | None = None  # the experts that run; None: all
         self.routed = torch.zeros(len(experts), dtype=torch.int64)  # tokens routed to each, while counting
         self.rows = 0  # tokens seen while counting
 
@@ -64,6 +67,8 @@ class PerExpert(nn.ModuleList):
                 self.routed += mask.sum(dim=(1, 2)).cpu()
                 self.rows += hidden.shape[0]
         for e in range(n):
+            if self.active is not None and e not in self.active:
+                continue
             top_k_pos, token_idx = torch.where(mask[e])
             if self.observe_all:  # statistics only: the tokens not routed here, output dropped
                 others = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)

@@ -23,6 +23,10 @@ the inputs), ``eval_q`` (evaluation through the quantized blocks) and ``eval_fp`
 something is quantized. Streams are held in memory up to ``cluster.activation_memory``; the
 rest spills to disk (``resident = min(total, cap)``).
 
+Blocks. A mixture-of-experts model's blocks are sparse (its experts' linears and the router)
+unless config.json makes them dense (``mlp_only_layers``, ``decoder_sparse_step``): those are
+sized as the dense family's block; every kind of block is planned and the largest counts.
+
 Solves. A phase is one input group with ``quant.true_sequential`` (gptq, awq, awq+gptq),
 otherwise, and always for rtn, the whole block. With several workers a phase's linears are
 packed into units exactly as the Ray executor packs them (``execution.packing``: one unit per
@@ -55,8 +59,11 @@ Memory per worker while one block is worked on (``block phase``):
   a time: ``Σ in_g² + max in_g²`` when it solves in the phase, else ``Σ in_g²``. CPU workers:
   a returned part is serialized into the object store (``3 · Σ in_g²`` at the peak of a worker
   that does not solve: the part, its copy in the store and the serializer's transient;
-  measured), and a solving worker maps every worker's part from the store beside the running sum
-  and the work matrix: ``(world + 1) · Σ in_g² + max in_g²``. Times 4 bytes, max over phases.
+  measured), and a solving worker maps the groups it solves of every worker's part from the
+  store beside their running sum and the work matrix: ``max(3 · Σ in_g², (world + 1) · Σ_mine
+  in_g² + max_mine in_g²)``. Times 4 bytes, max over phases. A mixture-of-experts pass holds
+  every expert's groups of one kind, or with ``quant.moe_experts_per_pass: n`` those of n
+  experts (the shared expert's go with the first n; ``tools.fit`` chooses n for ``auto``).
 - ``awq_captures`` (awq, awq+gptq): the captured inputs of the phase's groups and the
   consumer's reference outputs: ``tokens · (Σ in_g + hidden) · d`` with
   ``tokens = calib windows of the share × calib.seq_len``.
@@ -106,6 +113,7 @@ FITS or DOES NOT FIT with the margin; the command exits 0 either way (the verdic
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,10 +155,12 @@ class ModelShape:
     tied: bool
     biased: tuple[str, ...] = ()  # the block linears with a bias (the adapter's bias keys)
     # Mixture of experts (the adapter's `Experts` keys): routed experts per sparse block,
-    # an expert's and the shared expert's intermediate sizes. Every block is sized as sparse.
+    # an expert's and the shared expert's intermediate sizes, and the blocks that are dense
+    # (`Experts.sparse_layer`: mlp_only_layers, decoder_sparse_step), sized as dense.
     experts: int = 0
     expert_intermediate: int = 0
     shared_intermediate: int = 0
+    dense_layers: frozenset[int] = frozenset()
     # The adapter's own named sizes (`Adapter.sizes`, e.g. MLA's ranks) and its config keys
     # that decide which tensors a block has (`Adapter.present`): (key, set in config.json).
     sizes: tuple[tuple[str, int], ...] = ()
@@ -169,29 +179,46 @@ class ModelShape:
             **dict(self.sizes),
         }
 
-    def groups(self) -> tuple[InputGroup, ...]:
-        """A block's input groups (a sparse block's, with every expert's)."""
-        return self.adapter.block_groups(self.experts)
+    def block_experts(self, index: int | None = None) -> int:
+        """Routed experts of block `index` (0 for a dense one; None: a sparse block's)."""
+        return 0 if index in self.dense_layers else self.experts
 
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(out, in) of each quantizable linear of a block, by block-relative name."""
-        return self.adapter.linear_shapes(self.dims(), self.experts)
+    def groups(self, index: int | None = None) -> tuple[InputGroup, ...]:
+        """Block `index`'s input groups (None: a sparse block's, with every expert's)."""
+        return self.adapter.block_groups(self.block_experts(index))
+
+    def linears(self, index: int | None = None) -> dict[str, tuple[int, int]]:
+        """(out, in) of each quantizable linear of block `index` (None: a sparse block), by
+        block-relative name."""
+        return dict(_linear_shapes(self, self.block_experts(index)))
 
     def block_linears(self) -> BlockLinears:
-        return BlockLinears(self.adapter.blocks, self.layers, self.linears())
+        """Every block's linears (a MoE model's sparse and dense blocks' together), for the
+        format checks."""
+        shapes = {**self.linears(), **(self.linears(min(self.dense_layers)) if self.dense_layers else {})}
+        return BlockLinears(self.adapter.blocks, self.layers, shapes)
 
-    def block_other_numel(self) -> int:
-        """Elements of a block's tensors other than the linears' weights: norms and biases."""
-        dims, lins = self.dims(), self.linears()
-        router = self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)  # + shared gate
-        return sum(dims[d] for _, d in self.adapter.norms) + sum(lins[n][0] for n in self.biased) + router
+    def block_other_numel(self, index: int | None = None) -> int:
+        """Elements of block `index`'s tensors other than the linears' weights: norms, biases,
+        and a sparse block's router (and shared expert's gate)."""
+        dims, lins = self.dims(), self.linears(index)
+        router = 0
+        if self.block_experts(index):
+            router = self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)  # + shared gate
+        return (sum(dims[d] for _, d in self.adapter.norms) + sum(lins[n][0] for n in self.biased if n in lins)
+                + router)
 
-    def block_numel(self) -> int:
-        return sum(o * i for o, i in self.linears().values()) + self.block_other_numel()
+    def block_numel(self, index: int | None = None) -> int:
+        return sum(o * i for o, i in self.linears(index).values()) + self.block_other_numel(index)
 
     def outside_numel(self) -> int:
         """Embedding, final norm, and lm_head unless tied."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+@functools.cache
+def _linear_shapes(shape: ModelShape, experts: int) -> tuple[tuple[str, tuple[int, int]], ...]:
+    return tuple(shape.adapter.linear_shapes(shape.dims(), experts).items())  # once per shape: MoE blocks are large
 
 
 def read_model_config(model_path: str | Path) -> dict[str, Any]:
@@ -232,7 +259,8 @@ def model_shape(raw: dict[str, Any], *, where: str = "config.json") -> ModelShap
     moe: dict[str, int] = {}
     spec = adapter.experts
     if spec is not None and spec.count(raw):
-        moe = {"experts": spec.count(raw), "expert_intermediate": num(spec.intermediate_key)}
+        moe = {"experts": spec.count(raw), "expert_intermediate": num(spec.intermediate_key),
+               "dense_layers": frozenset(i for i in range(num("num_hidden_layers")) if not spec.sparse_layer(raw, i))}
         if spec.shared_intermediate_key:
             moe["shared_intermediate"] = num(spec.shared_intermediate_key)
     options = {p.key: raw[p.key] is not None if p.key in raw else p.missing_is_set for p in adapter.present}
@@ -346,11 +374,18 @@ def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
     layout = get_layout(cfg.export.format)(cfg.quant, cfg.model.dtype)
     model = shape.block_linears()
     total = 0
+    packed: dict[tuple[int, int], int] = {}  # by (out, in): a MoE block has hundreds of each
     for i in range(shape.layers):
-        quantized = set(model.quantized(cfg.quant, i))
-        for name, (out_f, in_f) in model.shapes.items():
-            total += layout.linear_bytes(out_f, in_f) if name in quantized else out_f * in_f * d
-        total += shape.block_other_numel() * d
+        shapes = shape.linears(i)
+        quantized = set(quantized_linears(cfg.quant, model.blocks, i, list(shapes)))
+        for name, (out_f, in_f) in shapes.items():
+            if name not in quantized:
+                total += out_f * in_f * d
+                continue
+            if (out_f, in_f) not in packed:
+                packed[out_f, in_f] = layout.linear_bytes(out_f, in_f)
+            total += packed[out_f, in_f]
+        total += shape.block_other_numel(i) * d
     return total + shape.outside_numel() * d
 
 
@@ -384,36 +419,45 @@ def _phase_linears(shape: ModelShape, cfg: RunConfig, index: int) -> list[list[t
     """Block `index`'s solve phases, each [(group, in_features, [(out, in) of its quantized
     linears])]: the observation passes of `quant.true_sequential` (one group each, a sparse
     block's experts together; not for RTN, which solves a block at once), else all groups."""
-    q, lins, blocks = cfg.quant, shape.linears(), shape.adapter.blocks
+    q, lins, blocks = cfg.quant, shape.linears(index), shape.adapter.blocks
     work = []
-    groups = {g.name: g for g in shape.groups()}
+    groups = {g.name: g for g in shape.groups(index)}
+    kept = set(quantized_linears(q, blocks, index, list(lins)))
     for g in groups.values():
-        quantized = [lins[n] for n in quantized_linears(q, blocks, index, g.linears)]
+        quantized = [lins[n] for n in g.linears if n in kept]
         if quantized:
             work.append((g.name, lins[g.linears[0]][1], quantized))
-    return observation_phases(work, lambda w: groups[w[0]], q.true_sequential and q.method != "rtn")
+    per_pass = None if q.moe_experts_per_pass == "auto" else int(q.moe_experts_per_pass)
+    return observation_phases(work, lambda w: groups[w[0]], q.true_sequential and q.method != "rtn", per_pass)
 
 
 def _owners(phase: list[tuple[str, int, list[tuple[int, int]]]], kind: str, world: int, row_split: str
             ) -> list[tuple[int, str, int, int]]:
     """(rank, group, rows, in) of every solve unit of a phase, packed as the Ray executor packs
     them (`execution.packing`); one worker solves everything whole."""
-    flat = [(g, o, i) for g, _, qs in phase for o, i in qs]
+    flat = tuple((g, o, i) for g, _, qs in phase for o, i in qs)
     if world == 1:
         return [(0, g, o, i) for g, o, i in flat]
+    return list(_packed(flat, kind, world, row_split))
+
+
+@functools.cache
+def _packed(flat: tuple[tuple[str, int, int], ...], kind: str, world: int, row_split: str
+            ) -> tuple[tuple[int, str, int, int], ...]:
+    """`_owners` of a phase (the same for every rank, so packed once)."""
     units = pack_units([(kind, o, i) for _, o, i in flat], world, row_split)
     owner = assign([u.cost for u in units], world)
-    return [
+    return tuple(
         (r, flat[u.index][0], (u.rows[1] - u.rows[0]) if u.rows else flat[u.index][1], flat[u.index][2])
         for u, r in zip(units, owner, strict=True)
-    ]
+    )
 
 
 def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int, rank: int, world: int, device: str
                  ) -> dict[str, Any]:
     """Solve-time memory terms of block `index` on worker `rank` of `world`, whose calibration
     share is `tokens` (see the module docstring)."""
-    q, d, lins = cfg.quant, DTYPE_BYTES[cfg.model.dtype], shape.linears()
+    q, d, lins = cfg.quant, DTYPE_BYTES[cfg.model.dtype], shape.linears(index)
     phases = _phase_linears(shape, cfg, index)
     quantized = [lin for p in phases for _, _, qs in p for lin in qs]
     terms: dict[str, Any] = {
@@ -439,14 +483,16 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int, ran
         if not statistics:
             continue
         every = sum(i * i for _, i, _ in phase)
-        solved = max((i * i for g, i, _ in phase if any(m[0] == g for m in mine)), default=0)
+        solving = {m[0] for m in mine}
+        solved = max((i * i for g, i, _ in phase if g in solving), default=0)
         if world == 1:
             held = every + solved  # the own part is the running sum, plus one work (or Gram) matrix
         elif device == "cpu":
             # A part returned to the driver is serialized into the object store (3 copies at
-            # the peak: measured); the solving worker adds every worker's part, mapped from the
-            # store, into a new running sum.
-            held = (world + 1) * every + solved if solved else 3 * every
+            # the peak: measured); the solving worker adds the groups it solves of every
+            # worker's part, mapped from the store, into a new running sum.
+            own = sum(i * i for g, i, _ in phase if g in solving)
+            held = max(3 * every, (world + 1) * own + solved)
         else:
             held = every + solved  # the store is host memory: on the GPU, the sum and one matrix
         terms["hessians"] = max(terms["hessians"], held * 4)
@@ -479,7 +525,7 @@ def _driver_bytes(shape: ModelShape, cfg: RunConfig) -> int:
     q = cfg.quant
     if q.method != "awq" or not q.awq_clip:
         return DRIVER
-    widest = max(i for _, i in shape.linears().values())
+    widest = max(i for k in (None, *sorted(shape.dense_layers)[:1]) for _, i in shape.linears(k).values())
     return DRIVER + DRIVER_CLIP_COPIES * q.awq_clip_tokens * widest * 4
 
 
@@ -512,7 +558,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         notes.append(
             f"pipeline stages (calib.propagate fp on ray): each worker holds every window and a contiguous range of "
             f"up to {b - a} blocks, and keeps its quantized blocks on local disk for evaluation "
-            f"(up to {human((b - a) * shape.block_numel() * d)})"
+            f"(up to {human((b - a) * max(shape.block_numel(i) for i in range(shape.layers)) * d)})"
         )
     else:
         calib_w = [b - a for a, b in (split_range(n_calib, world, r) for r in range(world))]
@@ -544,33 +590,39 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         scores = b * shape.heads * t * t * 4 if dev == "cpu" else 0
         return max(scores, 2 * b * t * shape.intermediate * d) + b * t * h * d
 
-    block_bytes = shape.block_numel() * d
+    block_bytes = max(shape.block_numel(i) for i in range(shape.layers)) * d
     framework = FRAMEWORK["cuda" if dev == "cuda" else "ray" if cfg.cluster.backend == "ray" else "local"]
 
-    # Blocks differ only in what `quant.ignore` leaves out: plan one block of each kind.
+    # Blocks differ only in being dense or sparse and in what `quant.ignore` leaves out: plan
+    # one block of each kind.
     kinds: dict[tuple, int] = {}
     for i in range(shape.layers):
-        key = tuple(tuple(quantized_linears(q, shape.adapter.blocks, i, g.linears)) for g in shape.groups())
+        key = (shape.block_experts(i), tuple(quantized_linears(q, shape.adapter.blocks, i, list(shape.linears(i)))))
         kinds.setdefault(key, i)
 
     def worker_memory(rank: int) -> tuple[dict[str, int], dict[str, Any]]:
         nc_r, ne_r = calib_w[rank], eval_w[rank]
         own = sum(streams_of(nc_r, ne_r).values())
         held = own if cap is None else min(own, cap)
-        # Pipeline stages solve their own blocks, each as a world of one.
-        terms = max((_block_terms(shape, cfg, i, nc_r * cfg.calib.seq_len, 0 if staged else rank,
-                                  1 if staged else world, dev)
-                     for i in kinds.values()), key=lambda t: t.get("sum", 0))
         workspace = max(
             work(cfg.calib.batch_size, cfg.calib.seq_len, nc_r) if quantizing else 0,
             work(cfg.eval.batch_size, cfg.eval.seq_len, ne_r),
         )
-        m = {"framework": framework, "weights": block_bytes, "activations": held}
+
+        def block_phase(i: int) -> tuple[int, dict[str, Any]]:
+            # Pipeline stages solve their own blocks, each as a world of one.
+            t = _block_terms(shape, cfg, i, nc_r * cfg.calib.seq_len, 0 if staged else rank, 1 if staged else world,
+                             dev)
+            t["weights"] = shape.block_numel(i) * d
+            # A forward batch is gone before a linear is solved: the two never coexist.
+            return (framework + t["weights"] + held + t["solved_codes"] + t["awq_captures"] + t["stage_cache"]
+                    + max(workspace, t["fp32_copies"] + t["hessians"])), t
+
+        phase_bytes, terms = max((block_phase(i) for i in kinds.values()), key=lambda pt: pt[0])
+        m = {"framework": framework, "weights": terms["weights"], "activations": held}
         m.update({k: terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache")})
         m["workspace"] = workspace
-        # A forward batch is gone before a linear is solved: the two never coexist.
-        m["block_phase"] = (framework + block_bytes + held + m["solved_codes"] + m["awq_captures"] + m["stage_cache"]
-                            + max(workspace, m["fp32_copies"] + m["hessians"]))
+        m["block_phase"] = phase_bytes
         m["outside_phase"] = (framework + held + shape.vocab * h * d
                               + (2 * cfg.eval.seq_len * shape.vocab * 4 if ne_r else 0))
         m["peak"] = max(m["block_phase"], m["outside_phase"])
