@@ -4,18 +4,14 @@ term worked out by hand here as in tests/test_fit.py:
 
 - Qwen3-235B-A22B on 8 workers of 80 GB and Mixtral-8x22B on 4 of 80 GB: every expert in one pass;
 - DeepSeek-V3 on 8 of 141 GB (one pass) and on 16 of 80 GB, where `quant.moe_experts_per_pass:
-  auto` observes the experts in passes of as many as fit (enabled once the DeepSeek-V3 adapter
-  exists);
+  auto` observes the experts in passes of as many as fit;
 - dense layers of a MoE model (`mlp_only_layers`, `decoder_sparse_step`) sized as dense.
 
 The configs are the public config.json values (the keys the plan reads)."""
 
 from __future__ import annotations
 
-import pytest
-
 from shardquant.config import build_config
-from shardquant.model.adapters import ADAPTERS
 from shardquant.tools.fit import choose
 from shardquant.tools.plan import plan_run
 
@@ -145,17 +141,12 @@ def _deepseek_terms(workers: int, per_pass: int) -> dict[str, int]:
     }
 
 
-needs_deepseek = pytest.mark.skipif("deepseek_v3" not in ADAPTERS, reason="the DeepSeek-V3 adapter (wt-ds) is not merged")
-
-
-@needs_deepseek
 def test_deepseek_v3_on_8_workers_of_141gb_in_one_pass():
     fit = choose(DEEPSEEK_V3, build_config(run(8)), device="cuda", budget=141 * GB)
     assert fit.choices["quant.moe_experts_per_pass"] == "auto"
     check(fit.plan, _deepseek_terms(8, 256), 141 * GB)
 
 
-@needs_deepseek
 def test_deepseek_v3_on_16_workers_of_80gb_in_passes():
     """All 256 experts at once do not fit 80 GB; `auto` takes the largest multiple of 16 whose
     plan fits 90% of it, worked out here from the terms."""

@@ -143,6 +143,7 @@ class Experts:
     # Unquantized weights besides the router that read the sparse block's input (Qwen2-MoE's
     # shared_expert_gate): AWQ's shared-input scale is folded into their columns too.
     input_readers: tuple[str, ...] = ()
+    router_bias: bool = False  # the router has one bias per expert (DeepSeek's e_score_correction_bias)
 
     def linear(self, expert: int, part: str) -> str:
         """Block-relative name of an expert's linear, e.g. 'block_sparse_moe.experts.3.w1'."""
@@ -502,7 +503,7 @@ ADAPTERS: dict[str, Adapter] = {
         experts=Experts(
             moe="mlp", module="mlp.experts", router="mlp.gate", gate="gate_proj", up="up_proj", down="down_proj",
             count_keys=("n_routed_experts",), intermediate_key="moe_intermediate_size",
-            first_dense_key="first_k_dense_replace",
+            first_dense_key="first_k_dense_replace", router_bias=True,
             shared=_shared("mlp.shared_experts"),
         ),
     ),

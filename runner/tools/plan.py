@@ -204,7 +204,9 @@ class ModelShape:
         dims, lins = self.dims(), self.linears(index)
         router = 0
         if self.block_experts(index):
-            router = self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)  # + shared gate
+            spec = self.adapter.experts
+            router = self.experts * (self.hidden + (spec is not None and spec.router_bias))
+            router += self.hidden if self.shared_intermediate else 0  # + shared gate
         return (sum(dims[d] for _, d in self.adapter.norms) + sum(lins[n][0] for n in self.biased if n in lins)
                 + router)
 
