@@ -15,6 +15,7 @@ import torch
 from shardquant.config import RunConfig
 from shardquant.data import load_text, token_windows
 from shardquant.errors import UserError
+from shardquant.execution import spill
 from shardquant.export.base import Exporter
 from shardquant.export.registry import get_exporter
 from shardquant.model.source import ModelSource
@@ -69,6 +70,7 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     check_scheme(cfg, source)
+    spill.check(cfg.cluster.spill)
     exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
     tokenizer = source.tokenizer()
     calib = None
