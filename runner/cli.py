@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="YAML run config")
     pl.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     pl.add_argument("--worker-memory", metavar="SIZE", help="memory per worker (GPU or host), e.g. 80GB or 96GiB")
+    pl.add_argument("--disk-throughput", metavar="SIZE", default=None,
+                    help="bytes per second the time spilled activations add is stated at (e.g. 2GB, 500MB; "
+                    "default 2GB, a local NVMe SSD)")
     pl.add_argument("--device", choices=("cuda", "cpu"),
                     help="plan GPU workers (GPU memory, bfloat16 under model.dtype auto) or CPU workers (host RSS); "
                     "default: model.device, with auto = cuda when Ray workers reserve GPUs or this machine has one")
@@ -257,21 +260,22 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "plan":
         from shardquant.tools.fit import choose, suggest
         from shardquant.tools.plan import read_model_config
-        from shardquant.tools.plan_text import parse_capacity, render
+        from shardquant.tools.plan_text import parse_capacity, parse_throughput, render
 
         cfg = load_config(args.config, extra)
         memory = args.worker_memory or cfg.cluster.worker_memory
         capacity = None if memory is None else parse_capacity(memory)
+        throughput = None if args.disk_throughput is None else parse_throughput(args.disk_throughput)
         raw = read_model_config(cfg.model.path)
         fit = choose(raw, cfg, device=args.device, budget=capacity)
         advice = suggest(raw, fit, device=args.device)
         if args.json:
             import json
 
-            out = fit.plan.to_json(capacity) | {"auto": fit.to_json(), "suggestion": advice}
+            out = fit.plan.to_json(capacity, throughput) | {"auto": fit.to_json(), "suggestion": advice}
             print(json.dumps(out, indent=2))
         else:
-            print(render(fit.plan, capacity))
+            print(render(fit.plan, capacity, throughput))
             for line in fit.reasons:
                 print(f"auto: {line}")
             if advice:

@@ -339,6 +339,13 @@ class ClusterConfig(_Section):
         "settings are chosen for. Unset: a local CUDA device's total memory, else none (auto keeps everything on).",
     )
     spill_dir: str | None = Field(None, description="Local directory for spilled activations (default: the temp dir).")
+    spill: Literal["auto", "none", "disk", "aio"] = Field(
+        "auto", description="How activations beyond cluster.activation_memory go to cluster.spill_dir, read back one "
+        "batch ahead of the compute: disk (plain files), aio (DeepSpeed's async I/O with pinned buffers: pip install "
+        "'shardquant[deepspeed]' and apt-get install libaio-dev), auto (aio where DeepSpeed and libaio are present and "
+        "the spill directory is on a local file system, else disk), none (never spill: a run whose activations exceed "
+        "an explicit cluster.activation_memory is refused before any weight is read)."
+    )
     max_failures: int = Field(3, ge=0, description="Lost Ray workers replaced (and their block redone) before giving up.")
     row_split: Literal["auto", "never", "always"] = Field(
         "auto", description="Ray, 2+ workers: GPTQ solves of one linear split by output rows over several workers "

@@ -27,9 +27,11 @@ from shardquant.execution.block_loop import (
     retry_lost,
     run_blocks,
     setup,
+    spill_summary,
     stage_overlap,
 )
 from shardquant.execution.protocol import ExecutorFactory
+from shardquant.execution.spill import resolve as resolve_spill
 from shardquant.export.manifest import write_manifest
 from shardquant.export.shards import plan_shards, shard_names, write_index, write_json_atomic
 from shardquant.model.forward import BlockRunner, embed_batches, stream_nll
@@ -77,6 +79,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     t_start = time.perf_counter()
     p = prepared or prepare(cfg)
     src, q = p.source, cfg.quant
+    fit = fit_run(cfg, src)  # before any state is written: a refused fit leaves nothing behind
     state = RunState(p.output)
     workers = 1 if cfg.cluster.backend == "local" else cfg.cluster.workers
     progress = state.start(config_dict(cfg), resume=cfg.resume, workers=workers)
@@ -87,7 +90,6 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
     tracker.start(config_dict(cfg))
     do_fp = (p.evals is not None or p.tasks is not None) and cfg.eval.fp and q.method != "none"
     blocks: list[dict[str, Any]] = list(progress["blocks"])
-    fit = fit_run(cfg, src)
     p = replace(p, cfg=p.cfg.model_copy(update={"quant": fit.cfg.quant}))  # the driver's steps read the choices
     ex = (executors or executor_factory(cfg.cluster.backend))(fit.cfg, src)
     bar = None
@@ -168,6 +170,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         "memory": {"peak_rss_bytes": peak, "driver_peak_rss_bytes": driver_peak, "planned_peak_bytes": fit.plan.peak,
                    "auto": fit.to_json()},
         "blocks": sorted(blocks, key=lambda b: b["index"]),
+        "spill": spill_summary(blocks, resolve_spill(fit.cfg.cluster.spill, fit.cfg.cluster.spill_dir)),
         "config": config_dict(cfg),
         "export": {"format": cfg.export.format, "path": str(export_path), "bytes": total_bytes},
         "calibration": {
@@ -253,6 +256,8 @@ def fit_run(cfg: RunConfig, source: ModelSource) -> Fit:
     elif not ray and source.device.type == "cuda":
         budget = torch.cuda.get_device_properties(source.device).total_memory
     fit = choose(read_model_config(source.root), cfg, device=device, budget=budget)
+    if fit.refused:
+        raise UserError(fit.refused)
     for line in fit.reasons:
         print(f"shardquant: {line}", file=sys.stderr)
     return fit

@@ -16,6 +16,7 @@ import torch
 from shardquant.config import RunConfig
 from shardquant.data import load_text, token_windows
 from shardquant.errors import UserError
+from shardquant.execution import spill
 from shardquant.export.base import Exporter
 from shardquant.export.registry import get_exporter
 from shardquant.kernels import select
@@ -89,6 +90,7 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
     if need_calib:  # `eval` quantizes nothing: the quant section does not apply
         check_scheme(cfg, source)
     check_kernels(cfg, source)
+    spill.check(cfg.cluster.spill)
     exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
     tokenizer = source.tokenizer()
     calib = None

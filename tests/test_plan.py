@@ -392,3 +392,47 @@ def test_awq_row_chunk_is_the_algorithms():
     from shardquant.tools.plan import AWQ_ROW_CHUNK
 
     assert AWQ_ROW_CHUNK == awq.ROW_CHUNK_ELEMENTS
+
+
+def test_spill_traffic_by_hand(tmp_path, capsys):
+    """Llama-2-70B on 8 workers, activations capped at 600 MB: rank 0's streams are calib
+    16·2048·8192·2 = 512 MiB (in memory first), eval_q and eval_fp 4·2048·8192·2 = 128 MiB each;
+    what is left of the cap holds part of eval_q, the rest spills. GPTQ true-sequential has 4
+    observation passes per block (q/k/v, o, gate/up, down)."""
+    calib, ev = 16 * 2048 * 8192 * 2, 4 * 2048 * 8192 * 2
+    cap = 600 * 10**6
+    s_q = ev - (cap - calib)  # eval_q past the cap
+    s_fp = ev
+    # Per block: each spilled evaluation byte is read by its pass and by the checkpoint, and
+    # written once; nothing of calib spills, so the 4 observation passes read nothing.
+    reads, writes = 2 * (s_q + s_fp), s_q + s_fp
+    path = write_yaml(tmp_path, config_70b(tmp_path, cluster={"activation_memory": "600MB"}))
+    assert main(["plan", str(path), "--json", "--disk-throughput=1GB"]) == 0
+    got = json.loads(capsys.readouterr().out)["activations"]["spill"]
+    assert got == {
+        "mode": "auto", "block_read_bytes": reads, "block_written_bytes": writes,
+        "run_read_bytes": 80 * reads, "run_written_bytes": 81 * writes,  # + the first write at setup
+        "throughput_bytes_per_s": 10**9, "seconds": (80 * reads + 81 * writes) / 10**9,
+    }
+    assert main(["plan", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "spill traffic" in x)
+    seconds = (80 * reads + 81 * writes) / (2 * 10**9)  # the default: 2 GB/s
+    assert f"{seconds:.1f} s at 2.00 GB/s" in line and "cluster.spill auto" in line
+    # A cap below the calibration stream: its spilled bytes are also read by the 4 passes.
+    cfg = build_config(config_70b(tmp_path, cluster={"activation_memory": "256MiB"}))
+    plan = plan_from_config(cfg)
+    s_c = calib - 256 * 2**20
+    assert plan.spill["block_read_bytes"] == (4 + 2) * s_c + 2 * 2 * ev
+    assert plan.spill["block_written_bytes"] == s_c + 2 * ev
+    assert main(["plan", str(path), "--disk-throughput=fast"]) == 2
+    assert "--disk-throughput: 'fast' is not a size" in capsys.readouterr().err
+    no_cap = build_config(config_70b(tmp_path))
+    assert plan_from_config(no_cap).spill_json() is None
+
+
+def test_spill_none_over_the_cap_is_a_note_in_plan_and_refused_by_a_run(tmp_path, capsys):
+    path = write_yaml(tmp_path, config_70b(tmp_path, cluster={"activation_memory": "600MB", "spill": "none"}))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("note: cluster.spill none: the activations per worker (805306368 B) exceed cluster.activation_memory "
+            "(600000000 B); raise it, or let them spill (cluster.spill: auto)") in out

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from conftest import run_config, save_tiny_model
 
+from shardquant.execution.spill import aio_problem
+
 
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory) -> Path:
@@ -93,6 +95,26 @@ def test_kill9_then_rerun_gives_identical_bytes(deep_model, texts, tmp_path, cle
     assert report["cluster"]["resumed_at"] == saved
     assert [b["index"] for b in report["blocks"]] == list(range(6))
     _same_checkpoint(clean_run, out / "model")
+
+
+@pytest.mark.skipif(aio_problem() is not None, reason=f"cluster.spill aio: {aio_problem()}")
+def test_kill9_while_spilling_then_resume_gives_identical_bytes(deep_model, texts, tmp_path, clean_run):
+    """Every batch over a 20 KB budget spilled through DeepSpeed's async I/O, killed after block
+    3, resumed spilling through plain files (the backend is not part of the result): the same
+    checkpoint as the run that spilled nothing, and the killed run's spill files are gone."""
+    out, spill_dir = tmp_path / "out", tmp_path / "spill"
+    cluster = {"activation_memory": "20KB", "spill": "aio", "spill_dir": str(spill_dir)}
+    cfg = _write_cfg(deep_model, texts, out, tmp_path / "run.yaml", cluster=cluster)
+    killed = _stop_at(cfg, out, 3, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert list(spill_dir.glob("shardquant-spill-*/*.bin"))  # killed while its batches were on disk
+    r = _run(cfg, "--cluster.spill=disk")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["spill"]["mode"] == "aio,disk" and report["spill"]["written_bytes"] > 0
+    _same_checkpoint(clean_run, out / "model")
+    assert not list(spill_dir.iterdir())
 
 
 def test_sigint_stops_cleanly_and_resumes(deep_model, texts, tmp_path, clean_run):

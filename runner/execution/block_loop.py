@@ -99,6 +99,21 @@ def put_record(records: list[dict[str, Any]], record: dict[str, Any]) -> bool:
 
 
 PHASES = ("load_s", "forward_s", "stats_s", "solve_s", "search_s", "eval_s", "export_s")
+SPILL_SUMS = ("written_bytes", "read_bytes", "write_s", "read_s", "wait_s")
+
+
+def spill_summary(blocks: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """report.json `spill`: the backend (`cluster.spill` as the workers resolved it; `mode`
+    when no block says), bytes written to and read from the spill files over all blocks and
+    workers, the seconds the I/O threads spent, their throughput (bytes per second of I/O
+    thread time, null when nothing moved) and the seconds the compute waited for spilled data."""
+    parts = [b["spill"] for b in blocks if "spill" in b]
+    modes = sorted({m for p in parts for m in p["mode"].split(",")})
+    out: dict[str, Any] = {"mode": ",".join(modes) or mode,
+                           **{k: sum(p[k] for p in parts) for k in SPILL_SUMS}}
+    out["write_bytes_per_s"] = out["written_bytes"] / out["write_s"] if out["write_s"] > 0 else None
+    out["read_bytes_per_s"] = out["read_bytes"] / out["read_s"] if out["read_s"] > 0 else None
+    return out
 
 
 def merge_kernels(tallies: Iterable[dict[str, str]]) -> dict[str, str]:
@@ -127,6 +142,10 @@ def block_record(index: int, seconds: float, losses: dict[str, float], prof: Blo
     kernels = merge_kernels(p.get("kernels", {}) for p in parts)
     if kernels:
         rec["kernels"] = kernels
+    spills = [p["spill"] for p in parts if "spill" in p]
+    if spills:  # summed over the workers (`ActivationStore.stats`: what moved during this block)
+        rec["spill"] = {"mode": ",".join(sorted({s["mode"] for s in spills})),
+                        **{k: sum(s[k] for s in spills) for k in SPILL_SUMS}}
     if prof.awq:
         rec["awq"] = prof.awq
     if prof.experts:

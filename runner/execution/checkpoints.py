@@ -8,14 +8,16 @@ the disk is slower than a block.
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from safetensors import safe_open
 
 from shardquant.execution.activations import ActivationStore
-from shardquant.record.state import load_tensors, save_tensors
+from shardquant.export.shards import TensorSpec, write_shard
+from shardquant.record.state import save_tensors
 
 
 class ActivationCheckpointer:
@@ -30,24 +32,33 @@ class ActivationCheckpointer:
         """Start writing the store's streams to `path` (atomic) after waiting for any write
         still pending; `end` waits for it. The batches are never changed in place (a stream's
         batches are replaced), so the ones being written stay valid. A store that spills is
-        written now: its batches, read back for the write, would otherwise stay in memory,
-        over its budget, while the next block runs."""
+        written now, streamed: its spilled batches are read back one at a time (one ahead)
+        straight into the file, so the write holds no more than the store's budget, and no
+        pass of the next block deletes a spilled file it still has to read."""
         self.end()
-        tensors = {}
-        for stream in self.store.streams():
-            for i, h in enumerate(self.store.iter(stream)):
-                tensors[f"{stream}.{i:06d}"] = h
         if self.store.spilled:
             done: Future[str] = Future()
             try:
-                done.set_result(save_tensors(Path(path), tensors))
+                done.set_result(self._write_streamed(Path(path)))
             except BaseException as e:
                 done.set_exception(e)
             self._pending = done
             return
+        tensors = {}
+        for stream in self.store.streams():
+            for i, h in enumerate(self.store.iter(stream)):
+                tensors[f"{stream}.{i:06d}"] = h
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardquant-save")
         self._pending = self._pool.submit(save_tensors, Path(path), tensors)
+
+    def _write_streamed(self, path: Path) -> str:
+        """The streams as one safetensors file, in `save_tensors`' (sorted) order; its sha256."""
+        streams = self.store.streams()  # sorted: 'calib.000001' < 'calib_next.000000' ('.' < '_')
+        specs = [TensorSpec(f"{s}.{i:06d}", dtype, shape)
+                 for s in streams for i, (dtype, shape) in enumerate(self.store.meta(s))]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_shard(path, specs, itertools.chain.from_iterable(self.store.iter(s) for s in streams))
 
     def end(self) -> str | None:
         """Wait for the write `begin` started (re-raising its error); the file's sha256, or
@@ -56,15 +67,16 @@ class ActivationCheckpointer:
         return None if pending is None else pending.result()
 
     def load(self, path: str | Path, device: torch.device | str = "cpu") -> None:
-        """Replace the store's streams with those of checkpoint `path`, onto `device`."""
-        tensors = load_tensors(Path(path), device=device)
-        streams: dict[str, list[tuple[int, Tensor]]] = {}
-        for key, t in tensors.items():
-            stream, i = key.rsplit(".", 1)
-            streams.setdefault(stream, []).append((int(i), t))
+        """Replace the store's streams with those of checkpoint `path`, onto `device`, one tensor
+        at a time (a spilling store holds no more than its budget while loading)."""
         self.store.clear()
-        for stream, items in streams.items():
-            self.store.put(stream, [t for _, t in sorted(items, key=lambda x: x[0])])
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            streams: dict[str, list[tuple[int, str]]] = {}
+            for key in f.keys():
+                stream, i = key.rsplit(".", 1)
+                streams.setdefault(stream, []).append((int(i), key))
+            for stream, keys in streams.items():
+                self.store.put(stream, (f.get_tensor(k) for _, k in sorted(keys)))
 
     def close(self) -> None:
         """Wait for the background thread to finish and stop it; a pending result is dropped."""

@@ -79,7 +79,7 @@ class Streams:
         """`calib_next`: the calibration stream after the original block (`calib.propagate:
         fp`), kept apart until the block is done (`end_block` renames it)."""
         step = self._step(block, index)
-        self.store.put("calib_next", [step(h) for h in self.store.iter("calib")])
+        self.store.put("calib_next", (step(h) for h in self.store.iter("calib")))
 
     def observe_pass(
         self, block: nn.Module, index: int, cache: StageCache | None, *, stop_at: nn.Module | None = None,

@@ -74,7 +74,7 @@ class BlockWorker:
         self.runner = BlockRunner(self.adapter, self.source.skeleton.config, self.source.rotary())
         self.spec = quant_spec(c.quant, self.source.dtype)
         budget = activation_cap(c)
-        self.store = ActivationStore(budget, c.cluster.spill_dir, tag=f"{name}")
+        self.store = ActivationStore(budget, c.cluster.spill_dir, tag=f"{name}", spill=c.cluster.spill)
         self.streams = Streams(self.store, self.runner)
         self.block: nn.Module | None = None
         self.experts: PerExpert | None = None
@@ -364,7 +364,7 @@ class BlockWorker:
         return {
             "worker": self.name, "forward_s": p.forward_s, "stats_s": p.stats_s, "solve_s": p.solve_s,
             **{k: v for k, v in p.extra.items()}, "activation_bytes": self.store.nbytes("calib"),
-            "stage_cache_bytes": cache_bytes,
+            "stage_cache_bytes": cache_bytes, "spill": self.store.stats(),
             "peak_rss_bytes": peak_rss_bytes(),
             **({"kernels": ran} if (ran := select.take_ran()) else {}),
             **({"block_sha256": digest} if digest else {}),

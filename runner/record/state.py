@@ -28,7 +28,7 @@ from shardquant.export.shards import write_json_atomic
 STATE_VERSION = 1
 # Keys that do not change what a run computes: they may differ between a run and its resume
 # (cluster.row_split: row slices give one solve's codes, so a resume may split to fit memory).
-VOLATILE = ("output", "resume", "tracking", "cluster.address", "cluster.activation_memory", "cluster.spill_dir",
+VOLATILE = ("output", "resume", "tracking", "cluster.address", "cluster.activation_memory", "cluster.spill_dir", "cluster.spill",
             "cluster.cpus_per_worker", "cluster.gpus_per_worker", "cluster.placement", "cluster.max_failures",
             "cluster.row_split")
 

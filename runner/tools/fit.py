@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardquant.config import RunConfig
-from shardquant.tools.plan import Plan, plan_run
+from shardquant.tools.plan import Plan, activation_cap, plan_run
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Fit:
     budget: int | None
     choices: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    refused: str | None = None  # why the run may not start (cluster.spill none over the cap)
 
     def to_json(self) -> dict[str, Any]:
         return {"budget": self.budget, **self.choices, "reasons": list(self.reasons)}
@@ -69,7 +70,10 @@ def choose(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None, bu
         if split:
             out, plan = _experts_per_pass(raw, _with(out, "quant", moe_experts_per_pass="auto"), plan, device,
                                           budget, fit.reasons)
-    if budget is not None and plan.peak > budget and spill_auto and plan.resident:
+    never = cfg.cluster.spill == "none"
+    if budget is not None and plan.peak > budget and spill_auto and never:
+        fit.reasons.append("cluster.activation_memory auto: no cap, cluster.spill is none (activations never spill)")
+    if budget is not None and plan.peak > budget and spill_auto and plan.resident and not never:
         others = max(plan.memory["block_phase"], plan.memory["outside_phase"]) - plan.resident
         cap = budget - others
         if cap > 0:
@@ -82,6 +86,12 @@ def choose(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None, bu
     fit.plan, fit.cfg = plan, out
     if per_pass_auto and plan.shape.experts:
         fit.choices["quant.moe_experts_per_pass"] = out.quant.moe_experts_per_pass
+    if never and plan.spilled:  # the run refuses (`pipeline.fit_run`); plan prints it as a note
+        fit.refused = (
+            f"cluster.spill none: the activations per worker ({plan.activation_bytes} B) exceed "
+            f"cluster.activation_memory ({activation_cap(out)} B); raise it, or let them spill (cluster.spill: auto)"
+        )
+        plan.notes.append(fit.refused)
     if reuse_auto:
         fit.choices["calib.reuse_stages"] = out.calib.reuse_stages
     if spill_auto:

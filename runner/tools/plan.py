@@ -27,6 +27,21 @@ Blocks. A mixture-of-experts model's blocks are sparse (its experts' linears and
 unless config.json makes them dense (``mlp_only_layers``, ``decoder_sparse_step``): those are
 sized as the dense family's block; every kind of block is planned and the largest counts.
 
+Spill traffic (``cluster.spill``), when some of it spills. The store keeps batches in memory in
+the order they arrive (``calib``, ``eval_q``, ``eval_fp``, then ``calib_next``), so each
+stream's spilled bytes ``S`` are what is left of it once the cap is full. Per block a spilled
+byte is read once per observation pass (``P``: one per phase of the solves below for gptq, awq
+and awq+gptq, none for rtn) plus once by the propagation (calibration) or the pass through the
+block (evaluation) and once more by the activation checkpoint, and written once (the stream's
+new batches): ``reads = (P + 2) · S_calib + 2 · (S_eval_q + S_eval_fp)``, ``writes = S`` summed.
+With ``calib.propagate: fp`` the calibration stream is read by the passes and the fp
+propagation, which writes ``calib_next`` instead (it replaces ``calib`` before the checkpoint):
+``reads = (P + 1) · S_calib + S_calib_next + 2 · S_eval``, ``writes = S_calib_next + S_eval``.
+The run adds the first write of everything spilled at setup. The time at a disk throughput (``plan --disk-throughput``, 2 GB/s
+by default, a local NVMe SSD) is ``(reads + writes) / throughput``: what spilling adds when no
+compute hides it (reads go one batch ahead and writes behind, so the compute of each batch
+hides up to that batch's I/O).
+
 Solves. A phase is one input group with ``quant.true_sequential`` (gptq, awq, awq+gptq),
 otherwise, and always for rtn, the whole block. With several workers a phase's linears are
 packed into units exactly as the Ray executor packs them (``execution.packing``: one unit per
@@ -129,6 +144,8 @@ from shardquant.model.adapters import phases as observation_phases
 from shardquant.tools.plan_text import human
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DISK_THROUGHPUT = 2 * 10**9  # bytes per second the spill time is stated at unless told (a local NVMe SSD)
+SPILL_ORDER = ("calib", "eval_q", "eval_fp", "calib_next")  # the order the store holds streams in memory
 
 
 def activation_cap(cfg: RunConfig) -> int | None:
@@ -315,6 +332,16 @@ class Plan:
     device: str = "cpu"  # what the workers compute on: 'cuda' (GPU memory) or 'cpu' (host RSS)
     worker_peaks: list[int] = field(default_factory=list)  # each rank's peak (the packing differs)
     driver: int | None = None  # a Ray run's driver process (host RSS)
+    spill: dict[str, int] = field(default_factory=dict)  # rank 0's spill traffic (`spill_traffic`)
+
+    def spill_json(self, throughput: int | None = None) -> dict[str, Any] | None:
+        """The spill traffic and the seconds it takes at `throughput` bytes/s (None: `DISK_THROUGHPUT`);
+        None when nothing spills."""
+        if not self.spilled:
+            return None
+        tp = throughput or DISK_THROUGHPUT
+        moved = self.spill["run_read_bytes"] + self.spill["run_written_bytes"]
+        return {"mode": self.cfg.cluster.spill, **self.spill, "throughput_bytes_per_s": tp, "seconds": moved / tp}
 
     @property
     def activation_bytes(self) -> int:
@@ -332,7 +359,7 @@ class Plan:
         """{'bytes', 'fits', 'margin'} against a per-worker memory capacity."""
         return {"bytes": capacity, "fits": self.peak <= capacity, "margin": capacity - self.peak}
 
-    def to_json(self, capacity: int | None = None) -> dict[str, Any]:
+    def to_json(self, capacity: int | None = None, throughput: int | None = None) -> dict[str, Any]:
         s, c = self.shape, self.cfg
         return {
             "model": {
@@ -356,6 +383,7 @@ class Plan:
                 "streams": dict(self.streams), "total": self.activation_bytes, "resident": self.resident,
                 "spilled": self.spilled,
                 "cap": activation_cap(c),
+                "spill": self.spill_json(throughput),
             },
             "block_bytes": self.block_bytes,
             "hessian": None if self.hessian_group is None else {
@@ -509,6 +537,28 @@ def _block_terms(shape: ModelShape, cfg: RunConfig, index: int, tokens: int, ran
     return terms
 
 
+def spill_traffic(streams: dict[str, int], cap: int | None, passes: int, layers: int) -> dict[str, int]:
+    """Bytes read from and written to the spill files by one worker whose streams are
+    `streams` under `cap`, per block and per run, with `passes` observation passes per block
+    (see the module docstring); empty when nothing spills."""
+    if cap is None or sum(streams.values()) <= cap:
+        return {}
+    free, spilled = cap, {}
+    for name in sorted(streams, key=lambda n: SPILL_ORDER.index(n) if n in SPILL_ORDER else len(SPILL_ORDER)):
+        kept = min(streams[name], free)
+        free -= kept
+        spilled[name] = streams[name] - kept
+    evals = spilled.get("eval_q", 0) + spilled.get("eval_fp", 0)
+    if "calib_next" in spilled:  # propagate fp: calib_next is written, and replaces calib at the block's end
+        reads = (passes + 1) * spilled["calib"] + spilled["calib_next"] + 2 * evals
+        writes = spilled["calib_next"] + evals
+    else:
+        reads = (passes + 2) * spilled.get("calib", 0) + 2 * evals
+        writes = sum(spilled.values())
+    return {"block_read_bytes": reads, "block_written_bytes": writes,
+            "run_read_bytes": layers * reads, "run_written_bytes": (layers + 1) * writes}
+
+
 def worker_device(cfg: RunConfig, device: str | None = None) -> str:
     """'cuda' or 'cpu': what a worker computes on. `device` (plan's --device) wins; else
     `model.device`; `auto` is cuda when Ray workers reserve GPUs or this machine has an NVIDIA
@@ -553,10 +603,12 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         else:
             n_eval = cfg.eval.n_samples
     staged = cfg.cluster.backend == "ray" and cfg.calib.propagate == "fp" and quantizing
+    stage_blocks = shape.layers  # the blocks rank 0 works on
     if staged:
         # Pipeline stages: the model is split, every stage holds every window.
         calib_w, eval_w = [n_calib] * world, [n_eval] * world
         a, b = split_range(shape.layers, world, 0)
+        stage_blocks = b - a
         notes.append(
             f"pipeline stages (calib.propagate fp on ray): each worker holds every window and a contiguous range of "
             f"up to {b - a} blocks, and keeps its quantized blocks on local disk for evaluation "
@@ -632,6 +684,8 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
 
     per_rank = [worker_memory(r) for r in range(world)]
     memory, terms = per_rank[0]
+    statistics = q.method in ("gptq", *AWQ_METHODS)
+    passes = max((len(_phase_linears(shape, cfg, i)) for i in kinds.values()), default=0) if statistics else 0
     worker_peaks = [m["peak"] for m, _ in per_rank]
     memory["peak"] = max(worker_peaks)
     return Plan(
@@ -640,6 +694,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         hessian_group=terms["hessian_group"], hessian_in=terms["hessian_in"], memory=memory,
         checkpoint_bytes=checkpoint_bytes(shape, cfg), notes=notes, device=dev, worker_peaks=worker_peaks,
         driver=_driver_bytes(shape, cfg) if cfg.cluster.backend == "ray" else None,
+        spill=spill_traffic(streams, cap, passes, stage_blocks),
     )
 
 

@@ -27,8 +27,16 @@ def _share(windows: list[int]) -> str:
     return ", ".join(f"{n} on {k} worker{'s' if k > 1 else ''}" for n, k in sorted(counts.items(), reverse=True))
 
 
-def render(plan: Plan, capacity: int | None = None) -> str:
-    """The plan as text for a person."""
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def render(plan: Plan, capacity: int | None = None, throughput: int | None = None) -> str:
+    """The plan as text for a person (spill time at `throughput` bytes/s, None: the default)."""
     s, c, m = plan.shape, plan.cfg, plan.memory
     q = c.quant
     scheme = "none" if q.method == "none" else f"{q.method} {q.bits}-bit group {q.group_size}"
@@ -53,6 +61,15 @@ def render(plan: Plan, capacity: int | None = None) -> str:
     if plan.spilled:
         act += f"  ({human(plan.resident)} in memory, {human(plan.spilled)} spilled to disk)"
     lines.append(act)
+    spill = plan.spill_json(throughput)
+    if spill:
+        lines.append(
+            f"  spill traffic        {human(spill['block_read_bytes'] + spill['block_written_bytes']):>12}  per block "
+            f"(read {human(spill['block_read_bytes'])}, written {human(spill['block_written_bytes'])}); "
+            f"{human(spill['run_read_bytes'] + spill['run_written_bytes'])} per run: {_duration(spill['seconds'])} "
+            f"at {spill['throughput_bytes_per_s'] / 1e9:.2f} GB/s (cluster.spill {spill['mode']}; without overlap, "
+            "the upper bound of what it adds)"
+        )
     lines.append(f"  block weights        {human(plan.block_bytes):>12}  ({c.model.dtype})")
     if plan.hessian_group is not None:
         lines.append(f"  largest Hessian      {human(plan.hessian_bytes):>12}  ({plan.hessian_group}: "
@@ -88,6 +105,14 @@ def render(plan: Plan, capacity: int | None = None) -> str:
             lines.append(f"{mem}: DOES NOT FIT, short by {human(-v['margin'])} ({-v['margin']} B)")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def parse_throughput(text: str) -> int:
+    """`--disk-throughput` ('2GB', '500MB', '3GiB', bytes; per second) as bytes per second."""
+    try:
+        return parse_size(text.removesuffix("/s"))
+    except ValueError as e:
+        raise UserError(f"--disk-throughput: {e}") from None
 
 
 def parse_capacity(text: str) -> int:
