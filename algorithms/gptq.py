@@ -310,7 +310,7 @@ class GPTQSolver:
             raise ValueError("float formats keep groups of consecutive columns: act_order needs static_groups")
         if global_scales is not None and len(global_scales) != len(weights):
             raise ValueError("one global scale per weight")
-        if spec.block_rows > 1 and len(weights) > 1:  # row blocks belong to one linear: solve each alone
+        if spec.whole_rows and len(weights) > 1:  # row blocks (a tensor's scale) are one linear's: each alone
             return [r for i, w in enumerate(weights) for r in self._quantize_float(
                 [w], spec, block_size=block_size, static_groups=static_groups, mse=None,
                 group_range=group_range, global_scales=None if global_scales is None else [global_scales[i]])]

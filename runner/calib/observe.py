@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from shardquant.algorithms import awq
 from shardquant.algorithms.hessian import HessianAccumulator
+from shardquant.algorithms.smoothquant import ChannelMax
 from shardquant.calib.steps import GroupStats
 
 
@@ -46,21 +47,24 @@ class Observation:
 
 @contextmanager
 def observing(
-    block: nn.Module, groups: list[tuple[str, str]], *, channel: bool, capture: dict[str, str | None]
+    block: nn.Module, groups: list[tuple[str, str]], *, channel: bool, capture: dict[str, str | None],
+    hessian: bool = True, absmax: bool = False,
 ) -> Iterator[Observation]:
     """Hooks on `block` for one pass; run the batches inside, the hooks go on leaving.
 
-    `groups` is [(group name, its first linear)]; every group gets a Hessian accumulator, and
-    with `channel` an AWQ `ChannelStats`. `capture` maps a group to its consumer module (or
+    `groups` is [(group name, its first linear)]; every group gets a Hessian accumulator (unless
+    not `hessian`), with `channel` an AWQ `ChannelStats`, and with `absmax` a `ChannelMax`. `capture` maps a group to its consumer module (or
     None) when its inputs (and the consumer's calls) must be kept for the AWQ search.
     """
     obs = Observation()
     handles = []
     for gname, first_name in groups:
         first = block.get_submodule(first_name)
+        dev = first.weight.device
         st = obs.stats[gname] = GroupStats(
-            HessianAccumulator(first.in_features, device=first.weight.device),
-            awq.ChannelStats(first.in_features, device=first.weight.device) if channel else None,
+            HessianAccumulator(first.in_features, device=dev) if hessian else None,
+            awq.ChannelStats(first.in_features, device=dev) if channel else None,
+            absmax=ChannelMax(first.in_features, device=dev) if absmax else None,
         )
         cap = None
         if gname in capture:
@@ -88,6 +92,8 @@ def observing(
                 st.hessian.add(x)
             if st.channel is not None:
                 st.channel.add(x)
+            if st.absmax is not None:
+                st.absmax.add(x)
             obs.stats_s += time.perf_counter() - t0
 
         handles.append(first.register_forward_pre_hook(hook))
