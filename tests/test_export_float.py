@@ -1,5 +1,5 @@
-"""Float weight schemes (`quant.scheme` NVFP4A16, MXFP4A16, FP8_DYNAMIC / FP8_BLOCK weights only)
-and W8A16, exported as compressed-tensors writes them and reloaded by transformers +
+"""Float weight schemes (`quant.scheme` NVFP4A16, MXFP4A16, FP8_DYNAMIC / FP8_BLOCK weights only),
+W8A16 and the weight-activation presets (W8A8 with SmoothQuant, FP8, FP8_DYNAMIC, NVFP4, MXFP4), exported as compressed-tensors writes them and reloaded by transformers +
 compressed-tensors: the reloaded weights are the fake export's bit for bit, the logits equal,
 and the perplexity is the run's `ppl.quantized` within 0.2%. `shardquant inspect` reads each
 format and `plan`'s layout sizes it to the byte.
@@ -143,6 +143,7 @@ def test_reloads_as_fake_export(case, exported, texts):
     assert weights["num_bits"] == q.bits
     assert weights["type"] == ("int" if q.kind == "int" else "float")
     assert qc["config_groups"]["group_0"]["input_activations"] is None
+    assert "activations:" not in (ct_dir.parent / "report.md").read_text()
     if q.kind != "int":
         assert CT_FLOAT_FORMATS[q.kind] == fmt
 
@@ -219,6 +220,26 @@ def test_integer_formats_refuse_float_schemes(fmt, tiny_models, texts, tmp_path)
         prepare(build_config(raw))
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_weight_only_formats_refuse_activation_schemes(fmt, tiny_models, texts, tmp_path):
+    from shardquant.errors import UserError
+    from shardquant.prepare import prepare
+
+    raw = run_config(tiny_models["llama"], texts, tmp_path / "o", export={"format": fmt})
+    raw["quant"] = {"method": "rtn", "scheme": "W8A8"}
+    with pytest.raises(UserError, match=f"export.format: '{fmt}' holds weight-only schemes, but quant.scheme W8A8"):
+        prepare(build_config(raw))
+
+
+def test_pipeline_stages_refuse_activation_schemes(tmp_path):
+    from shardquant.errors import UserError
+
+    raw = {"model": {"path": str(tmp_path)}, "quant": {"scheme": "FP8_DYNAMIC", "method": "rtn"},
+           "calib": {"propagate": "fp"}, "cluster": {"backend": "ray", "workers": 2}}
+    with pytest.raises(UserError, match="calib.propagate: fp on ray runs pipeline stages"):
+        build_config(raw)
+
+
 def test_nvfp4_global_scale_shared_by_fused_linears(exported, tiny_models):
     """q/k/v and gate/up (fused by servers) share one global scale: the library's
     generate_gparam over their original weights together; o and down have their own."""
@@ -241,9 +262,13 @@ def test_plan_sizes_the_export(case, exported):
     """`shardquant plan`'s checkpoint bytes are the real export's, for every float format and
     weight-activation preset (with their input tensors)."""
     from shardquant.tools.plan import plan_from_config
+    from shardquant.tools.plan_text import render
 
     _, report = exported(case, "compressed-tensors")
-    assert report["export"]["bytes"] == plan_from_config(build_config(report["config"])).checkpoint_bytes
+    plan = plan_from_config(build_config(report["config"]))
+    assert report["export"]["bytes"] == plan.checkpoint_bytes
+    q = QuantConfig.model_validate({**CASES, **ACT_CASES}[case][0])
+    assert (f"inputs {q.activations}" in render(plan)) == (case in INPUTS_IN_WORDS)
 
 
 def test_plan_of_a_float_scheme_imports_no_torch(tiny_models, texts, tmp_path):
@@ -336,6 +361,7 @@ def test_activation_scheme_reloads_with_its_ppl(case, exported, texts):
     assert qc["format"] == fmt and group["format"] == fmt
     want = preset_name_to_scheme(quant["scheme"], ["Linear"]).input_activations.model_dump(mode="json")
     assert group["input_activations"] == want
+    assert "the quantized perplexity is measured with it" in (ct_dir.parent / "report.md").read_text()
     ours = report["ppl"]["quantized"]
     if route == "dequantize":
         model = load(ct_dir, torch.float32, dequantize=True)
