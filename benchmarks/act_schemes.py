@@ -2,13 +2,13 @@
 and checkpoint size per scheme, all exported as compressed-tensors.
 
     python benchmarks/act_schemes.py [--calib 16] [--eval 16] [--seq 256] [--only NAME,...]
-                                     [--set KEY=VALUE] [--out DIR]
+                                     [--set KEY=VALUE] [--jobs N] [--out DIR]
 
 Rows: W4A16 GPTQ (group 64: SmolLM2's 576 inputs are no multiple of 128) as the reference,
 W8A8 RTN, W8A8 SmoothQuant (alpha 0.5) + GPTQ, FP8_DYNAMIC GPTQ, FP8_BLOCK (refused: 576
 columns are no multiple of the 128-column blocks vLLM's kernels need), NVFP4 RTN / GPTQ,
 MXFP4 RTN / GPTQ. The perplexity is with every quantized linear's input quantized as the
-scheme says (what the served model computes). Runs one at a time, so the seconds compare.
+scheme says (what the served model computes). Runs one at a time unless `--jobs`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--only", default="", help="comma-separated row names to run alone")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once (the seconds then do not compare across machines' loads)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="sq-act-"))
@@ -53,15 +55,17 @@ def main() -> None:
         runs.append((cfg, out / f"cfg-{slug}"))
     rows = {}
     fp = None
-    for i, r in run_many(runs, 1):
+    for i, r in run_many(runs, args.jobs):
         name = names[i]
         fp = fp or r["ppl"]["fp"]
         rows[name] = (r["ppl"]["quantized"], r["timing"]["calibrate_s"], r["export"]["bytes"])
         print(f"[{name}] ppl {rows[name][0]:.3f}, calibrate {rows[name][1]:.0f}s, {rows[name][2] / 1e6:.1f} MB",
               flush=True)
+    if fp is None:
+        print("(no fp perplexity: pass the W4A16 GPTQ row, which evaluates fp, too)")
+        fp = float("nan")
     print("\n| scheme | perplexity | / fp | calibration s | checkpoint MB |\n| --- | --- | --- | --- | --- |")
-    if fp is not None:
-        print(f"| fp | {fp:.3f} | 1.000 | | |")
+    print(f"| fp | {fp:.3f} | 1.000 | | |")
     for name in names:
         ppl, secs, size = rows[name]
         print(f"| {name} | {ppl:.3f} | {ppl / fp:.3f} | {secs:.0f} | {size / 1e6:.1f} |")
