@@ -2,8 +2,9 @@
 
 Elements are rounded to a float grid after dividing by a scale:
 
-- ``fp8``: E4M3 (max 448, subnormals from 2**-9), one scale per output row (``group_size=-1``)
-  or per ``block_rows`` x ``group_size`` block; scale = absmax / 448 in the stored scale dtype.
+- ``fp8``: E4M3 (max 448, subnormals from 2**-9), one scale per output row (``group_size=-1``),
+  per ``block_rows`` x ``group_size`` block, or for the whole tensor (``per_tensor``);
+  scale = absmax / 448 in the stored scale dtype.
 - ``nvfp4``: E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6) in groups of 16 columns; each group's scale is
   ``global * absmax / 6`` rounded to FP8 E4M3, and the effective scale is ``scale / global``
   with the per-tensor ``global = 448 * 6 / absmax(W)``.
@@ -40,12 +41,14 @@ _MX_OFFSET = 2  # floor(log2(6)): maps a group's max into E2M1's range
 class FloatSpec:
     """A float weight format. ``group_size``: columns per scale (-1: the whole row);
     ``block_rows``: output rows sharing a scale (fp8 blocks); ``scale_dtype``: the dtype fp8
-    scales are stored in, which they are rounded to when computed (None: float32)."""
+    scales are stored in, which they are rounded to when computed (None: float32);
+    ``per_tensor`` (fp8, ``group_size=-1``): one scale for the whole weight."""
 
     kind: FloatKind
     group_size: int
     block_rows: int = 1
     scale_dtype: torch.dtype | None = None
+    per_tensor: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("fp8", "nvfp4", "mxfp4"):
@@ -57,6 +60,8 @@ class FloatSpec:
             raise ValueError(f"group_size must be positive or -1, got {self.group_size}")
         if self.block_rows < 1 or (self.block_rows > 1 and self.kind != "fp8"):
             raise ValueError(f"block_rows must be 1 (or > 1 for fp8 blocks), got {self.block_rows}")
+        if self.per_tensor and (self.kind != "fp8" or self.group_size != -1 or self.block_rows != 1):
+            raise ValueError("per_tensor is fp8 with group_size -1 and block_rows 1")
 
     @classmethod
     def nvfp4(cls) -> FloatSpec:
@@ -69,6 +74,16 @@ class FloatSpec:
     @classmethod
     def fp8_channel(cls, scale_dtype: torch.dtype | None = None) -> FloatSpec:
         return cls("fp8", -1, scale_dtype=scale_dtype)
+
+    @classmethod
+    def fp8_tensor(cls, scale_dtype: torch.dtype | None = None) -> FloatSpec:
+        return cls("fp8", -1, scale_dtype=scale_dtype, per_tensor=True)
+
+    @property
+    def whole_rows(self) -> bool:
+        """Whether a scale spans several rows (fp8 blocks, a per-tensor scale): such weights
+        are solved one linear at a time and never split by rows."""
+        return self.block_rows > 1 or self.per_tensor
 
     @classmethod
     def fp8_block(cls, rows: int = 128, cols: int = 128, scale_dtype: torch.dtype | None = None) -> FloatSpec:
@@ -161,9 +176,12 @@ def effective(scales: Tensor, gscale: Tensor | None) -> Tensor:
 
 def row_absmax(w: Tensor, spec: FloatSpec) -> Tensor:
     """Absmax of each (row, group) of ``w`` [out, in] -> [out, n_groups]; with ``block_rows`` > 1
-    the max over each block of rows, repeated for its rows. Trailing partial groups and blocks
-    are padded with zeros (which change no absmax)."""
+    the max over each block of rows, repeated for its rows; ``per_tensor``: the whole weight's,
+    on every row. Trailing partial groups and blocks are padded with zeros (which change no
+    absmax)."""
     out_f, in_f = w.shape
+    if spec.per_tensor:
+        return w.float().abs().amax().expand(out_f, 1).clone()
     glen, ng = spec.group_len(in_f), spec.n_groups(in_f)
     a = torch.nn.functional.pad(w.float().abs(), (0, ng * glen - in_f)).reshape(out_f, ng, glen).amax(-1)
     if spec.block_rows > 1:

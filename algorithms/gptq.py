@@ -212,7 +212,7 @@ class GPTQSolver:
         summation order.
 
         ``spec`` is the quantizer every column is rounded through: an integer ``QuantSpec`` or
-        a float ``FloatSpec`` (``_solve_float``). For NVFP4, ``global_scales`` gives each
+        a float ``FloatSpec`` (``_solve`` with ``_IntColumns`` or ``_FloatColumns``). For NVFP4, ``global_scales`` gives each
         weight's per-tensor global scale (default: from the weight as given, before any update).
         """
         if isinstance(spec, FloatSpec):
@@ -254,18 +254,16 @@ class GPTQSolver:
         order = cols if self.perm is None else self.perm
         fused = select.use_triton("gptq_block", W, supported=_fused_supported(self.dtype, spec, block_size, group_range))
         with _one_cpu_thread(W, W.numel()):
-            codes, loss_rows = (_solve_fused if fused else _solve)(
-                W.T.contiguous(),
-                self.hinv,
-                scales,
-                zeros,
-                g_idx[order].tolist(),
-                spec,
-                block_size=block_size,
-                dynamic=dynamic,
-                mse=mse,
-                block_start=group_range == "block_start",
-            )
+            if fused:
+                codes, loss_rows = _solve_fused(
+                    W.T.contiguous(), self.hinv, scales, zeros, g_idx[order].tolist(), spec,
+                    block_size=block_size, dynamic=dynamic, mse=mse, block_start=group_range == "block_start",
+                )
+            else:
+                codes, loss_rows = _solve(
+                    W.T.contiguous(), self.hinv, g_idx[order].tolist(), _IntColumns(scales, zeros, spec, mse, W.dtype),
+                    block_size=block_size, dynamic=dynamic, block_start=group_range == "block_start",
+                )
         if self.invperm is not None:
             codes = codes[:, self.invperm]
         scales, zeros = scales.T.contiguous(), zeros.T.to(torch.int32).contiguous()
@@ -295,7 +293,7 @@ class GPTQSolver:
         group_range: GroupRange,
         global_scales: Sequence[Tensor] | None,
     ) -> list[GPTQResult]:
-        """``quantize_many`` through a float quantizer; see ``_solve_float``."""
+        """``quantize_many`` through a float quantizer (``_FloatColumns``)."""
         n = self.in_features
         for w in weights:
             if w.dim() != 2 or w.shape[1] != n:
@@ -313,7 +311,7 @@ class GPTQSolver:
             raise ValueError("float formats keep groups of consecutive columns: act_order needs static_groups")
         if global_scales is not None and len(global_scales) != len(weights):
             raise ValueError("one global scale per weight")
-        if spec.block_rows > 1 and len(weights) > 1:  # row blocks belong to one linear: solve each alone
+        if spec.whole_rows and len(weights) > 1:  # row blocks (a tensor's scale) are one linear's: each alone
             return [r for i, w in enumerate(weights) for r in self._quantize_float(
                 [w], spec, block_size=block_size, static_groups=static_groups, mse=None,
                 group_range=group_range, global_scales=None if global_scales is None else [global_scales[i]])]
@@ -338,8 +336,8 @@ class GPTQSolver:
         order = cols if self.perm is None else self.perm
         select.use_triton("gptq_block", W, supported=False)  # tallied: float schemes have no kernel
         with _one_cpu_thread(W, W.numel()):
-            values, loss_rows = _solve_float(
-                W.T.contiguous(), self.hinv, scales, grow, g_idx[order].tolist(), spec,
+            values, loss_rows = _solve(
+                W.T.contiguous(), self.hinv, g_idx[order].tolist(), _FloatColumns(scales, grow, spec, W.dtype),
                 block_size=block_size, dynamic=dynamic, block_start=group_range == "block_start",
             )
         if self.invperm is not None:
@@ -357,70 +355,6 @@ class GPTQSolver:
             results.append(GPTQResult(weight=qweight, loss=loss_rows[r0:r1].sum().item() / 2))
             r0 = r1
         return results
-
-
-def _solve_float(
-    Wt: Tensor,
-    U: Tensor,
-    scales: Tensor,
-    grow: Tensor | None,
-    col_group: list[int],
-    spec: FloatSpec,
-    *,
-    block_size: int,
-    dynamic: bool,
-    block_start: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """GPTQ's column loop (as ``_solve``) rounding each column through the float format ``spec``:
-    ``value = round_elements(w / (scale / global))``, the error ``w - value * (scale / global)``.
-
-    ``scales`` [n_groups, rows] are read, and with ``dynamic`` written at a group's first
-    column from the group's current weights (the absmax over its columns, and for fp8 blocks
-    over the block's rows). ``grow`` [rows] is NVFP4's global scale per row. Returns the
-    element values [rows, n] (float8_e4m3fn) in processing order and the per-row sum of
-    squared scaled errors.
-    """
-    n, rows = Wt.shape
-    Q = torch.empty_like(Wt)
-    loss_rows = Wt.new_zeros(rows)
-    w_rows, q_rows, s_rows = Wt.unbind(0), Q.unbind(0), scales.unbind(0)
-    d = torch.diagonal(U).clone().unbind(0)
-    ends: dict[int, int] = {}
-    if dynamic:
-        starts = [c for c in range(n) if c == 0 or col_group[c] != col_group[c - 1]]
-        ends = dict(zip(starts, [*starts[1:], n], strict=True))
-    eff: dict[int, Tensor] = {}
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        E1 = torch.zeros_like(Wt[i1:i2])
-        e_rows = E1.unbind(0)
-        W0 = Wt[i1:i2].clone() if block_start and dynamic else None
-        for j1 in range(i1, i2, _SUB):
-            j2 = min(j1 + _SUB, i2)
-            for c in range(j1, j2):
-                g = col_group[c]
-                if c in ends:
-                    if W0 is not None:
-                        cur = torch.cat([W0[c - i1 : min(ends[c], i2) - i1], Wt[i2 : ends[c]]])
-                    else:
-                        cur = _current_rows(Wt, E1, U, c, ends[c], (j1, j2), (i1, i2))
-                    amax = _block_rows_max(cur.abs().amax(0).float(), spec.block_rows)
-                    s_rows[g].copy_(absmax_scales(amax, spec, grow))
-                    eff.pop(g, None)
-                if g not in eff:  # float32, as the exported scales divide
-                    eff[g] = (s_rows[g] if grow is None else s_rows[g] / grow).to(Wt.dtype)
-                sc, w, q, e = eff[g], w_rows[c], q_rows[c], e_rows[c - i1]
-                q.copy_(round_elements(w / sc, spec))
-                torch.mul(q, sc, out=e)
-                torch.sub(w, e, out=e).div_(d[c])
-                if c + 1 < j2:
-                    Wt[c + 1 : j2].addr_(U[c, c + 1 : j2], e, alpha=-1)
-            if j2 < i2:
-                Wt[j2:i2].addmm_(U[j1:j2, j2:i2].T, E1[j1 - i1 : j2 - i1], alpha=-1)
-        if i2 < n:
-            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
-        loss_rows += E1.square().sum(0)
-    return Q.T.to(torch.float8_e4m3fn), loss_rows
 
 
 def _block_rows_max(a: Tensor, block_rows: int) -> Tensor:
@@ -463,25 +397,76 @@ def group_aware_order(diag: Tensor, group_len: int) -> Tensor:
     return perm[perm < n]
 
 
+class _IntColumns:
+    """How ``_solve`` rounds through an integer ``QuantSpec``: a group's (scale, zero) from its
+    current weights (``search_qparams``), codes ``clamp(round(w / s) + z)``, dequantized
+    ``(q - z) * s``; codes come back as uint8."""
+
+    out_dtype = torch.uint8
+
+    def __init__(self, scales: Tensor, zeros: Tensor, spec: QuantSpec, mse: MSEGrid | None, dtype: torch.dtype):
+        self.s_rows, self.z_rows = scales.unbind(0), zeros.unbind(0)
+        self.spec, self.mse = spec, mse
+        # 0-dim tensors: an op with a Python scalar first wraps it in a tensor, which costs more
+        # than the op itself on these short rows.
+        self.lo = torch.tensor(0, dtype=dtype, device=scales.device)
+        self.hi = torch.tensor(spec.maxq, dtype=dtype, device=scales.device)
+
+    def start(self, g: int, cur: Tensor) -> None:
+        s, z = search_qparams(cur.T, self.spec, self.mse)
+        self.s_rows[g].copy_(s[:, 0])
+        self.z_rows[g].copy_(z[:, 0])
+
+    def round(self, g: int, w: Tensor, q: Tensor, e: Tensor) -> None:
+        s, z = self.s_rows[g], self.z_rows[g]
+        torch.div(w, s, out=q).round_().add_(z).clamp_(self.lo, self.hi)
+        torch.sub(q, z, out=e).mul_(s)
+
+
+class _FloatColumns:
+    """How ``_solve`` rounds through a ``FloatSpec``: a group's scale from its current absmax
+    (for fp8 blocks over the block's rows; ``grow`` [rows]: NVFP4's global scale per row),
+    ``value = round_elements(w / (scale / global))``, dequantized ``value * (scale / global)``;
+    values come back as float8_e4m3fn."""
+
+    out_dtype = torch.float8_e4m3fn
+
+    def __init__(self, scales: Tensor, grow: Tensor | None, spec: FloatSpec, dtype: torch.dtype):
+        self.scales, self.s_rows, self.grow, self.spec, self.dtype = scales, scales.unbind(0), grow, spec, dtype
+        self.eff: dict[int, Tensor] = {}
+
+    def start(self, g: int, cur: Tensor) -> None:
+        amax = _block_rows_max(cur.abs().amax(0).float(), self.spec.block_rows)
+        self.s_rows[g].copy_(absmax_scales(amax, self.spec, self.grow))
+        self.eff.pop(g, None)
+
+    def round(self, g: int, w: Tensor, q: Tensor, e: Tensor) -> None:
+        sc = self.eff.get(g)
+        if sc is None:  # float32, as the exported scales divide
+            s = self.s_rows[g]
+            sc = self.eff[g] = (s if self.grow is None else s / self.grow).to(self.dtype)
+        q.copy_(round_elements(w / sc, self.spec))
+        torch.mul(q, sc, out=e)
+
+
 def _solve(
     Wt: Tensor,
     U: Tensor,
-    scales: Tensor,
-    zeros: Tensor,
     col_group: list[int],
-    spec: QuantSpec,
+    columns: _IntColumns | _FloatColumns,
     *,
     block_size: int,
     dynamic: bool,
-    mse: MSEGrid | None,
     block_start: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """GPTQ's column loop on ``Wt`` [n, rows] (transposed, in processing order, updated in place).
+    """GPTQ's column loop on ``Wt`` [n, rows] (transposed, in processing order, updated in place),
+    rounding each column through ``columns`` (integer codes or float elements).
 
-    ``scales``/``zeros`` [n_groups, rows] are read, and with ``dynamic`` written when a group's
-    first column is reached (a group's columns are consecutive in processing order).
-    ``col_group[c]`` is the group of processing column c. Returns the codes [rows, n] in
-    processing order and the per-row sum of squared scaled errors (twice GPTQ's loss).
+    The columns' scales [n_groups, rows] are read, and with ``dynamic`` written when a group's
+    first column is reached (a group's columns are consecutive in processing order) from the
+    group's current weights. ``col_group[c]`` is the group of processing column c. Returns the
+    codes / element values [rows, n] in processing order and the per-row sum of squared scaled
+    errors (twice GPTQ's loss).
 
     Every column is a contiguous row of ``Wt``, so each step is a handful of in-place vector
     ops. Error updates are lazy on two levels: within a sub-block of ``_SUB`` columns they are
@@ -490,15 +475,10 @@ def _solve(
     past the block once per block, each as one matmul.
     """
     n, rows = Wt.shape
-    maxq = spec.maxq
     Q = torch.empty_like(Wt)  # codes as floats, processing order
     loss_rows = Wt.new_zeros(rows)
     w_rows, q_rows = Wt.unbind(0), Q.unbind(0)
-    s_rows, z_rows = scales.unbind(0), zeros.unbind(0)
-    # 0-dim tensors: an op with a Python scalar first wraps it in a tensor, which costs more
-    # than the op itself on these short rows.
     d = torch.diagonal(U).clone().unbind(0)
-    lo, hi = Wt.new_tensor(0), Wt.new_tensor(maxq)
     ends: dict[int, int] = {}  # processing column where a group starts -> where it ends
     if dynamic:
         starts = [c for c in range(n) if c == 0 or col_group[c] != col_group[c - 1]]
@@ -517,12 +497,9 @@ def _solve(
                         cur = torch.cat([W0[c - i1 : min(ends[c], i2) - i1], Wt[i2 : ends[c]]])
                     else:
                         cur = _current_rows(Wt, E1, U, c, ends[c], (j1, j2), (i1, i2))
-                    s, z = search_qparams(cur.T, spec, mse)
-                    s_rows[g].copy_(s[:, 0])
-                    z_rows[g].copy_(z[:, 0])
-                s, z, w, q, e = s_rows[g], z_rows[g], w_rows[c], q_rows[c], e_rows[c - i1]
-                torch.div(w, s, out=q).round_().add_(z).clamp_(lo, hi)
-                torch.sub(q, z, out=e).mul_(s)
+                    columns.start(g, cur)
+                w, e = w_rows[c], e_rows[c - i1]
+                columns.round(g, w, q_rows[c], e)
                 torch.sub(w, e, out=e).div_(d[c])
                 if c + 1 < j2:
                     Wt[c + 1 : j2].addr_(U[c, c + 1 : j2], e, alpha=-1)
@@ -531,7 +508,7 @@ def _solve(
         if i2 < n:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
         loss_rows += E1.square().sum(0)
-    return Q.T.to(torch.uint8), loss_rows
+    return Q.T.to(columns.out_dtype), loss_rows
 
 
 def _fused_supported(dtype: torch.dtype, spec: QuantSpec, block_size: int, group_range: GroupRange) -> bool:

@@ -380,6 +380,18 @@ class RayExecutor:
     def end_group(self, group: str) -> None:
         self._all("end_group", group)
 
+    def input_absmax(self) -> dict[str, torch.Tensor]:
+        """Every worker's max |x| per channel of the last observation, reduced by max (exact)."""
+        out: dict[str, torch.Tensor] = {}
+        for part in self._all("input_absmax"):
+            for g, m in part.items():
+                m = m.cpu()
+                out[g] = m if g not in out else torch.maximum(out[g], m)
+        return out
+
+    def calibrate_inputs(self, plan) -> None:
+        self._all("calibrate_inputs", plan)
+
     def expert_tokens(self) -> dict[str, Any]:
         """Every worker's routing counts of the last pass, summed."""
         parts = [p for p in self._all("expert_tokens") if p]

@@ -94,8 +94,18 @@ class QuantConfig(_Section):
     weights_only: bool = Field(
         False,
         description="With a preset that also quantizes input activations (W8A8, W4AFP8, FP8*, NVFP4, MXFP4): "
-        "keep only its weights (e.g. FP8_DYNAMIC becomes FP8 weights with 16-bit activations). Activation "
-        "quantization is not implemented yet, so such a preset needs this.",
+        "keep only its weights (e.g. FP8_DYNAMIC becomes FP8 weights with 16-bit activations). Without it the "
+        "inputs of every quantized linear are quantized as the preset says (dynamic per token or group, or static "
+        "scales calibrated from the observed input ranges), in evaluation as in the export.",
+    )
+    smoothquant: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="SmoothQuant alpha in (0, 1) (null: off): before solving, each input group's channels are "
+        "scaled by s = max|x|^alpha / max|w|^(1-alpha) (columns of its linears times s, the op before it divided "
+        "by s: the folding AWQ uses), moving activation outliers into the weights. For presets that quantize "
+        "activations (W8A8, ...), with rtn or gptq.",
     )
     bits: int = Field(4, description="Bits per weight, 2..8.")
     group_size: int = Field(128, description="Columns per quantization group; -1 = per output channel.")
@@ -226,11 +236,18 @@ class QuantConfig(_Section):
         p = self.weight_preset
         return "int" if p is None else p.kind
 
+    @property
+    def activations(self) -> str | None:
+        """How input activations are quantized (the preset's words), or None: they are not."""
+        p = self.weight_preset
+        return None if p is None or self.weights_only else p.activations
+
     @model_validator(mode="after")
     def _preset(self) -> QuantConfig:
         if self.scheme is None:
             if self.weights_only:
                 raise ValueError("quant.weights_only: needs quant.scheme (a preset whose activations it drops)")
+            _check_smoothquant(self)
             return self
         try:
             p = preset(self.scheme)
@@ -238,17 +255,31 @@ class QuantConfig(_Section):
             raise ValueError(f"quant.scheme: {e}") from None
         name = self.scheme.upper()
         self.__dict__["scheme"] = name
-        if p.activations and not self.weights_only:
-            weight_only = ", ".join(n for n, q in PRESETS.items() if not q.activations)
+        if self.activations and self.method in AWQ_METHODS:
             raise ValueError(
-                f"quant.scheme: {name} also quantizes input activations ({p.activations}), which is not "
-                f"implemented yet; set quant.weights_only: true to keep its weights only, or use {weight_only}"
+                f"quant.method: {self.method} is for weight-only schemes, and {name} also quantizes input "
+                "activations; use rtn or gptq (with quant.smoothquant), or set quant.weights_only: true"
             )
         if p.strategy not in SUPPORTED_STRATEGIES[p.kind]:
             raise ValueError(f"quant.scheme: {name}'s {p.strategy} weight scales are not implemented yet")
         given = self.model_fields_set
         _refine(self, name, p, given)
+        if self.activations and not self.symmetric:
+            raise ValueError(f"quant.symmetric: {name} quantizes activations too, with symmetric weights only")
+        _check_smoothquant(self)
         return self
+
+
+def _check_smoothquant(q: QuantConfig) -> None:
+    if q.smoothquant is None:
+        return
+    if not q.activations:
+        raise ValueError(
+            "quant.smoothquant: needs a quant.scheme that quantizes input activations (W8A8, FP8_DYNAMIC, ...) "
+            "without quant.weights_only"
+        )
+    if q.method not in ("rtn", "gptq"):
+        raise ValueError(f"quant.smoothquant: works with quant.method rtn or gptq, not {q.method}")
 
 
 def _refine(q: QuantConfig, name: str, p: Preset, given: set[str]) -> None:
@@ -413,6 +444,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"cluster.row_split: always cannot split quant.scheme {self.quant.scheme} (its scales span "
                 "rows: NVFP4's global scale, fp8 blocks); use auto or never"
+            )
+        if self.quant.activations and self.cluster.backend != "local" and self.calib.propagate == "fp":
+            raise ValueError(
+                f"calib.propagate: fp on {self.cluster.backend} runs pipeline stages, which do not quantize "
+                f"activations yet (quant.scheme {self.quant.scheme}); use propagate: quantized or quant.weights_only"
             )
         return self
 

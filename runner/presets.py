@@ -32,6 +32,7 @@ class Preset:
     block_rows: int = 1
     scale: Literal["float", "fp8", "e8m0"] = "float"
     activations: str | None = None  # how the preset quantizes input activations, None: not at all
+    input_params: tuple[str, ...] = ()  # the calibrated input tensors a linear stores (static inputs)
 
     @property
     def kind(self) -> str:
@@ -50,16 +51,17 @@ PRESETS: dict[str, Preset] = {
     "W8A16": Preset(bits=8, **_INT_GROUP),
     "W8A8": Preset("int", 8, "channel", -1, activations="int8 dynamic per token"),
     "W4AFP8": Preset(bits=4, activations="fp8 dynamic per token", **_INT_GROUP),
-    "FP8": Preset("float", 8, "tensor", -1, activations="fp8 static per tensor"),
+    "FP8": Preset("float", 8, "tensor", -1, activations="fp8 static per tensor", input_params=("input_scale",)),
     "FP8_DYNAMIC": Preset("float", 8, "channel", -1, activations="fp8 dynamic per token"),
     "FP8_BLOCK": Preset("float", 8, "block", 128, block_rows=128, activations="fp8 dynamic per group of 128"),
     "NVFP4A16": Preset("float", 4, "tensor_group", 16, scale="fp8"),
-    "NVFP4": Preset("float", 4, "tensor_group", 16, scale="fp8", activations="nvfp4 dynamic per group of 16"),
+    "NVFP4": Preset("float", 4, "tensor_group", 16, scale="fp8", activations="nvfp4 dynamic per group of 16",
+                    input_params=("input_global_scale",)),
     "MXFP4A16": Preset("float", 4, "group", 32, scale="e8m0"),
     "MXFP4": Preset("float", 4, "group", 32, scale="e8m0", activations="mxfp4 dynamic per group of 32"),
 }
 SUPPORTED_STRATEGIES: dict[str, tuple[str, ...]] = {  # weight strategies the quantizers implement
-    "int": ("group", "channel"), "fp8": ("channel", "block"), "nvfp4": ("tensor_group",), "mxfp4": ("group",),
+    "int": ("group", "channel"), "fp8": ("channel", "block", "tensor"), "nvfp4": ("tensor_group",), "mxfp4": ("group",),
 }
 
 

@@ -1,5 +1,5 @@
-"""Float weight schemes (`quant.scheme` NVFP4A16, MXFP4A16, FP8_DYNAMIC / FP8_BLOCK weights only)
-and W8A16, exported as compressed-tensors writes them and reloaded by transformers +
+"""Float weight schemes (`quant.scheme` NVFP4A16, MXFP4A16, FP8_DYNAMIC / FP8_BLOCK weights only),
+W8A16 and the weight-activation presets (W8A8 with SmoothQuant, FP8, FP8_DYNAMIC, NVFP4, MXFP4), exported as compressed-tensors writes them and reloaded by transformers +
 compressed-tensors: the reloaded weights are the fake export's bit for bit, the logits equal,
 and the perplexity is the run's `ppl.quantized` within 0.2%. `shardquant inspect` reads each
 format and `plan`'s layout sizes it to the byte.
@@ -43,6 +43,17 @@ CASES = {
                   "naive-quantized"),
     "w8a16": ({"method": "gptq", "scheme": "W8A16"}, True, torch.float32, "pack-quantized"),
 }
+# Weight-activation presets, one per stored format: (quant, wide, the reload route, format).
+# float32: transformers' default route, on which compressed-tensors quantizes the inputs itself;
+# dequantize: FP4's float32 route (see above), which drops the scheme, so the test quantizes the
+# inputs as the config says (`calib.inputs`, the library's own functions).
+ACT_CASES = {
+    "w8a8-sq": ({"method": "gptq", "scheme": "W8A8", "smoothquant": 0.5}, False, torch.float32, "int-quantized"),
+    "fp8-dynamic": ({"method": "gptq", "scheme": "FP8_DYNAMIC"}, False, torch.float32, "float-quantized"),
+    "fp8-static": ({"method": "rtn", "scheme": "FP8"}, False, torch.float32, "float-quantized"),
+    "nvfp4-act": ({"method": "gptq", "scheme": "NVFP4"}, False, "dequantize", "nvfp4-pack-quantized"),
+    "mxfp4-act": ({"method": "rtn", "scheme": "MXFP4"}, False, "dequantize", "mxfp4-pack-quantized"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +67,7 @@ def exported(tiny_models, wide_model, texts, tmp_path_factory):
 
     def export(case: str, fmt: str):
         if (case, fmt) not in cache:
-            quant, wide, _, _ = CASES[case]
+            quant, wide, _, _ = {**CASES, **ACT_CASES}[case]
             out = tmp_path_factory.mktemp(f"{case}-{fmt}")
             raw = run_config(wide_model if wide else tiny_models["llama"], texts, out, calib=CALIB, eval=EVAL,
                              export={"format": fmt})
@@ -132,19 +143,26 @@ def test_reloads_as_fake_export(case, exported, texts):
     assert weights["num_bits"] == q.bits
     assert weights["type"] == ("int" if q.kind == "int" else "float")
     assert qc["config_groups"]["group_0"]["input_activations"] is None
+    assert "activations:" not in (ct_dir.parent / "report.md").read_text()
     if q.kind != "int":
         assert CT_FLOAT_FORMATS[q.kind] == fmt
 
 
-@pytest.mark.parametrize("case", ["nvfp4", "mxfp4", "fp8", "fp8-block"])
+INPUTS_IN_WORDS = {"w8a8-sq": "int8 dynamic per token", "fp8-static": "fp8 static per tensor",
+                   "nvfp4-act": "fp4 dynamic per group of 16 (static global scale)",
+                   "mxfp4-act": "fp4 dynamic per group of 32"}
+
+
+@pytest.mark.parametrize("case", ["nvfp4", "mxfp4", "fp8", "fp8-block", *INPUTS_IN_WORDS])
 def test_layout_inspect_and_library_config(case, exported, tmp_path):
-    """The tensors are the layout's (what plan sizes, to the byte), inspect reads them, and the
-    library's ModelCompressor writes the same config (the library infers the same format)."""
+    """The tensors are the layout's (what plan sizes, to the byte), inspect reads them (and says
+    how inputs are quantized), and the library's ModelCompressor writes the same config (the
+    library infers the same format)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationConfig
 
-    quant, _, _, fmt = CASES[case]
+    quant, _, _, fmt = {**CASES, **ACT_CASES}[case]
     ct_dir, report = exported(case, "compressed-tensors")
     q = QuantConfig.model_validate(quant)
     layout = CompressedTensorsLayout(q, "float32")
@@ -165,7 +183,8 @@ def test_layout_inspect_and_library_config(case, exported, tmp_path):
                 assert tuple(v.shape) == p.shape and v.numel() * v.element_size() == p.nbytes, (name, p)
 
     summary = inspect_checkpoint(ct_dir)
-    assert summary.format == "compressed-tensors" and summary.scheme.kind == q.kind
+    assert summary.format == "compressed-tensors" and (summary.scheme.kind or "int") == q.kind
+    assert summary.scheme.activations == INPUTS_IN_WORDS.get(case)
     assert summary.scheme.bits == q.bits and summary.not_quantized == ["lm_head"]
     by_name = {lin.name: lin for lin in summary.linears}
     assert len(by_name) == 7 * cfg["num_hidden_layers"]
@@ -201,6 +220,26 @@ def test_integer_formats_refuse_float_schemes(fmt, tiny_models, texts, tmp_path)
         prepare(build_config(raw))
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_weight_only_formats_refuse_activation_schemes(fmt, tiny_models, texts, tmp_path):
+    from shardquant.errors import UserError
+    from shardquant.prepare import prepare
+
+    raw = run_config(tiny_models["llama"], texts, tmp_path / "o", export={"format": fmt})
+    raw["quant"] = {"method": "rtn", "scheme": "W8A8"}
+    with pytest.raises(UserError, match=f"export.format: '{fmt}' holds weight-only schemes, but quant.scheme W8A8"):
+        prepare(build_config(raw))
+
+
+def test_pipeline_stages_refuse_activation_schemes(tmp_path):
+    from shardquant.errors import UserError
+
+    raw = {"model": {"path": str(tmp_path)}, "quant": {"scheme": "FP8_DYNAMIC", "method": "rtn"},
+           "calib": {"propagate": "fp"}, "cluster": {"backend": "ray", "workers": 2}}
+    with pytest.raises(UserError, match="calib.propagate: fp on ray runs pipeline stages"):
+        build_config(raw)
+
+
 def test_nvfp4_global_scale_shared_by_fused_linears(exported, tiny_models):
     """q/k/v and gate/up (fused by servers) share one global scale: the library's
     generate_gparam over their original weights together; o and down have their own."""
@@ -218,13 +257,18 @@ def test_nvfp4_global_scale_shared_by_fused_linears(exported, tiny_models):
                 assert torch.equal(t[f"{p}{n}.weight_global_scale"], want), (i, n)
 
 
-@pytest.mark.parametrize("case", ["nvfp4", "mxfp4", "fp8", "fp8-block", "w8a16"])
+@pytest.mark.parametrize("case", ["nvfp4", "mxfp4", "fp8", "fp8-block", "w8a16", *INPUTS_IN_WORDS])
 def test_plan_sizes_the_export(case, exported):
-    """`shardquant plan`'s checkpoint bytes are the real export's, for every float format."""
+    """`shardquant plan`'s checkpoint bytes are the real export's, for every float format and
+    weight-activation preset (with their input tensors)."""
     from shardquant.tools.plan import plan_from_config
+    from shardquant.tools.plan_text import render
 
     _, report = exported(case, "compressed-tensors")
-    assert report["export"]["bytes"] == plan_from_config(build_config(report["config"])).checkpoint_bytes
+    plan = plan_from_config(build_config(report["config"]))
+    assert report["export"]["bytes"] == plan.checkpoint_bytes
+    q = QuantConfig.model_validate({**CASES, **ACT_CASES}[case][0])
+    assert (f"inputs {q.activations}" in render(plan)) == (case in INPUTS_IN_WORDS)
 
 
 def test_plan_of_a_float_scheme_imports_no_torch(tiny_models, texts, tmp_path):
@@ -269,3 +313,94 @@ def test_w4a16_preset_exports_todays_bytes(tiny_models, texts, tmp_path):
         digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest()
                         for f in sorted(model.iterdir()) if f.name != "manifest.json"})
     assert digests[0] == digests[1] and "config.json" in digests[0]
+
+
+def _quantize_inputs_as_configured(model, model_dir) -> int:
+    """Pre-hooks quantizing each quantized linear's input as config.json's `input_activations`
+    say, with the checkpoint's static input tensors (`calib.inputs`: the library's functions);
+    the number of linears hooked. NVFP4 weights are dequantized again by the library's
+    `dequantize` in float32 (its reader rounds them to bfloat16)."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    from shardquant.calib.inputs import fake_quantize_input
+
+    qc = QuantizationConfig.model_validate(json.loads((model_dir / "config.json").read_text())["quantization_config"])
+    args = qc.config_groups["group_0"].input_activations
+    tensors = read_checkpoint(model_dir)
+    n = 0
+    for name, mod in model.named_modules():
+        if f"{name}.weight_packed" not in tensors:
+            continue
+        if f"{name}.weight_global_scale" in tensors:
+            out_f, in_f = mod.weight.shape
+            codes = unpack_fp4_from_uint8(tensors[f"{name}.weight_packed"], out_f, in_f, dtype=torch.float32)
+            w = dequantize(x_q=codes, scale=tensors[f"{name}.weight_scale"].float(), dtype=torch.float32,
+                           args=qc.config_groups["group_0"].weights, global_scale=tensors[f"{name}.weight_global_scale"])
+            with torch.no_grad():
+                mod.weight.copy_(w)
+        params = {k: tensors[f"{name}.{k}"] for k in ("input_scale", "input_global_scale") if f"{name}.{k}" in tensors}
+        mod.register_forward_pre_hook(lambda _m, a, params=params: (fake_quantize_input(a[0], args, params),))
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("case", list(ACT_CASES))
+def test_activation_scheme_reloads_with_its_ppl(case, exported, texts):
+    """A weight-activation preset's export declares the preset's input activations, reloads in
+    transformers + compressed-tensors, and quantizing the inputs as served gives the run's
+    `ppl.quantized` (the same number on the library's own route); without the input
+    quantization the reload's perplexity is further off than the tolerance."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    quant, _, route, fmt = ACT_CASES[case]
+    ct_dir, report = exported(case, "compressed-tensors")
+    qc = json.loads((ct_dir / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == fmt and group["format"] == fmt
+    want = preset_name_to_scheme(quant["scheme"], ["Linear"]).input_activations.model_dump(mode="json")
+    assert group["input_activations"] == want
+    assert "the quantized perplexity is measured with it" in (ct_dir.parent / "report.md").read_text()
+    ours = report["ppl"]["quantized"]
+    if route == "dequantize":
+        model = load(ct_dir, torch.float32, dequantize=True)
+        assert _quantize_inputs_as_configured(model, ct_dir) == 7 * len(model.model.layers)
+    else:  # compressed-tensors' own quantized forward quantizes each linear's input
+        model = load(ct_dir, route)
+        lin = model.model.layers[0].self_attn.q_proj
+        assert lin.quantization_scheme.input_activations.model_dump(mode="json") == want
+    tol = 1e-5  # the same arithmetic: far inside the 0.2% asked for
+    ppl = perplexity(model, ct_dir, texts)
+    assert ppl == pytest.approx(ours, rel=tol)
+    plain = perplexity(load(ct_dir, torch.float32, dequantize=True), ct_dir, texts)
+    assert abs(plain / ours - 1) > 5 * tol, (plain, ours)
+
+
+@pytest.mark.parametrize(("case", "tensor"), [("nvfp4-act", "input_global_scale"), ("fp8-static", "input_scale")])
+def test_static_input_scale_is_the_calibration_absmax(case, tensor, exported, texts):
+    """NVFP4's `input_global_scale` of block 0's q/k/v is 448 * 6 / max|x| over the calibration
+    windows, FP8's `input_scale` max|x| / 448, x the input transformers' own forward gives
+    q_proj (norm of the embedding: nothing quantized before it); the same for the three (one
+    input)."""
+    from transformers import AutoTokenizer
+
+    from shardquant.data import token_windows
+
+    ct_dir, report = exported(case, "compressed-tensors")
+    calib = report["config"]["calib"]
+    tok = AutoTokenizer.from_pretrained(ct_dir)
+    wins = token_windows(tok, load_text(str(texts["calib"]), key="calib.path"), n_samples=calib["n_samples"],
+                         seq_len=calib["seq_len"], seed=calib["seed"], mode="random", key="calib")
+    model = load(ct_dir, torch.float32, dequantize=True)
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].abs().amax()))
+    with torch.no_grad():
+        model(wins)
+    amax = torch.stack(seen).amax()
+    want = 448.0 * 6.0 / amax if tensor == "input_global_scale" else amax / 448.0
+    t = read_checkpoint(ct_dir)
+    for n in ("q_proj", "k_proj", "v_proj"):
+        got = t[f"model.layers.0.self_attn.{n}.{tensor}"]
+        assert got.dtype == torch.float32 and got.shape == (1,)
+        torch.testing.assert_close(got, want.reshape(1), rtol=1e-6, atol=0)

@@ -446,8 +446,11 @@ def test_driver_killed_then_rerun_finishes_with_same_bytes(ray_local, deep_llama
 def test_float_scheme_on_workers_is_bytewise_local(ray_local, tiny_models, texts, tmp_path, one_thread):
     """NVFP4 on 2 workers (each linear its own task, never row-split) exports the local run's
     bytes: a linear's NVFP4 global scale comes from its whole input group (`SolveTask.fused`)
-    on whichever worker solves it."""
-    quant = {"method": "gptq", "scheme": "NVFP4A16", "group_size": 16}
+    on whichever worker solves it. With its input quantization and SmoothQuant: each worker
+    sees half the calibration windows, so the input maxima behind SmoothQuant's scales and the
+    static `input_global_scale` must be reduced (by max, exactly) over the workers, and both
+    workers' evaluation windows go through the same input quantization."""
+    quant = {"method": "gptq", "scheme": "NVFP4", "group_size": 16, "smoothquant": 0.5}
     export = {"format": "compressed-tensors"}
     reports = {}
     for name, cluster in (("local", {}), ("ray", {**TWO, "row_split": "auto"})):
@@ -458,6 +461,7 @@ def test_float_scheme_on_workers_is_bytewise_local(ray_local, tiny_models, texts
     assert reports["ray"]["ppl"] == reports["local"]["ppl"]
     g = [b[f"model.layers.0.self_attn.{n}.weight_global_scale"] for n in ("q_proj", "k_proj", "v_proj")]
     assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    assert "model.layers.1.mlp.down_proj.input_global_scale" in b
 
 
 def test_tasks_on_two_workers_equal_hflm(ray_local, tiny_models, texts, local_tasks, hflm_reference, tmp_path,

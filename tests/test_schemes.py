@@ -31,6 +31,29 @@ def test_preset_table_matches_library(name):
     assert (p.activations is None) == (lib.input_activations is None)
 
 
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.activations])
+def test_preset_input_tensors_are_the_library_parameters(name):
+    """The calibrated input tensors a preset stores (`Preset.input_params`, which plan sizes and
+    `calib.inputs.static_params` writes) are the input parameters the library registers on a
+    linear for it, less the zero point its compressors drop for symmetric inputs."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.initialize import (
+        initialize_module_for_quantization,
+    )
+
+    from shardquant.calib.inputs import input_args, static_params
+
+    lin = torch.nn.Linear(64, 32, bias=False)
+    initialize_module_for_quantization(lin, ct_scheme.preset_name_to_scheme(name, ["Linear"]))
+    registered = {n for n, _ in lin.named_parameters() if n.startswith("input_") and n != "input_zero_point"}
+    assert set(PRESETS[name].input_params) == registered
+    q = QuantConfig(scheme=name, method="rtn", group_size=PRESETS[name].group_size)
+    got = static_params(input_args(q), torch.tensor([0.5, -3.0]), torch.bfloat16)
+    assert set(got) == registered
+    for k, v in got.items():
+        assert v.shape == getattr(lin, k).shape and v.dtype == (torch.float32 if "global" in k else torch.bfloat16)
+
+
 def test_issue_presets_all_known():
     """The presets issue 19 names exist in the installed library and in the table."""
     wanted = ["W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16", "NVFP4",
@@ -111,8 +134,11 @@ def test_explicit_keys_refine_integer_presets():
         ({"scheme": "W8A16", "bits": 4}, "quant.bits: 4 contradicts quant.scheme W8A16 (8-bit weights)"),
         ({"scheme": "NVFP4A16", "group_size": 32}, "quant.group_size: 32 contradicts quant.scheme NVFP4A16"),
         ({"scheme": "MXFP4A16", "symmetric": False}, "quant.symmetric: float scheme MXFP4A16 is symmetric only"),
-        ({"scheme": "FP8_DYNAMIC"}, "quant.scheme: FP8_DYNAMIC also quantizes input activations"),
-        ({"scheme": "FP8", "weights_only": True}, "quant.scheme: FP8's tensor weight scales are not implemented yet"),
+        ({"scheme": "W8A8", "method": "awq"}, "quant.method: awq is for weight-only schemes, and W8A8 also quantizes"),
+        ({"scheme": "W8A8", "symmetric": False}, "quant.symmetric: W8A8 quantizes activations too"),
+        ({"smoothquant": 0.5}, "quant.smoothquant: needs a quant.scheme that quantizes input activations"),
+        ({"scheme": "FP8_DYNAMIC", "weights_only": True, "smoothquant": 0.5}, "quant.smoothquant: needs a quant.scheme"),
+        ({"scheme": "W8A8", "smoothquant": 1.0}, "quant.smoothquant: "),
         ({"scheme": "NVFP4A16", "method": "awq"}, "quant.method: awq is not implemented for float scheme"),
         ({"scheme": "MXFP4A16", "mse": True}, "quant.mse: the range search is for integer schemes"),
         ({"weights_only": True}, "quant.weights_only: needs quant.scheme"),
@@ -216,6 +242,17 @@ def test_fp8_block_matches_library():
     assert torch.equal(ours.dequantize(), ct_forward.fake_quantize(w, scale, zp, args))
 
 
+def test_fp8_tensor_matches_library():
+    """FP8 (static)'s per-tensor weight scale: one scale for the whole weight, the library's."""
+    w = edge_weight()
+    args = library_args("FP8")
+    scale, zp = ct_utils.calculate_qparams(w.amin(), w.amax(), args)
+    ours = floatq.quantize_float_rtn(w, floatq.FloatSpec.fp8_tensor())
+    assert torch.equal(ours.scales, scale.expand(w.shape[0], 1))
+    assert torch.equal(ours.values.float(), ct_forward.quantize(w, scale, zp, args))
+    assert torch.equal(ours.dequantize(), ct_forward.fake_quantize(w, scale, zp, args))
+
+
 def test_int8_channel_matches_library():
     """The integer path (W8A8's per-channel int8 weights): codes - 128 are the library's signed
     codes and the scales are equal, except for an all-zero row: ours has scale 1, the library's
@@ -256,6 +293,7 @@ FLOAT_SPECS = {
     "mxfp4": floatq.FloatSpec.mxfp4(),
     "fp8_channel": floatq.FloatSpec.fp8_channel(),
     "fp8_block": floatq.FloatSpec.fp8_block(),
+    "fp8_tensor": floatq.FloatSpec.fp8_tensor(),
 }
 
 

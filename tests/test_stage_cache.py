@@ -66,12 +66,14 @@ def _calib_windows(model_dir, texts, n=16):
         {"calib": {"propagate": "fp"}},
         {"quant": {"ignore": ["lm_head", "o_proj"]}},
         {"quant": {"ignore": ["lm_head", "down_proj"], "method": "awq"}},
+        {"quant": {"scheme": "NVFP4", "group_size": 16, "smoothquant": 0.5}},
     ],
-    ids=["awq", "awq+gptq", "propagate-fp", "ignore-o", "awq-ignore-down"],
+    ids=["awq", "awq+gptq", "propagate-fp", "ignore-o", "awq-ignore-down", "nvfp4-inputs-smoothquant"],
 )
 def test_same_block_with_and_without_reuse(sections, tiny_models, texts, tmp_path, one_thread):
-    """Whatever an AWQ fold touches is recomputed, so every method and option gives the same
-    weights and block output as rerunning the block for each group."""
+    """Whatever an AWQ (or SmoothQuant) fold touches is recomputed, so every method and option
+    (input quantization too) gives the same weights and block output as rerunning the block
+    for each group."""
     outs = {}
     for reuse in (True, False):
         calib = {"reuse_stages": reuse, **sections.get("calib", {})}

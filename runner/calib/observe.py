@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from shardquant.algorithms import awq
 from shardquant.algorithms.hessian import HessianAccumulator
+from shardquant.algorithms.smoothquant import ChannelMax
 from shardquant.calib.steps import GroupStats
 
 
@@ -46,22 +47,25 @@ class Observation:
 
 @contextmanager
 def observing(
-    block: nn.Module, groups: list[tuple[str, str]], *, channel: bool, capture: dict[str, str | None]
+    block: nn.Module, groups: list[tuple[str, str]], *, channel: bool, capture: dict[str, str | None],
+    hessian: bool = True, absmax: bool = False,
 ) -> Iterator[Observation]:
     """Hooks on `block` for one pass; run the batches inside, the hooks go on leaving.
 
-    `groups` is [(group name, its first linear)]; every group gets a Hessian accumulator, and
-    with `channel` an AWQ `ChannelStats`. `capture` maps a group to its consumer module (or
+    `groups` is [(group name, its first linear)]; every group gets a Hessian accumulator (unless
+    not `hessian`), with `channel` an AWQ `ChannelStats`, and with `absmax` a `ChannelMax`. `capture` maps a group to its consumer module (or
     None) when its inputs (and the consumer's calls) must be kept for the AWQ search.
     """
     obs = Observation()
     handles = []
     for gname, first_name in groups:
         first = block.get_submodule(first_name)
+        dev = first.weight.device
         n_in = first.weight.shape[-1]  # a linear's in_features, or a router's (not an nn.Linear)
         st = obs.stats[gname] = GroupStats(
-            HessianAccumulator(n_in, device=first.weight.device),
-            awq.ChannelStats(n_in, device=first.weight.device) if channel else None,
+            HessianAccumulator(n_in, device=dev) if hessian else None,
+            awq.ChannelStats(n_in, device=dev) if channel else None,
+            absmax=ChannelMax(n_in, device=dev) if absmax else None,
         )
         cap = None
         if gname in capture:
@@ -89,6 +93,8 @@ def observing(
                 st.hessian.add(x)
             if st.channel is not None:
                 st.channel.add(x)
+            if st.absmax is not None:
+                st.absmax.add(x)
             obs.stats_s += time.perf_counter() - t0
 
         handles.append(first.register_forward_pre_hook(hook))

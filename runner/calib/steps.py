@@ -24,6 +24,7 @@ from shardquant.algorithms.floatq import FloatQuantizedWeight, FloatSpec
 from shardquant.algorithms.gptq import GPTQSolver
 from shardquant.algorithms.hessian import HessianAccumulator
 from shardquant.algorithms.quantizer import QuantizedWeight, QuantSpec, concat_rows
+from shardquant.algorithms.smoothquant import ChannelMax
 from shardquant.config import AWQ_METHODS, QuantConfig, is_ignored
 from shardquant.model.adapters import Adapter, InputGroup, phases
 from shardquant.model.experts import num_experts
@@ -60,6 +61,8 @@ def quant_spec(q: QuantConfig, dtype: torch.dtype = torch.float32) -> QuantSpec 
         scale_dtype = None if dtype == torch.float32 else dtype
         if p.strategy == "block":
             return FloatSpec.fp8_block(p.block_rows, p.group_size, scale_dtype=scale_dtype)
+        if p.strategy == "tensor":
+            return FloatSpec.fp8_tensor(scale_dtype)
         return FloatSpec.fp8_channel(scale_dtype)
     return FloatSpec.nvfp4() if p.kind == "nvfp4" else FloatSpec.mxfp4()
 
@@ -72,14 +75,14 @@ def _set_weight(linear: nn.Linear, qw: QuantizedWeight | FloatQuantizedWeight) -
 # --- AWQ ----------------------------------------------------------------------------------
 
 
-def scale_blocker(block: nn.Module, group: InputGroup) -> str | None:
+def scale_blocker(block: nn.Module, group: InputGroup, *, need_consumer: bool = True) -> str | None:
     """Why the input of `group` cannot take AWQ scales in this block, or None when it can.
 
     The op before the group must absorb 1/s exactly: a norm with a per-channel weight of the
     input size, or a linear whose output rows are the group's input channels (with
     grouped-query attention v_proj has fewer outputs than o_proj has inputs, so no).
     """
-    if not group.consumer:
+    if need_consumer and not group.consumer:
         return f"{group.name}: the adapter names no consumer module to measure the scale search"
     if group.no_scale:
         return f"{group.name}: {group.no_scale}"
@@ -144,6 +147,7 @@ class GroupStats:
     hessian: HessianAccumulator | None = None
     channel: awq.ChannelStats | None = None
     solver: GPTQSolver | None = None  # the factorized Hessian, once a GPTQ solve built it
+    absmax: ChannelMax | None = None  # max |x| per channel (static input scales, SmoothQuant): merged by max
 
 
 def merge_stats(
@@ -160,7 +164,7 @@ def merge_stats(
         if only is not None:
             part = {name: st for name, st in part.items() if name in only}
         if k == 0 and own_first:
-            out = {name: GroupStats(st.hessian, st.channel) for name, st in part.items()}
+            out = {name: GroupStats(st.hessian, st.channel, absmax=st.absmax) for name, st in part.items()}
             continue
         for name, st in part.items():
             acc = out.setdefault(name, GroupStats())
@@ -172,6 +176,10 @@ def merge_stats(
                 if acc.channel is None:
                     acc.channel = awq.ChannelStats(st.channel.in_features, st.channel.sum.device, st.channel.sum.dtype)
                 acc.channel.merge(st.channel)
+            if st.absmax is not None:
+                if acc.absmax is None:
+                    acc.absmax = ChannelMax(st.absmax.in_features, st.absmax.max.device)
+                acc.absmax.merge(st.absmax)
     return out
 
 
@@ -245,6 +253,18 @@ class BlockSteps(Protocol):
 
     def end_group(self, group: str) -> None: ...
 
+    def input_absmax(self) -> dict[str, torch.Tensor]:
+        """The last observation pass's max |x| per input channel of each group, reduced by max
+        over workers (passes observe it when `observes_inputs`)."""
+        ...
+
+    def calibrate_inputs(
+        self, plan: dict[str, tuple[torch.Tensor | None, str, tuple[str, ...], tuple[str, ...], bool]]
+    ) -> None:
+        """On every worker, for each group (absmax, prev, linears, quantized, smooth): fold the
+        SmoothQuant scales if `smooth`, and set the quantized linears' static input parameters."""
+        ...
+
     def expert_tokens(self) -> dict[str, Any]:
         """The last observation pass's routing: {"routed": tokens routed to each expert,
         "rows": tokens seen}, summed over workers (empty for a dense block)."""
@@ -286,7 +306,8 @@ def calibrate_block(
     if q.method == "none":
         return {}
     work = block_work(adapter.block_groups(num_experts(shapes, adapter)), block_name, q)
-    if q.method == "rtn":
+    calibrating_inputs = observes_inputs(q)
+    if q.method == "rtn" and not calibrating_inputs:
         losses = ex.solve([SolveTask(g.name, quantized, "rtn", fused=quantized) for g, quantized in work])
         ex.apply()
         return losses
@@ -302,6 +323,8 @@ def calibrate_block(
             capture={g.name: g.consumer for g, _ in phase} if use_awq else {},
         )
         fallback = _expert_fallbacks(ex, phase, block_name, q, profile)
+        if calibrating_inputs:
+            _calibrate_inputs(ex, shapes, phase, block_name, q, profile)
         if not use_awq:
             losses.update(ex.solve([
                 SolveTask(g.name, quantized, "rtn" if g.name in fallback else q.method, fused=quantized)
@@ -363,6 +386,45 @@ def _search_and_fold(
     ex.fold(g.name, found.index or None, g.prev, g.linears)
     folded = set(g.linears)
     return {m.name for m, _ in phase if m.name != g.name and m.prev == g.prev and set(m.linears) <= folded}
+
+
+def observes_inputs(q: QuantConfig) -> bool:
+    """Whether the observation passes also take each input's `ChannelMax`: for static input
+    parameters (FP8 static, NVFP4's global scale) or SmoothQuant's scales."""
+    from shardquant.calib.inputs import input_args, is_static
+
+    return q.smoothquant is not None or is_static(input_args(q))
+
+
+def smooth_blocker(block: nn.Module, group: InputGroup) -> str | None:
+    """Why `group` takes no SmoothQuant scales, or None when it does: the op before it must be
+    a norm that absorbs them (`scale_blocker`'s conditions; a previous linear is left alone,
+    as llm-compressor's default mappings do, so no quantized weight is rounded twice)."""
+    if group.no_scale:
+        return f"{group.name}: {group.no_scale}"
+    if isinstance(block.get_submodule(group.prev), nn.Linear):
+        return f"{group.name}: its input comes from the linear {group.prev}, not a norm"
+    return scale_blocker(block, group, need_consumer=False)
+
+
+def _calibrate_inputs(
+    ex: BlockSteps, shapes: nn.Module, phase: list[tuple[InputGroup, tuple[str, ...]]], block_name: str,
+    q: QuantConfig, profile: BlockProfile,
+) -> None:
+    """After an observation pass: every worker folds SmoothQuant's scales (when on) and sets
+    the static input parameters of the phase's linears, from each input's `ChannelMax`
+    reduced over the workers (max: exact)."""
+    amax = ex.input_absmax()
+    plan: dict[str, tuple[torch.Tensor | None, str, tuple[str, ...], tuple[str, ...], bool]] = {}
+    for g, quantized in phase:
+        smooth = False
+        if q.smoothquant is not None:
+            blocker = smooth_blocker(shapes, g)
+            if blocker is not None:
+                profile.notes.append(f"{block_name}: SmoothQuant skipped for {blocker}")
+            smooth = blocker is None
+        plan[g.name] = (amax.get(g.name), g.prev, tuple(g.linears), quantized, smooth)
+    ex.calibrate_inputs(plan)
 
 
 def _expert_fallbacks(

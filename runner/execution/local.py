@@ -108,6 +108,12 @@ class LocalExecutor:
     def expert_tokens(self) -> dict[str, Any]:
         return self.worker.expert_tokens()
 
+    def input_absmax(self) -> dict[str, torch.Tensor]:
+        return self.worker.input_absmax()
+
+    def calibrate_inputs(self, plan) -> None:
+        self.worker.calibrate_inputs(plan)
+
     def end_group(self, group: str) -> None:
         self.worker.end_group(group)
         self._stats.pop(group, None)

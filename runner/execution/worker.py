@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from shardquant.algorithms.quantizer import QuantizedWeight
+from shardquant.algorithms.smoothquant import smooth_scales, weight_column_max
 from shardquant.calib import awq_search
+from shardquant.calib.inputs import InputQuantizers, input_args, static_params
 from shardquant.calib.observe import Capture, observing
 from shardquant.calib.solvers import solve_task
 from shardquant.calib.stage_cache import StageCache
@@ -40,6 +42,7 @@ from shardquant.calib.steps import (
     fold_scales,
     join_row_slices,
     merge_stats,
+    observes_inputs,
     quant_spec,
 )
 from shardquant.config import RunConfig
@@ -91,6 +94,9 @@ class BlockWorker:
         self.eval_tokens: Tensor | None = None
         self.task_share: TaskSequences | None = None
         self.do_fp_eval = False
+        self.inputs = InputQuantizers(input_args(c.quant))  # the quantized linears' input quantization
+        self.observe_inputs = observes_inputs(c.quant)
+        self.last_absmax: dict[str, Tensor] = {}
 
     # --- samples -------------------------------------------------------------------------
 
@@ -132,6 +138,8 @@ class BlockWorker:
         self.groups = {g.name: g for g in (*self.source.block_groups(index), *scale_only)}
         self.profile.extra["load_s"] = time.perf_counter() - t
         self.results, self.captures, self.originals, self.candidates, self.scales = {}, {}, {}, {}, {}
+        self.inputs.clear()
+        self.last_absmax = {}
         self.stage_cache = None
         if self.cfg.calib.reuse_stages and self.cfg.quant.true_sequential:
             self.stage_cache = StageCache.for_block(self.block, self.adapter, index, self.cfg.quant)
@@ -165,7 +173,8 @@ class BlockWorker:
             chosen = {self.groups[g].expert for g, _ in groups} - {None}
             self.experts.active = frozenset(chosen) if len(chosen) < len(self.experts) else None
         try:
-            with observing(self.block, groups, channel=channel, capture=capture) as obs:
+            with observing(self.block, groups, channel=channel, capture=capture,
+                           hessian=self.cfg.quant.method != "rtn", absmax=self.observe_inputs) as obs:
                 self.captures.update(obs.captures)
                 t = time.perf_counter()
                 self.streams.observe_pass(self.block, self.index, self.stage_cache, **stop)
@@ -178,7 +187,38 @@ class BlockWorker:
             self.stage_cache.offer_tail(first, self.groups[last].linears, obs.last_inputs)
         self.profile.forward_s += time.perf_counter() - t - obs.stats_s
         self.profile.stats_s += obs.stats_s
+        self.last_absmax = {g: st.absmax.max for g, st in obs.stats.items() if st.absmax is not None}
         return obs.stats
+
+    def input_absmax(self) -> dict[str, Tensor]:
+        """This worker's max |x| per input channel of each group of the last observation."""
+        return self.last_absmax
+
+    def calibrate_inputs(
+        self, plan: dict[str, tuple[Tensor | None, str, tuple[str, ...], tuple[str, ...], bool]]
+    ) -> None:
+        """For each group (absmax over all workers, prev, linears, quantized, smooth): fold
+        SmoothQuant's scales (`smooth`; every worker computes the same ones from the same
+        weights) and set the static input parameters of its quantized linears from the
+        absmax of the input they will see (``x / s`` when smoothed)."""
+        from shardquant.model.adapters import InputGroup
+
+        q = self.cfg.quant
+        for group, (amax, prev, linears, quantized, smooth) in plan.items():
+            if amax is None:  # no rows reached this group (an expert no token chose)
+                amax = torch.zeros(self._lin(linears[0]).in_features)
+            amax = amax.to(self._lin(linears[0]).weight.device)
+            if smooth:
+                s = smooth_scales(amax, weight_column_max([self._lin(n).weight for n in linears]), q.smoothquant)
+                self.scales[group] = s  # GPTQ solves from the Hessian of x / s (`solvers.factorize`)
+                fold_scales(self.block, InputGroup(group, prev, linears), s, self.results)
+                if self.stage_cache is not None:
+                    self.stage_cache.invalidate(prev, linears)
+                amax = amax / s
+            if self.inputs.args is not None:
+                params = static_params(self.inputs.args, amax, self.source.dtype)
+                for name in quantized:
+                    self.inputs.params[name] = params
 
     def expert_tokens(self) -> dict[str, Any]:
         """This worker's routing in the last pass that observed experts: tokens routed to
@@ -318,6 +358,7 @@ class BlockWorker:
         with torch.no_grad():
             lin.weight.copy_(qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype))
         self.results[name] = LayerResult(qw, 0.0)
+        self.inputs.attach(name, lin)
         if self.stage_cache is not None:
             self.stage_cache.mark_final([name])
 
@@ -350,11 +391,12 @@ class BlockWorker:
         t = time.perf_counter()
         digest = None
         if block_file is not None:
-            tensors = dict(
-                self.exporter.block_tensors(self.index, self.block, {n: r.weight for n, r in self.results.items()})
-            )
+            tensors = dict(self.exporter.block_tensors(
+                self.index, self.block, {n: r.weight for n, r in self.results.items()}, inputs=self.inputs.params
+            ))
             digest = save_tensors(Path(block_file), tensors)
         self.profile.extra["export_s"] = time.perf_counter() - t
+        self.inputs.clear()
         self.source.release(self.block)
         self.block = None
         self.experts = None

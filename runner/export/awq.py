@@ -55,7 +55,7 @@ class AWQExporter(PackedExporter):
         }
         return raw
 
-    def linear_tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    def linear_tensors(self, name: str, weight: QuantizedWeight, inputs=None) -> dict[str, torch.Tensor]:
         check_scheme(name, weight, self.quant)
         if not trivial_g_idx(weight):
             raise ValueError(f"{name}: act-order groups (non-trivial g_idx) cannot be stored in AWQ")

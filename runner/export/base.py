@@ -86,9 +86,12 @@ class Exporter:
         return [self.source_spec(n) for n in self.source.index.names(self.source.adapter.block_prefix(index))]
 
     def block_tensors(
-        self, index: int, block: nn.Module, results: dict[str, QuantizedWeight]
+        self, index: int, block: nn.Module, results: dict[str, QuantizedWeight],
+        inputs: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors of a finished block, in plan order. `block` holds fake-quantized weights."""
+        """The tensors of a finished block, in plan order. `block` holds fake-quantized weights;
+        `inputs`: the static input parameters of its linears (`calib.inputs`), for the formats
+        that store them."""
         name = f"{self.source.adapter.blocks}.{index}"
         state = block.state_dict()
         for k in sorted(state):
@@ -129,8 +132,10 @@ class PackedExporter(Exporter):
             for p in self.layout.parts(out_features, in_features)
         ]
 
-    def linear_tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-        """Those tensors, by full name, for a solved linear."""
+    def linear_tensors(
+        self, name: str, weight: QuantizedWeight, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Those tensors, by full name, for a solved linear (with its static input parameters)."""
         raise NotImplementedError
 
     def block_plan(self, index: int) -> list[TensorSpec]:
@@ -146,7 +151,8 @@ class PackedExporter(Exporter):
         return sorted(specs, key=lambda s: s.name)
 
     def block_tensors(
-        self, index: int, block: nn.Module, results: dict[str, QuantizedWeight]
+        self, index: int, block: nn.Module, results: dict[str, QuantizedWeight],
+        inputs: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         prefix = self.source.adapter.block_prefix(index)
         wanted = self.quantized_linears(index)
@@ -159,7 +165,7 @@ class PackedExporter(Exporter):
             state.pop(f"{lin}.weight")
         tensors = {f"{prefix}{k}": v for k, v in state.items()}
         for lin in wanted:
-            tensors.update(self.linear_tensors(f"{prefix}{lin}", results[lin]))
+            tensors.update(self.linear_tensors(f"{prefix}{lin}", results[lin], (inputs or {}).get(lin)))
         for spec in self.block_plan(index):
             yield spec.name, tensors.pop(spec.name)
         if tensors:

@@ -22,11 +22,14 @@ and 8: for 3, 5, 6 and 7 the library's packing changed between versions (dense s
 32 // bits codes per word before), so such a checkpoint would read differently depending on
 the reader; vLLM's kernels serve 4 and 8 bits.
 
-Float schemes (`quant.scheme` FP8_DYNAMIC/FP8_BLOCK with `weights_only`, NVFP4A16, MXFP4A16)
-are written by the library's own compressor for the format its `infer_module_format` picks
-(`naive-quantized` for fp8 weights without activations, `nvfp4-pack-quantized`,
-`mxfp4-pack-quantized`): it is given our dequantized weight and scales and re-derives the
-codes, which are checked to be ours (`formats.float_parts` lists the tensors).
+Float schemes (FP8_DYNAMIC, FP8_BLOCK, NVFP4*, MXFP4*) and schemes that quantize input
+activations (W8A8, W4AFP8, ...) are written by the library's own compressor for the format its
+`infer_module_format` picks (`naive-quantized` for fp8 weights without activations,
+`float-quantized` with them, `int-quantized` for integer weights with activations,
+`nvfp4-pack-quantized`, `mxfp4-pack-quantized`): it is given our dequantized weight, scales and
+static input parameters (FP8's `input_scale`, NVFP4's `input_global_scale`, calibrated by
+`calib.inputs`) and re-derives the codes, which are checked to be ours (`formats.float_parts`,
+`formats.input_parts` list the tensors). The config's `input_activations` are the preset's.
 
 The tensors' names, dtypes and shapes and these limits are defined once, in
 `formats.CompressedTensorsLayout`; this module writes them.
@@ -107,10 +110,11 @@ class CompressedTensorsExporter(PackedExporter):
         return quantization_scheme(self.quant).weights
 
     @functools.cached_property
-    def float_scheme(self):
-        """A float scheme's library `QuantizationScheme` with the format the library infers for
-        it, and that format's compressor (None, None for integer schemes)."""
-        if self.quant.kind == "int":
+    def library_scheme(self):
+        """The library's `QuantizationScheme` with the format the library infers for it, and
+        that format's compressor, for float schemes and schemes that quantize activations too
+        (None, None for weight-only integer schemes: packed here, as before presets)."""
+        if self.quant.kind == "int" and not self.quant.activations:
             return None, None
         from compressed_tensors.compressors import BaseCompressor
         from compressed_tensors.compressors.format import infer_module_format
@@ -125,7 +129,7 @@ class CompressedTensorsExporter(PackedExporter):
         """The checkpoint's `QuantizationConfig`: one group of every nn.Linear, minus the
         ones left in full precision (lm_head and `quant.ignore`), by full name."""
         lib = _library()
-        scheme, _ = self.float_scheme
+        scheme, _ = self.library_scheme
         if scheme is None:
             scheme = lib["QuantizationScheme"](
                 targets=["Linear"], weights=self.quantization_args(), format=lib["PACK_QUANTIZED"]
@@ -153,9 +157,11 @@ class CompressedTensorsExporter(PackedExporter):
 
     # --- tensors -------------------------------------------------------------------------
 
-    def linear_tensors(self, name: str, weight: QuantizedWeight | FloatQuantizedWeight) -> dict[str, torch.Tensor]:
-        if isinstance(weight, FloatQuantizedWeight):
-            return self.float_tensors(name, weight)
+    def linear_tensors(
+        self, name: str, weight: QuantizedWeight | FloatQuantizedWeight, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        if self.library_scheme[0] is not None:
+            return self.library_tensors(name, weight, inputs or {})
         q = self.quant
         check_scheme(name, weight, q)
         if not trivial_g_idx(weight):
@@ -172,16 +178,45 @@ class CompressedTensorsExporter(PackedExporter):
             out[f"{name}.weight_zero_point"] = pack(zero, q.bits, packed_dim=0)
         return out
 
-    def float_tensors(self, name: str, weight: FloatQuantizedWeight) -> dict[str, torch.Tensor]:
+    def library_tensors(
+        self, name: str, weight: QuantizedWeight | FloatQuantizedWeight, inputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A linear through the library's compressor, which is handed the dequantized weight,
+        our scales and the static input parameters (`calib.inputs`); ValueError unless the
+        codes it re-derives are ours and the input tensors are the layout's."""
+        scheme, compressor = self.library_scheme
+        want = {p.suffix for p in self.layout.parts(*weight_shape(weight)) if p.suffix.startswith("input_")}
+        if set(inputs) != want:
+            raise ValueError(f"{name}: input parameters {sorted(inputs)}, but the scheme stores {sorted(want)}")
+        if isinstance(weight, QuantizedWeight):
+            check_scheme(name, weight, self.quant)
+            if not trivial_g_idx(weight):
+                raise ValueError(f"{name}: act-order groups (non-trivial g_idx) cannot be stored in compressed-tensors")
+            scales = weight.scales.to(self.source.dtype)  # the stored scales, which the codes are rounded on
+            g = weight.g_idx.long()
+            state = {"weight": (weight.codes.float() - weight.zeros.float()[:, g]) * scales.float()[:, g],
+                     "weight_scale": scales, **inputs}
+            out = compressor.compress(state, scheme)
+            offset = 2 ** (self.quant.bits - 1)
+            if not torch.equal(out["weight"].to(torch.int16) + offset, weight.codes.to(torch.int16)):
+                raise ValueError(f"{name}: the library's compressor re-derived codes that differ from the solved ones")
+            return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
+        return self.float_tensors(name, weight, inputs)
+
+    def float_tensors(
+        self, name: str, weight: FloatQuantizedWeight, inputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """A float weight through the library's compressor, which is handed the dequantized
         weight and our scales; ValueError unless its codes are ours."""
-        scheme, compressor = self.float_scheme
+        scheme, compressor = self.library_scheme
         if scheme is None or weight.spec.kind != self.quant.kind:
             raise ValueError(f"{name}: quantized as {weight.spec}, but the config says quant.scheme {self.quant.scheme}")
         spec = weight.spec
-        state = {"weight": weight.dequantize()}
+        state = {"weight": weight.dequantize(), **(inputs or {})}
         if spec.kind == "fp8":
             scales = weight.block_scales() if spec.block_rows > 1 else weight.scales
+            if spec.per_tensor:
+                scales = scales[:1, 0]  # the library's [1]
             state["weight_scale"] = scales.to(self.source.dtype)  # exact: rounded to it when solved
         else:
             state["weight_scale"] = weight.scales
@@ -192,6 +227,12 @@ class CompressedTensorsExporter(PackedExporter):
         if not torch.equal(values, weight.values.float()):
             raise ValueError(f"{name}: the library's compressor re-derived codes that differ from the solved ones")
         return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
+
+
+def weight_shape(weight: QuantizedWeight | FloatQuantizedWeight) -> tuple[int, int]:
+    """(out, in) of a solved linear."""
+    t = weight.values if isinstance(weight, FloatQuantizedWeight) else weight.codes
+    return t.shape[0], t.shape[1]
 
 
 def _float_codes(tensors: dict[str, torch.Tensor], kind: str, shape: torch.Size) -> torch.Tensor:

@@ -48,18 +48,37 @@ class Scheme:
     symmetric: bool | None = None
     act_order: bool | None = None
     kind: str | None = None  # float formats: fp8, nvfp4, mxfp4 (None: integer)
+    activations: str | None = None  # how input activations are quantized (None: they are not)
 
     def describe(self) -> str:
         if self.bits is None:
             return "-"
+        inputs = f", inputs {self.activations}" if self.activations else ""
         if self.kind is not None:
-            group = {-1: "per channel", None: "group unknown"}.get(self.group_size, f"group {self.group_size}")
+            group = {-1: "per channel", 0: "per tensor", None: "group unknown"}.get(
+                self.group_size, f"group {self.group_size}")
             order = {True: "act-order", False: "no act-order", None: "act-order unknown"}[self.act_order]
-            return f"{self.kind} ({self.bits}-bit float), {group}, {order}"
+            return f"{self.kind} ({self.bits}-bit float), {group}, {order}{inputs}"
         group = "per channel" if self.group_size == -1 else f"group {self.group_size}"
         sym = {True: "symmetric", False: "asymmetric", None: "symmetry unknown"}[self.symmetric]
         order = {True: "act-order", False: "no act-order", None: "act-order unknown"}[self.act_order]
-        return f"{self.bits}-bit, {group}, {sym}, {order}"
+        return f"{self.bits}-bit, {group}, {sym}, {order}{inputs}"
+
+
+def describe_inputs(args: object) -> str | None:
+    """compressed-tensors' `input_activations` args (a dict) in words, e.g. 'fp8 dynamic per
+    token', 'int8 static per tensor', 'fp4 dynamic per group of 16 (static global scale)'."""
+    if not isinstance(args, dict):
+        return None
+    bits = args.get("num_bits")
+    kind = f"int{bits}" if args.get("type") == "int" else f"fp{bits}"
+    dynamic = args.get("dynamic")
+    how = "static" if dynamic is False else "dynamic"
+    strategy = args.get("strategy")
+    per = {"token": "per token", "tensor": "per tensor", "channel": "per channel"}.get(
+        str(strategy), f"per group of {args.get('group_size')}")
+    tail = " (static global scale)" if dynamic == "local" else ""
+    return f"{kind} {how} {per}{tail}"
 
 
 def quantized_linears(quant: QuantConfig, blocks: str, index: int, names: Sequence[str]) -> list[str]:
@@ -152,6 +171,7 @@ class PackedLayout(Layout):
     """Base of the packed formats: they need quantized weights."""
 
     float_kinds: ClassVar[tuple[str, ...]] = ()  # float weight formats (quant.scheme) it holds
+    holds_activations: ClassVar[bool] = False  # whether it can declare input activation quantization
 
     def problems(self, model: BlockLinears) -> Iterator[str]:
         if self.quant.method == "none":
@@ -163,6 +183,11 @@ class PackedLayout(Layout):
             yield (
                 f"export.format: '{self.name}' holds integer weights only, not quant.scheme "
                 f"{self.quant.scheme}; use export.format: compressed-tensors or fake"
+            )
+        if self.quant.activations and not self.holds_activations:
+            yield (
+                f"export.format: '{self.name}' holds weight-only schemes, but quant.scheme {self.quant.scheme} "
+                "also quantizes input activations; use export.format: compressed-tensors, or quant.weights_only"
             )
 
 
@@ -178,12 +203,18 @@ class CompressedTensorsLayout(PackedLayout):
     groups_dim = 1
     shape_tensor = "weight_shape"
     float_kinds = ("fp8", "nvfp4", "mxfp4")
+    holds_activations = True
 
     def parts(self, out_f: int, in_f: int) -> list[Part]:
+        return [*self.weight_parts(out_f, in_f), *input_parts(self.quant, self.dtype)]
+
+    def weight_parts(self, out_f: int, in_f: int) -> list[Part]:
         q = self.quant
         if q.kind != "int":
             return float_parts(q, self.dtype, out_f, in_f)
         groups = n_groups(in_f, q.group_size)
+        if q.activations:  # int-quantized (the library's format for W8A8, W4AFP8): one int8 per weight
+            return [Part("weight", "I8", (out_f, in_f)), Part("weight_scale", self.dtype, (out_f, groups))]
         parts = [
             Part("weight_packed", "I32", (out_f, words(in_f, q.bits))),
             Part("weight_scale", self.dtype, (out_f, groups)),
@@ -212,11 +243,12 @@ class CompressedTensorsLayout(PackedLayout):
     @classmethod
     def declared_scheme(cls, qc: dict) -> Scheme:
         w = _first_weights(qc)
-        group = -1 if w.get("strategy") == "channel" else w.get("group_size")
+        group = {"channel": -1, "tensor": 0}.get(str(w.get("strategy")), w.get("group_size"))
         if w.get("strategy") == "block" and isinstance(w.get("block_structure"), list):
             group = w["block_structure"][-1]
         kind = _float_kind(w)
-        return Scheme(w.get("num_bits"), group, w.get("symmetric"), bool(w.get("actorder")), kind)
+        return Scheme(w.get("num_bits"), group, w.get("symmetric"), bool(w.get("actorder")), kind,
+                      describe_inputs(_first_group(qc).get("input_activations")))
 
     @classmethod
     def linear_shape(cls, marker: tuple[int, ...], bits: int) -> tuple[int, int]:
@@ -225,7 +257,7 @@ class CompressedTensorsLayout(PackedLayout):
     @classmethod
     def reader(cls, qc: dict) -> type[Layout]:
         """The layout that reads a checkpoint with this `quantization_config` (its `format`)."""
-        return {"float-quantized": CTFloat8Reader, "naive-quantized": CTFloat8Reader,
+        return {"float-quantized": CTFloat8Reader, "naive-quantized": CTFloat8Reader, "int-quantized": CTInt8Reader,
                 "nvfp4-pack-quantized": CTFP4Reader, "mxfp4-pack-quantized": CTFP4Reader}.get(
             str(qc.get("format")), cls)
 
@@ -244,6 +276,8 @@ def float_parts(q: QuantConfig, dtype: str, out_f: int, in_f: int) -> list[Part]
     if q.kind == "fp8":
         if p is not None and p.strategy == "block":
             shape = (-(-out_f // p.block_rows), -(-in_f // p.group_size))
+        elif p is not None and p.strategy == "tensor":
+            shape = (1,)
         else:
             shape = (out_f, 1)
         return [Part("weight", "F8_E4M3", (out_f, in_f)), Part("weight_scale", dtype, shape)]
@@ -254,10 +288,23 @@ def float_parts(q: QuantConfig, dtype: str, out_f: int, in_f: int) -> list[Part]
     return [*parts, Part("weight_scale", "U8", (out_f, groups))]
 
 
-def _first_weights(qc: dict) -> dict:
+def input_parts(q: QuantConfig, dtype: str) -> list[Part]:
+    """A linear's calibrated input tensors (static input quantization): FP8's `input_scale` [1]
+    in the compute dtype, NVFP4's float32 `input_global_scale` [1]; none for dynamic inputs."""
+    p = q.weight_preset
+    if p is None or not q.activations:
+        return []
+    return [Part(n, "F32" if n == "input_global_scale" else dtype, (1,)) for n in p.input_params]
+
+
+def _first_group(qc: dict) -> dict:
     groups = qc.get("config_groups")
     first = next(iter(groups.values()), None) if isinstance(groups, dict) and groups else None
-    w = first.get("weights") if isinstance(first, dict) else None
+    return first if isinstance(first, dict) else {}
+
+
+def _first_weights(qc: dict) -> dict:
+    w = _first_group(qc).get("weights")
     return w if isinstance(w, dict) else {}
 
 
@@ -275,7 +322,7 @@ class CTFloat8Reader(CompressedTensorsLayout):
 
     marker = "weight"
     marker_dtype = "F8_E4M3"
-    siblings = ("weight", "weight_scale")
+    siblings = ("weight", "weight_scale", "input_scale")
     shape_tensor = None
 
     @classmethod
@@ -283,10 +330,17 @@ class CTFloat8Reader(CompressedTensorsLayout):
         return marker[0], marker[1]
 
 
+class CTInt8Reader(CTFloat8Reader):
+    """inspect: compressed-tensors `int-quantized` (W8A8, W4AFP8): one int8 `weight` per weight."""
+
+    marker_dtype = "I8"
+    siblings = ("weight", "weight_scale", "weight_zero_point", "input_scale")
+
+
 class CTFP4Reader(CompressedTensorsLayout):
     """inspect: compressed-tensors NVFP4/MXFP4: two E2M1 codes per uint8 of `weight_packed`."""
 
-    siblings = ("weight_packed", "weight_scale", "weight_global_scale")
+    siblings = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
     shape_tensor = None
 
     @classmethod

@@ -53,7 +53,7 @@ class GPTQExporter(PackedExporter):
         }
         return raw
 
-    def linear_tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    def linear_tensors(self, name: str, weight: QuantizedWeight, inputs=None) -> dict[str, torch.Tensor]:
         q = self.quant
         check_scheme(name, weight, q)
         scales = float16_scales(name, weight.scales).t()

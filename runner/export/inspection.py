@@ -57,6 +57,8 @@ class Summary:
         out = asdict(self)
         if self.scheme.kind is None:
             del out["scheme"]["kind"]  # integer schemes: the keys as before float formats came
+        if self.scheme.activations is None:
+            del out["scheme"]["activations"]  # weight-only schemes: the keys as before
         out["linears"] = [asdict(lin) | {"shape": list(lin.shape)} for lin in self.linears]
         out["layer_types"] = [asdict(t) for t in layer_types(self.linears)]
         return out
@@ -242,7 +244,8 @@ def inspect_checkpoint(path: str | Path) -> Summary:
             act = bool(q.get("act_order")) and q.get("method") in GPTQ_METHODS  # RTN/AWQ: no order
             preset = PRESETS.get(str(q.get("scheme")).upper())
             kind = preset.kind if preset is not None and preset.kind != "int" else None
-            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), act, kind)
+            inputs = preset.activations if preset is not None and not q.get("weights_only") else None
+            summary.scheme = Scheme(q.get("bits"), q.get("group_size"), q.get("symmetric"), act, kind, inputs)
             summary.note = "scheme from the run's report.json"
     elif names and not isinstance(qc, dict):
         grid = grid_scheme(index, f"{names[0]}.weight")

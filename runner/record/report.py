@@ -64,6 +64,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- method: **{q['method']}**, {q['bits']} bits, group {q['group_size']}, "
         f"{'symmetric' if q['symmetric'] else 'asymmetric'}, act-order {q['act_order']}"
         + (f", scheme {q['scheme']}" + (" (weights only)" if q.get("weights_only") else "") if q.get("scheme") else ""),
+        *_activation_lines(q),
         f"- calibration: {cfg['calib']['n_samples']} × {cfg['calib']['seq_len']} tokens from "
         f"`{cfg['calib']['path']}` (propagate: {cfg['calib']['propagate']})",
         f"- export: {report['export']['format']} → `{report['export']['path']}`",
@@ -86,6 +87,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         worst = max(b["loss"].items(), key=lambda kv: kv[1]) if b["loss"] else ("—", None)
         lines.append(f"| {b['index']} | {b['seconds']:.2f} | {b['worker']} | {worst[0]} | {_fmt(worst[1])} |")
     return "\n".join(lines) + "\n"
+
+
+def _activation_lines(q: dict[str, Any]) -> list[str]:
+    """The report.md line saying how input activations were quantized (none for weight-only)."""
+    from shardquant.presets import PRESETS
+
+    p = PRESETS.get(str(q.get("scheme")).upper())
+    if p is None or not p.activations or q.get("weights_only"):
+        return []
+    smooth = f", after SmoothQuant (alpha {q['smoothquant']})" if q.get("smoothquant") else ""
+    return [f"- activations: every quantized linear's input is quantized ({p.activations}){smooth}; the quantized "
+            "perplexity is measured with it, as the served model computes"]
 
 
 def write_plots(output: Path, report: dict[str, Any]) -> list[Path]:

@@ -41,7 +41,9 @@ def render(plan: Plan, capacity: int | None = None, throughput: int | None = Non
     q = c.quant
     scheme = "none" if q.method == "none" else f"{q.method} {q.bits}-bit group {q.group_size}"
     if q.method != "none" and q.scheme is not None:
-        scheme += f" ({q.scheme}{', weights only' if q.weights_only else ''})"
+        inputs = f", inputs {q.activations}" if q.activations else ""
+        smooth = f", SmoothQuant {q.smoothquant}" if q.smoothquant is not None else ""
+        scheme += f" ({q.scheme}{', weights only' if q.weights_only else ''}{inputs}{smooth})"
     lines = [
         f"model      {plan.model_path}: {s.family}, {s.layers} blocks, hidden {s.hidden}, intermediate "
         f"{s.intermediate}, {s.heads} heads / {s.kv_heads} kv heads (head_dim {s.head_dim}), vocab {s.vocab}"

@@ -1,0 +1,60 @@
+"""SmoothQuant scales and the per-channel absolute maximum they (and static input scales) need.
+
+SmoothQuant (Xiao et al., 2023) migrates activation outliers into the weights: for linears
+sharing an input ``x`` and ``s > 0`` per input channel, ``x W^T = (x / s) (W * s)^T`` (the same
+exact folding as AWQ, ``awq.py``), with
+
+    s_j = max|x_j| ** alpha / max_i |W_ij| ** (1 - alpha)
+
+(the max over the group's linears' rows), so the inputs' channel ranges even out and the
+inputs quantize with less error. Pure tensor math.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCALE_MIN = 1e-5  # scales are clamped to at least this (a channel that never fired)
+
+
+class ChannelMax:
+    """``max |x|`` per input channel over every row added: merges exactly (by max) across
+    batches and workers."""
+
+    max: Tensor
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.max = torch.zeros(in_features, device=device, dtype=torch.float32)
+
+    def add(self, x: Tensor) -> None:
+        """Add activations ``x`` [..., in]."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
+        rows = x.detach().reshape(-1, self.in_features)
+        if rows.shape[0]:
+            torch.maximum(self.max, rows.abs().amax(0).to(device=self.max.device, dtype=torch.float32), out=self.max)
+
+    def merge(self, other: ChannelMax | Tensor) -> None:
+        """Take the max with another accumulator (or its ``max`` tensor)."""
+        m = other.max if isinstance(other, ChannelMax) else other
+        if m.shape != self.max.shape:
+            raise ValueError(f"cannot merge {tuple(m.shape)} into {tuple(self.max.shape)}")
+        torch.maximum(self.max, m.to(device=self.max.device, dtype=torch.float32), out=self.max)
+
+
+def weight_column_max(weights: list[Tensor]) -> Tensor:
+    """``max_i |W_ij|`` per input column ``j`` over the rows of all ``weights`` [out, in]."""
+    return torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+
+
+def smooth_scales(x_max: Tensor, w_max: Tensor, alpha: float) -> Tensor:
+    """``x_max ** alpha / w_max ** (1 - alpha)`` (float32), 1 where a channel never fired or a
+    column's weights are all zero (nothing to migrate), at least ``SCALE_MIN``."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    x_max, w_max = x_max.float(), w_max.float().to(x_max.device)
+    s = x_max.pow(alpha) / w_max.clamp(min=torch.finfo(torch.float32).tiny).pow(1 - alpha)
+    s = torch.where((w_max > 0) & (x_max > 0), s, torch.ones_like(s))
+    return s.clamp(min=SCALE_MIN)
