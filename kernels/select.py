@@ -16,6 +16,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
 Mode = Literal["auto", "triton", "torch"]
@@ -67,6 +68,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def chooses(device: torch.device) -> bool:
+    """Whether a kernel ``use_triton`` is asked about (a case it supports) runs in Triton on
+    ``device`` under this process's mode; nothing is tallied (a caller deciding ahead, e.g.
+    to keep a packed weight packed)."""
+    if _mode == "torch" or triton_error() is not None:
+        return False
+    return device.type == "cuda" or (_mode == "triton" and interpreting() and device.type == "cpu")
+
+
 def use_triton(kernel: str, t: Tensor, supported: bool = True) -> bool:
     """Whether ``kernel`` runs in Triton on tensors like ``t``, tallied under ``kernel``.
 
@@ -81,7 +91,7 @@ def use_triton(kernel: str, t: Tensor, supported: bool = True) -> bool:
         if _mode == "triton" and not runs:
             why = err or f"a {t.device.type} tensor needs a CUDA device or TRITON_INTERPRET=1"
             raise RuntimeError(f"kernels.mode is 'triton' but the {kernel} kernel cannot run: {why}")
-        choice = runs if _mode == "triton" else err is None and t.is_cuda
+        choice = chooses(t.device)
     _ran.setdefault(kernel, set()).add("triton" if choice else "torch")
     return choice
 

@@ -34,6 +34,7 @@ from shardquant.execution.protocol import ExecutorFactory
 from shardquant.execution.spill import resolve as resolve_spill
 from shardquant.export.manifest import write_manifest
 from shardquant.export.shards import plan_shards, shard_names, write_index, write_json_atomic
+from shardquant.kernels import select
 from shardquant.model.forward import BlockRunner, embed_batches, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.prepare import Prepared, prepare
@@ -310,12 +311,15 @@ def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
         streams["tasks"] = embed_sequences(embedding, p.tasks.sequences, bs, src.device)
     src.release(embedding)
     bar = _progress(src.num_blocks, "eval") if show_progress else None
-    for i in range(src.num_blocks):
-        block = src.block(i)
-        streams = {k: runner.forward_all(block, i, v) for k, v in streams.items()}
-        src.release(block)
-        if bar is not None:
-            bar.update(1)
+    select.take_ran()
+    with select.using(cfg.kernels.mode):  # a packed linear the W4A16 kernel runs for stays packed
+        for i in range(src.num_blocks):
+            block = src.block(i, packed_kernels=True)
+            streams = {k: runner.forward_all(block, i, v) for k, v in streams.items()}
+            src.release(block)
+            if bar is not None:
+                bar.update(1)
+    kernels = {"mode": cfg.kernels.mode, "ran": select.take_ran()}
     if bar is not None:
         bar.close()
     ppl, task_out = None, {}
@@ -332,6 +336,7 @@ def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
         "ppl": ppl,
         "model": str(src.root),
         "format": src.packed.layout.name if src.packed is not None else "dense",
+        "kernels": kernels,
         "windows": 0 if p.evals is None else int(p.evals.shape[0]),
         "seq_len": cfg.eval.seq_len,
         **task_out,

@@ -86,6 +86,7 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
         dtype=cfg.model.dtype,
         device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code,
+        packed=not need_calib,  # eval reads packed checkpoints; quantize refuses them
     )
     if need_calib:  # `eval` quantizes nothing: the quant section does not apply
         check_scheme(cfg, source)

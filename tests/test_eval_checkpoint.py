@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
-import pytest
-import torch
-from conftest import eval_windows, reference_ppl, run_config, save_tiny_model
+# Triton's CPU interpreter for `kernels.mode: triton` (the W4A16 kernel), set before triton is
+# first imported, as tests/test_kernels.py does; `auto` and `torch` do not read it.
+os.environ["TRITON_INTERPRET"] = "1"
 
-from shardquant.cli import main
-from shardquant.config import RunConfig
-from shardquant.pipeline import quantize
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import eval_windows, reference_ppl, run_config, save_tiny_model  # noqa: E402
+
+from shardquant.cli import main  # noqa: E402
+from shardquant.config import RunConfig  # noqa: E402
+from shardquant.pipeline import quantize  # noqa: E402
 
 RTN = {"method": "rtn", "bits": 4, "group_size": 32}
 
@@ -62,7 +67,7 @@ def test_packed_linear_equals_dequantized_weight(rtn_exports):
 
     fake = ModelSource(rtn_exports["fake"])
     for fmt in ("compressed-tensors", "gptq", "awq"):
-        src = ModelSource(rtn_exports[fmt])
+        src = ModelSource(rtn_exports[fmt], packed=True)
         assert src.packed is not None and src.packed.layout.name == fmt
         a, b = src.block(1), fake.block(1)
         for name in src.block_linears(1):
@@ -70,6 +75,56 @@ def test_packed_linear_equals_dequantized_weight(rtn_exports):
             torch.testing.assert_close(wa, wb, rtol=1e-3, atol=1e-4), (fmt, name)
         src.release(a)
         fake.release(b)
+
+
+@pytest.fixture
+def interpreted_kernels():
+    """The W4A16 kernel and triton's own jit functions really are interpreted."""
+    pytest.importorskip("triton", reason="triton is not installed: the W4A16 kernel cannot run")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from shardquant.kernels import w4a16
+
+    for fn in (w4a16._w4a16_kernel, tl.zeros):
+        assert isinstance(fn, InterpretedFunction), "triton was imported before TRITON_INTERPRET=1"
+
+
+def test_packed_eval_through_the_w4a16_kernel_equals_the_dequantized_path(rtn_exports, texts, tmp_path, capsys,
+                                                                           interpreted_kernels):
+    """`kernels.mode: triton` keeps each compressed-tensors int4 linear of a block packed
+    (`PackedLinear`, the W4A16 kernel in the interpreter) and gives the perplexity of the
+    dequantized path (`torch`), symmetric and asymmetric; eval.json says which ran."""
+    from shardquant.kernels import select
+    from shardquant.kernels.w4a16 import PackedLinear
+    from shardquant.model.source import ModelSource
+
+    args = ["--eval.n_samples=2", "--eval.seq_len=32"]
+    for fmt in ("compressed-tensors", "compressed-tensors-asym"):
+        got = {}
+        for mode in ("torch", "triton"):
+            out = tmp_path / f"{fmt}-{mode}"
+            rc = main(["eval", str(rtn_exports[fmt]), f"--eval.path={texts['eval']}", *args,
+                       f"--kernels.mode={mode}", f"--output={out}", "--quiet"])
+            assert rc == 0, capsys.readouterr().err
+            got[mode] = json.loads((out / "eval.json").read_text())
+        assert got["triton"]["kernels"] == {"mode": "triton", "ran": {"w4a16_matmul": "triton"}}, fmt
+        assert got["torch"]["kernels"] == {"mode": "torch", "ran": {}}, fmt  # dequantized at load: no kernel
+        assert got["triton"]["ppl"] == pytest.approx(got["torch"]["ppl"], rel=1e-4), fmt
+    capsys.readouterr()
+    # every quantized linear of a block is kept packed, the stored tensors as they are; the
+    # skeleton keeps its nn.Linear; GPTQ's layout (no kernel) is still dequantized
+    src, gptq = ModelSource(rtn_exports["compressed-tensors-asym"], packed=True), ModelSource(rtn_exports["gptq"], packed=True)
+    with select.using("triton"):
+        block, dense = src.block(1, packed_kernels=True), gptq.block(1, packed_kernels=True)
+    stored = src.read_tensors([f"model.layers.1.mlp.down_proj.{s}" for s in ("weight_packed", "weight_zero_point")])
+    down = block.get_submodule("mlp.down_proj")
+    assert isinstance(down, PackedLinear) and down.weight_zero_point is not None and down.group_size == 32
+    assert down.weight_packed.equal(stored["model.layers.1.mlp.down_proj.weight_packed"])
+    assert all(isinstance(block.get_submodule(n), PackedLinear) for n in src.block_linears(1))
+    assert all(type(dense.get_submodule(n)) is torch.nn.Linear for n in gptq.block_linears(1))
+    assert type(src.skeleton.get_submodule("model.layers.1.mlp.down_proj")) is torch.nn.Linear
+    select.take_ran()
 
 
 def test_eval_of_a_run_directory_and_bad_targets(rtn_exports, texts, tmp_path, capsys):

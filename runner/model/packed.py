@@ -106,6 +106,30 @@ class PackedReader:
             raise UserError(f"model.path: cannot dequantize '{linear}' as {self.layout.name}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
+    def kernel_linear(self, linear: str, tensors: dict[str, Tensor], device: torch.device) -> torch.nn.Module | None:
+        """`linear` as a `kernels.w4a16.PackedLinear` on `device`, holding its stored tensors
+        (full names) as they are, when the W4A16 kernel runs there (`kernels.select.chooses`)
+        and covers it: compressed-tensors pack-quantized 4-bit. None: read it dense (`weight`)."""
+        from shardquant.kernels import select
+
+        by_suffix = {n.removeprefix(f"{linear}."): t for n, t in tensors.items()}
+        if self.layout.name != "compressed-tensors" or not select.chooses(device):
+            return None
+        try:
+            out_f, in_f = (int(x) for x in by_suffix["weight_shape"])
+            packed, scale = by_suffix["weight_packed"], by_suffix["weight_scale"]
+        except (KeyError, ValueError):
+            return None  # `weight` names what is wrong
+        if _bits(self.qc, packed.shape[1], in_f) != 4 or scale.dim() != 2 or scale.shape[0] != out_f:
+            return None
+        from shardquant.kernels.w4a16 import PackedLinear
+
+        zero, g_idx = by_suffix.get("weight_zero_point"), by_suffix.get("weight_g_idx")
+        return PackedLinear(
+            packed.to(device), scale.to(device), None if zero is None else zero.to(device), (out_f, in_f), bits=4,
+            group_size=-(-in_f // scale.shape[1]), g_idx=None if g_idx is None else g_idx.to(device),
+        )
+
 
 def packed_reader(raw_config: dict) -> PackedReader | None:
     """The reader of a config.json's `quantization_config` (None: dense weights)."""

@@ -7,6 +7,7 @@ the caller frees after use, so the whole model never sits in memory.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections import defaultdict
@@ -55,7 +56,10 @@ class ModelSource:
         device: str = "cpu",
         trust_remote_code: bool = False,
         key: str = "model.path",
+        packed: bool = False,
     ):
+        """`packed`: read a quantized checkpoint's packed linears (`model.packed`: eval); else
+        a config.json `quantization_config` is refused (nothing to calibrate)."""
         from transformers import AutoConfig
 
         self.root = Path(path).expanduser()
@@ -70,7 +74,7 @@ class ModelSource:
             raise UserError(f"{key}: '{self.root / 'config.json'}' is not valid JSON") from None
         if not isinstance(raw, dict):
             raise UserError(f"{key}: '{self.root / 'config.json'}' is not a JSON object")
-        if raw.get("quantization_config"):
+        if raw.get("quantization_config") and not packed:
             qc = raw["quantization_config"]
             method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
             raise UserError(
@@ -186,8 +190,12 @@ class ModelSource:
                 raise UserError(f"{self.key}: cannot read '{path.name}': {str(e).splitlines()[0]}") from None
         return out
 
-    def load(self, module_name: str) -> nn.Module:
-        """Materialize the skeleton's submodule `module_name` on the device, weights from disk."""
+    def load(self, module_name: str, *, packed_kernels: bool = False) -> nn.Module:
+        """Materialize the skeleton's submodule `module_name` on the device, weights from disk.
+
+        `packed_kernels`: a packed linear the W4A16 kernel runs for (`PackedReader.kernel_linear`)
+        becomes a `PackedLinear` holding its packed tensors, in a copy of the skeleton's module
+        (the skeleton keeps its `nn.Linear`); every other packed linear is dequantized."""
         module = self.skeleton.get_submodule(module_name)
         prefix = f"{module_name}."
         wanted = [n for n, _ in module.named_parameters()] + [
@@ -197,9 +205,24 @@ class ModelSource:
         packed = {full: parts for full in names.values() if (parts := self._packed_parts(full))}
         stored = [full for full in names.values() if full in self.index]
         tensors = self.read_tensors(stored + [n for parts in packed.values() for n in parts])
+        kept: dict[str, nn.Module] = {}  # block-relative linear name -> PackedLinear
         for full, parts in packed.items():
-            tensors[full] = self.packed.weight(full.removesuffix(".weight"), {n: tensors.pop(n) for n in parts})
-        state = {}
+            linear, own = full.removesuffix(".weight"), {n: tensors.pop(n) for n in parts}
+            local = linear.removeprefix(prefix)
+            if packed_kernels and isinstance(module.get_submodule(local), nn.Linear):
+                if (pl := self.packed.kernel_linear(linear, own, self.device)) is not None:
+                    kept[local] = pl
+                    continue
+            tensors[full] = self.packed.weight(linear, own)
+        if kept:
+            module = copy.deepcopy(module)
+            for local, pl in kept.items():
+                if f"{local}.bias" in names:
+                    bias = tensors.pop(names.pop(f"{local}.bias"))
+                    pl.bias = bias.to(device=self.device, dtype=self.tensor_dtype(f"{prefix}{local}.bias"))
+                names.pop(f"{local}.weight")
+                module.set_submodule(local, pl)
+        state = {f"{local}.{k}": v for local, pl in kept.items() for k, v in pl.state_dict().items()}
         for local, full in names.items():
             t = tensors.get(full)
             if t is None and full == f"{self.adapter.lm_head}.weight" and self.tied_embeddings:
@@ -211,8 +234,9 @@ class ModelSource:
         module.requires_grad_(False)
         return module
 
-    def block(self, index: int) -> nn.Module:
-        return self.load(f"{self.adapter.blocks}.{index}")
+    def block(self, index: int, *, packed_kernels: bool = False) -> nn.Module:
+        """Block `index`, materialized (`load`)."""
+        return self.load(f"{self.adapter.blocks}.{index}", packed_kernels=packed_kernels)
 
     @staticmethod
     def release(module: nn.Module) -> None:
