@@ -14,12 +14,15 @@ def _files(model_dir):
     return {p.name: p.read_bytes() for p in sorted(model_dir.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_rtn_workers_bytewise_local(ray_local, moe_models, texts, tmp_path, one_thread, workers):  # noqa: F811
+@pytest.mark.parametrize(("family", "workers"), [("deepseek_v3", 2), ("qwen2_moe", 3)])
+def test_rtn_workers_bytewise_local(ray_local, moe_models, texts, tmp_path, one_thread, family, workers):  # noqa: F811
+    """RTN on 2 workers (DeepSeek-V3: MLA, a dense first layer, shared experts, biased
+    group-limited routing) and on 3 (Qwen2-MoE: a shared expert with its gate, a dense middle
+    layer): the local run's bytes."""
     kw = {"quant": {"method": "rtn", "bits": 4, "group_size": 32}, "export": {"format": "compressed-tensors"}}
     cluster = {**TWO, "workers": workers}
-    quantize(_cfg(moe_models["qwen2_moe"], texts, tmp_path / "local", **kw), show_progress=False)
-    quantize(_cfg(moe_models["qwen2_moe"], texts, tmp_path / "ray", cluster=cluster, **kw), show_progress=False)
+    quantize(_cfg(moe_models[family], texts, tmp_path / "local", **kw), show_progress=False)
+    quantize(_cfg(moe_models[family], texts, tmp_path / "ray", cluster=cluster, **kw), show_progress=False)
     local = _files(tmp_path / "local" / "model")
     assert local and local == _files(tmp_path / "ray" / "model")
 
