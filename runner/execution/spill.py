@@ -9,8 +9,9 @@ memory), and reads go one batch ahead.
 - `FileSpill` (`disk`): plain files through the operating system's file I/O.
 - `AioSpill` (`aio`): DeepSpeed's async I/O handle (libaio, O_DIRECT) through page-locked
   buffers that DeepSpeed allocates, one for reading and one for writing, padded to its
-  alignment. DeepSpeed compiles the op on first use (a few minutes, once per machine and
-  torch build: torch's extension cache).
+  alignment. DeepSpeed compiles the op on first use (a few minutes, once per environment:
+  `$TORCH_EXTENSIONS_DIR`, by default `<venv>/torch_extensions`; a killed build's stale lock is
+  cleared by the next).
 
 `resolve` turns `auto` into one of them; `aio_problem` says why `aio` cannot run here. Values
 come back exactly (the same bytes) either way. Nothing here imports torch at module level
@@ -27,7 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -291,10 +294,42 @@ def aio_op() -> Any:
             if not builder.is_compatible(verbose=False):
                 raise UserError(f"cluster.spill aio: DeepSpeed cannot build its async I/O op here "
                                 f"(libaio missing? {INSTALL_LIBAIO})")
-            print("shardquant: loading DeepSpeed's async I/O op (built once per machine: minutes)",
+            print("shardquant: loading DeepSpeed's async I/O op (built once per environment: minutes)",
                   file=sys.stderr)
-            _AIO_OP = builder.load(verbose=False)
+            # Built per environment: a build's command line names the venv's headers, so two
+            # environments sharing torch's default cache would rebuild it in turn.
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+            with _build_lock():
+                _AIO_OP = builder.load(verbose=False)
         return _AIO_OP
+
+
+@contextmanager
+def _build_lock() -> Iterator[None]:
+    """Hold an flock over torch's extension builds while DeepSpeed builds or loads its op.
+
+    torch marks a build in progress with a plain `lock` file in the op's build directory and
+    waits for it to go; a build that was killed leaves it behind, and every later load then
+    waits forever. The flock dies with its process, so whoever holds it knows that a `lock`
+    file left by another shardquant process is stale, and removes it."""
+    import fcntl
+
+    from torch.utils import cpp_extension
+
+    try:
+        root = Path(cpp_extension._get_build_directory("async_io", verbose=False)).parent
+    except Exception:  # a private helper: without it, build as torch would
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".shardquant-build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            for stale in root.glob("*/lock"):
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class AioSpill(SpillBackend):
