@@ -44,6 +44,21 @@ def qparams(xmin, xmax, maxq: tl.constexpr, SYM: tl.constexpr, SCALE_KIND: tl.co
     return scale, zero
 
 
+@triton.jit
+def round_to(x, KIND: tl.constexpr):
+    """Float32 ``x`` rounded (ties to even) to float16 (``KIND`` 1) or bfloat16 (2), back in
+    float32: what a torch op in that dtype stores; ``KIND`` 0 keeps ``x``. The bfloat16
+    rounding is torch's own integer formula (the CPU interpreter's ``.to(tl.bfloat16)``
+    truncates), so it is the same on a GPU and in the interpreter (NaN aside)."""
+    if KIND == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    elif KIND == 2:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (32767 + ((u >> 16) & 1))) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x
+
+
 def tile(n: int, gpu: int, interpreted: int = 256) -> int:
     """Tile length for ``n`` elements: ``gpu`` on a device; in the CPU interpreter, whose cost
     is per operation rather than per element, one tile of up to ``interpreted``."""

@@ -5,7 +5,8 @@ interpreted kernels that run on CPU tensors; `kernels.mode: triton` (`select.usi
 the dispatch run them. Shapes are tiny: the interpreter costs per operation.
 
 - GPTQ's block kernel: the same codes, scales and zeros as the torch solver (`_solve`).
-- fake-quant: bit-equal to `awq.scaled_fake_quantize` / `fake_quantize_weight`'s torch path.
+- fake-quant: bit-equal to `awq.scaled_fake_quantize` / `fake_quantize_weight`'s torch path,
+  and, for W8A8's dynamic per-token int8 inputs, to compressed-tensors' own fake_quantize.
 - the pack-quantized matmul: equal to compressed-tensors' own unpacking, dequantized by hand.
 - a run with `kernels.mode: triton` exports the same checkpoint as `torch`, and report.json
   says which ran.
@@ -135,6 +136,78 @@ def test_fake_quant_kernel_equals_the_torch_reference(case):
     assert not torch.equal(ref, w.float())  # quantization changed the weight
 
 
+def _w8a8_inputs():
+    from shardquant.calib.inputs import input_args
+    from shardquant.config import QuantConfig
+
+    return input_args(QuantConfig(scheme="W8A8", method="gptq"))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor (so -0.0 and 0.0 differ)."""
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_input_fake_quant_kernel_is_the_librarys_int8_per_token_rounding(dtype):
+    """W8A8's dynamic symmetric per-token int8 input through the kernel: bit for bit what
+    compressed-tensors' own `compute_dynamic_scales_and_zp` + `fake_quantize` give, with a
+    zero row, an outlier, a row of tiny values, ties and negative values rounding to -0."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    from shardquant.calib.inputs import fake_quantize_input
+
+    args = _w8a8_inputs()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 37, 300, generator=g) * (torch.rand(3, 37, 1, generator=g) * 4)  # 300 > one chunk
+    x[0, 1] = 0.0  # a zero row: the library's eps scale
+    x[1, 2, 5] = 3e3  # an outlier crushes its row to a few codes
+    x[2, 3] *= 1e-3
+    ties = torch.tensor([127.5, 0.5, 1.5, 2.5, -0.5, -2.5, -0.3, -127.5])  # absmax 127.5: scale 1
+    x[0, 4, :8], x[0, 4, 8:] = ties, 0.1
+    x = x.to(dtype)
+    scale, zero = compute_dynamic_scales_and_zp(value=x, args=args, module=None)
+    ref = fake_quantize(x=x, scale=scale, zero_point=zero, args=args)
+    with select.using("triton"):
+        out = fake_quantize_input(x, args, {})
+    assert select.take_ran() == {"fake_quant_input": "triton"}
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(_bits(out), _bits(ref))
+    # hand arithmetic: scale = absmax / 127.5 (the library's (127 - -128) / 2), round half to
+    # even, clamp to [-128, 127]; torch.round keeps the sign of -0.3 -> -0.0
+    hand = torch.tensor([127.0, 0.0, 2.0, 2.0, -0.0, -2.0, -0.0, -128.0], dtype=dtype)
+    assert torch.equal(_bits(out[0, 4, :8]), _bits(hand))
+    assert torch.equal(scale[1, 7], (x[1, 7].abs().amax() / 127.5).reshape(1))
+    assert torch.equal(out[0, 1], torch.zeros(300, dtype=dtype))
+    assert out[1, 2].unique().numel() < 10  # the outlier's row: few codes
+    assert (out != x).float().mean() > 0.5  # quantization changed the activations (bf16 is near int8)
+
+
+def test_other_inputs_keep_the_librarys_path_in_every_mode():
+    """FP8 rounding, and a 2-D input (the library's `token` strategy then takes one scale for
+    the whole tensor), run compressed-tensors' functions even in mode `triton`."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    from shardquant.calib.inputs import fake_quantize_input, input_args
+    from shardquant.config import QuantConfig
+
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(9))
+    fp8 = input_args(QuantConfig(scheme="FP8_DYNAMIC", method="rtn"))
+    w8a8 = _w8a8_inputs()
+    flat = x.reshape(10, 32)
+    with select.using("triton"):
+        y8 = fake_quantize_input(x, fp8, {})
+        y2 = fake_quantize_input(flat, w8a8, {})
+    assert select.take_ran() == {"fake_quant_input": "torch"}
+    s, z = compute_dynamic_scales_and_zp(value=x, args=fp8, module=None)
+    assert torch.equal(y8, fake_quantize(x=x, scale=s, zero_point=z, args=fp8))
+    s, z = compute_dynamic_scales_and_zp(value=flat, args=w8a8, module=None)
+    assert s.numel() == 1
+    assert torch.equal(y2, fake_quantize(x=flat, scale=s, zero_point=z, args=w8a8))
+
+
 # (M, N, K, group, symmetric, g_idx, dtype)
 W4A16_CASES = {
     "decode-sym-fp16": (1, 24, 40, 8, True, False, torch.float16),
@@ -203,6 +276,35 @@ def test_a_run_with_triton_kernels_exports_the_torch_runs_checkpoint(one_block_m
     _packed_linear_reads_the_export(ours, "model.layers.0.mlp.down_proj", group_size=8)
 
 
+def test_a_w8a8_run_with_the_input_kernel_gives_the_torch_runs_ppl_and_checkpoint(
+    one_block_model, tmp_path, texts, one_thread
+):
+    """W8A8 (GPTQ): every quantized linear's int8 input simulated by the kernel in mode
+    `triton`, through calibration and the quantized evaluation: the same perplexity and the
+    same exported bytes as mode `torch` (the library's functions), and report.json says so."""
+    from shardquant.config import build_config
+    from shardquant.pipeline import quantize
+
+    reports = {}
+    for mode in ("torch", "triton"):
+        cfg = run_config(one_block_model, texts, tmp_path / mode, kernels={"mode": mode},
+                         calib={"n_samples": 4, "seq_len": 32, "batch_size": 4},
+                         eval={"n_samples": 4, "seq_len": 32, "batch_size": 4})
+        cfg["quant"] = {"method": "gptq", "scheme": "W8A8"}
+        reports[mode] = quantize(build_config(cfg), show_progress=False)
+    for mode, r in reports.items():
+        assert r["kernels"]["mode"] == mode
+        assert r["kernels"]["ran"]["fake_quant_input"] == mode
+    q = reports["torch"]["ppl"]["quantized"]
+    assert q is not None and q != reports["torch"]["ppl"]["fp"]
+    assert reports["triton"]["ppl"]["quantized"] == q
+    files = sorted(p.name for p in (tmp_path / "torch" / "model").glob("*.safetensors"))
+    assert files
+    for name in files:
+        ours, theirs = (tmp_path / m / "model" / name for m in ("triton", "torch"))
+        assert ours.read_bytes() == theirs.read_bytes(), name
+
+
 def _packed_linear_reads_the_export(tensors: dict[str, torch.Tensor], name: str, group_size: int) -> None:
     """`PackedLinear` on an exported (asymmetric, compressed-tensors) linear multiplies by the
     weight the library's own unpacking gives."""
@@ -254,8 +356,11 @@ P = "*fp32"
 G = dict(W=P, U=P, Q=P, E=P, S=P, Z=P, G="*i32", QEND="*i32", rows="i32", n="i32", i1="i32", nb="i32",
          tiny="fp32", smax="fp32")
 compile_(gptq._gptq_block_kernel, G, dict(maxq=15, SYM=False, SCALE_KIND=2, BS=128, BR=16))
-F = dict(W="*fp16", S=P, Out=P, rows="i32", cols="i32", glen="i32", tiny="fp32", smax="fp32")
-compile_(fakequant._fake_quant_kernel, F, dict(maxq=15, SYM=False, SCALE_KIND=1, HAS_S=True, BR=16, BC=128))
+F = dict(W="*fp16", S=P, Out=P, rows="i32", cols="i32", glen="i32", tiny="fp32", smax="fp32", eps="fp32")
+compile_(fakequant._fake_quant_kernel, F, dict(maxq=15, SYM=False, SCALE_KIND=1, HAS_S=True, BR=16, BC=128, CT=False, XK=0))
+T = dict(F, W="*bf16", S="*bf16", Out="*bf16")
+compile_(fakequant._fake_quant_kernel, T, dict(maxq=255, SYM=True, SCALE_KIND=0, HAS_S=False, BR=16, BC=128,
+                                               CT=True, XK=2))
 M = dict(X="*fp16", Wp="*i32", S="*fp16", Z="*i32", GI="*i32", B="*fp16", Y="*fp16", M="i32", N="i32",
          K="i32", KW="i32", G="i32", glen="i32")
 compile_(w4a16._w4a16_kernel, M, dict(BITS=4, HAS_Z=True, HAS_G=True, HAS_B=True, IEEE=False, TM=16, TN=64, TK=64))

@@ -11,6 +11,12 @@ through the library's `calculate_qparams` / `generate_gparam`.
 `InputQuantizers` puts a forward pre-hook on a linear once it holds its quantized weight, so
 every later pass (the later groups' observations, propagation, the quantized evaluation) sees
 what the served model computes.
+
+A dynamic symmetric per-token integer input (W8A8's) of a [batch, seq, ...] activation runs the
+fused fake-quant kernel (`kernels.fakequant.fake_quant_tokens`, tallied as `fake_quant_input`)
+where `kernels.select` says it runs: bit-equal to the library's arithmetic. Every other input
+(FP8/FP4 rounding, static or group scales, a 2-D input, which the library's `token` strategy
+quantizes per tensor) keeps the library's own functions.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from shardquant.config import QuantConfig
+from shardquant.kernels import select
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationArgs
@@ -70,6 +77,10 @@ def fake_quantize_input(x: Tensor, args: QuantizationArgs, params: dict[str, Ten
 
     if x.numel() == 0:
         return x
+    if select.use_triton("fake_quant_input", x, supported=_token_kernel_covers(x, args)):
+        from shardquant.kernels.fakequant import fake_quant_tokens
+
+        return fake_quant_tokens(x.reshape(x.shape[0] * x.shape[1], -1), bits=args.num_bits).reshape(x.shape)
     gscale = params.get("input_global_scale")
     if gscale is not None:
         gscale = gscale.to(x.device)
@@ -78,6 +89,17 @@ def fake_quantize_input(x: Tensor, args: QuantizationArgs, params: dict[str, Ten
     else:
         scale, zero = params["input_scale"].to(x.device), None
     return fake_quantize(x=x, scale=scale, zero_point=zero, args=args, global_scale=gscale)
+
+
+def _token_kernel_covers(x: Tensor, args: QuantizationArgs) -> bool:
+    """Whether the fake-quant kernel computes what the library does for ``x``: a dynamic
+    symmetric integer input with one scale per token (dims 0 and 1: the library reduces the
+    rest), in a float dtype the kernel reads."""
+    return (
+        args.type == "int" and args.symmetric and args.strategy == "token" and args.dynamic is True
+        and args.scale_dtype is None and 2 <= args.num_bits <= 8 and x.dim() >= 3
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    )
 
 
 class InputQuantizers:
