@@ -8,8 +8,12 @@ import os
 import random
 from pathlib import Path
 
-import pytest
-import torch
+# Triton kernels run in triton's CPU interpreter: this must be set before anything (torch,
+# transformers, deepspeed) first imports triton, which reads it once.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Every Ray the tests start (in this process or in a child) listens on 127.0.0.1 only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
