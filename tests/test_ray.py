@@ -174,9 +174,12 @@ def local_runs(tiny_models, texts, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
-@pytest.mark.parametrize("propagate", ["quantized", "fp"])
-@pytest.mark.parametrize("workers", [2, 3])  # one worker: test_one_worker_is_bytewise_local
+# Every method and both propagations on 2 workers; the uneven 3-way split once per method.
+# One worker: test_one_worker_is_bytewise_local.
+@pytest.mark.parametrize(("workers", "propagate", "method"), [
+    *((2, p, m) for p in ("quantized", "fp") for m in ("rtn", "gptq", "awq")),
+    (3, "quantized", "gptq"), (3, "fp", "awq"), (3, "quantized", "rtn"),
+])
 def test_workers_match_local(ray_local, local_runs, tiny_models, texts, tmp_path, one_thread, method, propagate,
                              workers):
     """Samples split over 1, 2 or 3 actors, statistics reduced exactly: the same tensors as one
@@ -399,7 +402,9 @@ def test_unreachable_address_is_a_clear_error_fast(tiny_models, texts, tmp_path,
     assert r.stderr.strip().splitlines()[-1].startswith(f"shardquant: error: cluster.address: cannot reach Ray at '127.0.0.1:{port}'")
 
 
-@pytest.mark.parametrize("propagate", ["quantized", "fp"])
+# Pipeline stages only: a data-parallel Ray run resumes through the same progress.json as a
+# local one (tests/test_resume.py kills that one), while stages resume by their own record.
+@pytest.mark.parametrize("propagate", ["fp"])
 def test_driver_killed_then_rerun_finishes_with_same_bytes(ray_local, deep_llama, texts, tmp_path, one_thread,
                                                            propagate):
     """kill -9 of the driver process of a Ray run (data parallel, or pipeline stages); the same
