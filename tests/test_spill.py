@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -89,6 +90,27 @@ def test_the_next_batch_is_read_while_the_current_one_is_in_use(mode, tmp_path):
             while backend.stats.read_bytes < (i + 2) * one and time.monotonic() < deadline:
                 time.sleep(0.005)
             assert backend.stats.read_bytes == (i + 2) * one, f"batch {i + 1} was not read ahead"
+    store.clear()
+
+
+def test_stats_count_a_write_still_in_flight(tmp_path):
+    """A block's record (`stats()`) is taken right after its last batch is handed to the writer:
+    the bytes of that write count in this record, not in the next one (or, after the last
+    block, in none). The write below is held until 0.3 s after it starts."""
+    store = ActivationStore(budget=0, spill_dir=str(tmp_path), spill="disk")
+    backend = store._spiller()
+    plain, release = backend._write, threading.Event()
+
+    def held(t, path, n):
+        threading.Timer(0.3, release.set).start()
+        release.wait(10)
+        plain(t, path, n)
+
+    backend._write = held
+    batch = torch.ones(4, 64)
+    store.put("s", [batch])
+    assert store.stats()["written_bytes"] == _nbytes(batch)
+    assert torch.equal(next(store.iter("s")), batch)
     store.clear()
 
 

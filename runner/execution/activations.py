@@ -182,7 +182,9 @@ class ActivationStore:
 
     def stats(self) -> dict[str, Any]:
         """The spill backend and what it moved since the last call: bytes written and read, the
-        seconds its I/O threads spent on them, and the seconds the compute waited on it."""
+        seconds its I/O threads spent on them, and the seconds the compute waited on it. Waits
+        for the pending write first, so its bytes count in this call, not the next (or none)."""
+        self.flush()
         now = self._totals()
         delta = {k: v - getattr(self._reported, k) for k, v in now.as_dict().items()}
         self._reported = now
