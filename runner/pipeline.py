@@ -310,12 +310,19 @@ def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
     if p.tasks is not None:
         streams["tasks"] = embed_sequences(embedding, p.tasks.sequences, bs, src.device)
     src.release(embedding)
+    inputs = src.packed.described_inputs() if src.packed is not None else None
+    if inputs is not None:
+        print(f"shardquant: inputs quantized as the checkpoint declares ({inputs}): the perplexity is the served "
+              "model's", file=sys.stderr)
     bar = _progress(src.num_blocks, "eval") if show_progress else None
     select.take_ran()
     with select.using(cfg.kernels.mode):  # a packed linear the W4A16 kernel runs for stays packed
         for i in range(src.num_blocks):
             block = src.block(i, packed_kernels=True)
+            hooks = _input_hooks(src, i, block)
             streams = {k: runner.forward_all(block, i, v) for k, v in streams.items()}
+            for h in hooks:
+                h.clear()
             src.release(block)
             if bar is not None:
                 bar.update(1)
@@ -337,6 +344,7 @@ def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
         "model": str(src.root),
         "format": src.packed.layout.name if src.packed is not None else "dense",
         "kernels": kernels,
+        **({"input_activations": inputs} if inputs is not None else {}),
         "windows": 0 if p.evals is None else int(p.evals.shape[0]),
         "seq_len": cfg.eval.seq_len,
         **task_out,
@@ -346,6 +354,20 @@ def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
     }
     write_json_atomic(p.output / "eval.json", result)
     return result
+
+
+def _input_hooks(src: ModelSource, index: int, block: torch.nn.Module) -> list:
+    """Pre-hooks quantizing the inputs of block `index`'s linears as the checkpoint declares
+    (`calib.inputs.InputQuantizers` with its stored static parameters), one set per distinct
+    args; the caller clears them once the block has run."""
+    from shardquant.calib.inputs import InputQuantizers
+
+    by_args: dict[str, InputQuantizers] = {}
+    for local, (args, params) in src.input_quantization(index).items():
+        hooks = by_args.setdefault(args.model_dump_json(), InputQuantizers(args))
+        hooks.params[local] = params
+        hooks.attach(local, block.get_submodule(local))
+    return list(by_args.values())
 
 
 def _replace_dir(new: Path, final: Path) -> None:

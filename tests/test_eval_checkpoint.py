@@ -147,15 +147,16 @@ def test_eval_of_a_run_directory_and_bad_targets(rtn_exports, texts, tmp_path, c
     assert main(["eval", str(broken), f"--eval.path={texts['eval']}", f"--output={tmp_path / 'o'}", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and victim.removesuffix(".qweight") in err[0], err
-    fp4 = tmp_path / "fp4"
-    shutil.copytree(rtn_exports["compressed-tensors"], fp4)
-    cfg = json.loads((fp4 / "config.json").read_text())
-    cfg["quantization_config"]["format"] = "nvfp4-pack-quantized"
-    (fp4 / "config.json").write_text(json.dumps(cfg))
-    assert main(["eval", str(fp4), f"--eval.path={texts['eval']}", f"--output={tmp_path / 'o2'}", "--quiet"]) == 2
+    other = tmp_path / "marlin"
+    shutil.copytree(rtn_exports["compressed-tensors"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"]["format"] = cfg["quantization_config"]["config_groups"]["group_0"]["format"] = "marlin-24"
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", str(other), f"--eval.path={texts['eval']}", f"--output={tmp_path / 'o2'}", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["shardquant: error: model.path: compressed-tensors format 'nvfp4-pack-quantized' is not read "
-                   "(pack-quantized integer weights are)"]
+    assert err == [f"shardquant: error: model.path: '{other / 'config.json'}': quantization_config.config_groups.group_0: "
+                   "format 'marlin-24' is not read (readable: float-quantized, int-quantized, mxfp4-pack-quantized, "
+                   "naive-quantized, nvfp4-pack-quantized, pack-quantized)"]
     assert not (tmp_path / "o2").exists()
 
 

@@ -54,6 +54,11 @@ ACT_CASES = {
     "nvfp4-act": ({"method": "gptq", "scheme": "NVFP4"}, False, "dequantize", "nvfp4-pack-quantized"),
     "mxfp4-act": ({"method": "rtn", "scheme": "MXFP4"}, False, "dequantize", "mxfp4-pack-quantized"),
 }
+# Exported for `shardquant eval` only: a block linear left in full precision (config.json's `ignore`).
+EVAL_CASES = {
+    "fp8-static-ignore": ({"method": "rtn", "scheme": "FP8", "ignore": ["mlp.down_proj"]}, False, torch.float32,
+                          "float-quantized"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,7 @@ def exported(tiny_models, wide_model, texts, tmp_path_factory):
 
     def export(case: str, fmt: str):
         if (case, fmt) not in cache:
-            quant, wide, _, _ = {**CASES, **ACT_CASES}[case]
+            quant, wide, _, _ = {**CASES, **ACT_CASES, **EVAL_CASES}[case]
             out = tmp_path_factory.mktemp(f"{case}-{fmt}")
             raw = run_config(wide_model if wide else tiny_models["llama"], texts, out, calib=CALIB, eval=EVAL,
                              export={"format": fmt})
@@ -346,8 +351,33 @@ def _quantize_inputs_as_configured(model, model_dir) -> int:
     return n
 
 
+@pytest.fixture(scope="module")
+def served(exported, texts):
+    """The perplexity of transformers + compressed-tensors' own reload of a case's export, as
+    the served model computes it (None where the library's reader rounds the weights: NVFP4
+    without input quantization), and without input quantization; cached per case."""
+    cache: dict = {}
+
+    def ppl(case: str, *, inputs: bool = True) -> float | None:
+        if (case, inputs) not in cache:
+            _, _, route, _ = {**CASES, **ACT_CASES, **EVAL_CASES}[case]
+            ct_dir, _ = exported(case, "compressed-tensors")
+            if not inputs or route in ("dequantize", torch.bfloat16):
+                if case == "nvfp4":
+                    return None
+                model = load(ct_dir, torch.float32, dequantize=True)
+                if inputs and case in ACT_CASES:
+                    assert _quantize_inputs_as_configured(model, ct_dir) == 7 * len(model.model.layers)
+            else:  # compressed-tensors' own quantized forward quantizes each linear's input
+                model = load(ct_dir, route)
+            cache[case, inputs] = perplexity(model, ct_dir, texts)
+        return cache[case, inputs]
+
+    return ppl
+
+
 @pytest.mark.parametrize("case", list(ACT_CASES))
-def test_activation_scheme_reloads_with_its_ppl(case, exported, texts):
+def test_activation_scheme_reloads_with_its_ppl(case, exported, served):
     """A weight-activation preset's export declares the preset's input activations, reloads in
     transformers + compressed-tensors, and quantizing the inputs as served gives the run's
     `ppl.quantized` (the same number on the library's own route); without the input
@@ -362,18 +392,13 @@ def test_activation_scheme_reloads_with_its_ppl(case, exported, texts):
     want = preset_name_to_scheme(quant["scheme"], ["Linear"]).input_activations.model_dump(mode="json")
     assert group["input_activations"] == want
     assert "the quantized perplexity is measured with it" in (ct_dir.parent / "report.md").read_text()
-    ours = report["ppl"]["quantized"]
-    if route == "dequantize":
-        model = load(ct_dir, torch.float32, dequantize=True)
-        assert _quantize_inputs_as_configured(model, ct_dir) == 7 * len(model.model.layers)
-    else:  # compressed-tensors' own quantized forward quantizes each linear's input
-        model = load(ct_dir, route)
-        lin = model.model.layers[0].self_attn.q_proj
+    if route != "dequantize":
+        lin = load(ct_dir, route).model.layers[0].self_attn.q_proj
         assert lin.quantization_scheme.input_activations.model_dump(mode="json") == want
+    ours = report["ppl"]["quantized"]
     tol = 1e-5  # the same arithmetic: far inside the 0.2% asked for
-    ppl = perplexity(model, ct_dir, texts)
-    assert ppl == pytest.approx(ours, rel=tol)
-    plain = perplexity(load(ct_dir, torch.float32, dequantize=True), ct_dir, texts)
+    assert served(case) == pytest.approx(ours, rel=tol)
+    plain = served(case, inputs=False)
     assert abs(plain / ours - 1) > 5 * tol, (plain, ours)
 
 
@@ -404,3 +429,144 @@ def test_static_input_scale_is_the_calibration_absmax(case, tensor, exported, te
         got = t[f"model.layers.0.self_attn.{n}.{tensor}"]
         assert got.dtype == torch.float32 and got.shape == (1,)
         torch.testing.assert_close(got, want.reshape(1), rtol=1e-6, atol=0)
+
+
+def _eval(checkpoint, texts, output) -> tuple[int, dict | None, str]:
+    """`shardquant eval CHECKPOINT` on the run's evaluation windows: exit code, eval.json, stderr."""
+    import contextlib
+    import io
+
+    from shardquant.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["eval", str(checkpoint), f"--eval.path={texts['eval']}", f"--eval.n_samples={EVAL['n_samples']}",
+                   f"--eval.seq_len={EVAL['seq_len']}", f"--eval.batch_size={EVAL['batch_size']}",
+                   f"--output={output}", "--quiet"])
+    result = json.loads((output / "eval.json").read_text()) if rc == 0 else None
+    return rc, result, err.getvalue()
+
+
+EVAL_TOL = 1e-5  # eval and the run compute the same arithmetic; asked: 1e-4
+
+
+@pytest.mark.parametrize("case", ["fp8", "fp8-block", "nvfp4", "mxfp4", "w8a16", *ACT_CASES, *EVAL_CASES])
+def test_eval_of_the_export_is_the_runs_quantized_ppl(case, exported, served, texts, tmp_path):
+    """`shardquant eval` reads every compressed-tensors format the exporter writes (weights by
+    the library's own functions) and quantizes the inputs the checkpoint declares, with its
+    stored static scales: the perplexity is the run's `ppl.quantized` and transformers +
+    compressed-tensors' own reload's; without the input quantization it would be off by more
+    than the tolerance. eval.json and stderr say how inputs were quantized. A linear the
+    config ignores stays dense, its input as it is."""
+    ct_dir, report = exported(case, "compressed-tensors")
+    if case in EVAL_CASES:  # down_proj is ignored: a dense float weight, no scales
+        assert "model.layers.1.mlp.down_proj" in json.loads((ct_dir / "config.json").read_text())[
+            "quantization_config"]["ignore"]
+        assert read_checkpoint(ct_dir)["model.layers.1.mlp.down_proj.weight"].dtype == torch.float32
+    rc, result, err = _eval(ct_dir, texts, tmp_path / "eval")
+    assert rc == 0, err
+    ours = report["ppl"]["quantized"]
+    assert result["format"] == "compressed-tensors"
+    assert result["ppl"] == pytest.approx(ours, rel=EVAL_TOL)
+    reference = served(case)
+    if reference is not None:  # NVFP4 weights only: the library's reader rounds them to bfloat16
+        assert result["ppl"] == pytest.approx(reference, rel=EVAL_TOL)
+    if case in (*ACT_CASES, *EVAL_CASES):
+        words = {**INPUTS_IN_WORDS, "fp8-dynamic": "fp8 dynamic per token",
+                 "fp8-static-ignore": "fp8 static per tensor"}[case]  # inspect's words
+        assert result["input_activations"] == words
+        assert err.count(f"inputs quantized as the checkpoint declares ({words})") == 1, err
+        plain = served(case, inputs=False)
+        assert abs(plain / result["ppl"] - 1) > 10 * EVAL_TOL, (plain, result["ppl"])
+    else:
+        assert "input_activations" not in result and "inputs quantized" not in err
+
+
+def _copy_export(src, dst, edit=None, drop: str | None = None):
+    """A copy of an export with its quantization_config edited in place (`edit`) and one tensor
+    dropped from the index (`drop`)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    if edit is not None:
+        edit(cfg["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    if drop is not None:
+        index = json.loads((dst / "model.safetensors.index.json").read_text())
+        del index["weight_map"][drop]
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_eval_refuses_what_it_cannot_simulate(exported, texts, tmp_path):
+    """A config group eval cannot read or simulate, or a static input scale missing, is one
+    line naming config.json (or the tensor) and what is wrong, exit 2, and no output."""
+    ct_dir, _ = exported("fp8-static", "compressed-tensors")
+    where = "quantization_config.config_groups.group_0"
+
+    def group(**change):
+        return lambda qc: qc["config_groups"]["group_0"].update(change)
+
+    def inputs(**change):
+        return lambda qc: qc["config_groups"]["group_0"]["input_activations"].update(change)
+
+    cases = {
+        "format": (group(format="marlin-24"), None, f"{where}: format 'marlin-24' is not read (readable: "),
+        "weights": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="attn_head"), None,
+                    f"{where}.weights.strategy 'attn_head' is not read (readable: tensor, channel, group, block"),
+        "inputs": (inputs(strategy="group", group_size=16), None,
+                   f"{where}.input_activations.strategy 'group' is not read for static inputs (readable: tensor)"),
+        "library": (inputs(strategy="channel"), None,
+                    "quantization_config: Using channel strategy is not supported for activation quantization"),
+        "outputs": (group(output_activations={"num_bits": 8, "type": "float"}), None,
+                    f"{where}.output_activations: output activation quantization is not simulated"),
+        "kv": (lambda qc: qc.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), None,
+               "quantization_config.kv_cache_scheme (KV-cache quantization) is not simulated"),
+        "invalid": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="diagonal"), None,
+                    f"{where}.weights.strategy: Value error, 'diagonal' is not a valid QuantizationStrategy"),
+        "scale": (None, "model.layers.1.self_attn.k_proj.input_scale",
+                  "model.path: 'model.layers.1.self_attn.k_proj.input_scale' is missing from the safetensors files "
+                  "(config group group_0 quantizes its inputs statically)"),
+    }
+    for name, (edit, drop, want) in cases.items():
+        bad = _copy_export(ct_dir, tmp_path / name, edit, drop)
+        rc, _, err = _eval(bad, texts, tmp_path / f"out-{name}")
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, (name, err)
+        assert want in lines[0], (name, lines[0])
+        if drop is None:
+            assert lines[0].startswith(f"shardquant: error: model.path: '{bad / 'config.json'}': "), lines[0]
+        assert not (tmp_path / f"out-{name}" / "eval.json").exists()
+
+
+def test_eval_of_mixed_config_groups_is_the_reload(exported, texts, tmp_path):
+    """Two config groups of different formats and input schemes (int-quantized W8A8 mlp,
+    float-quantized static FP8 attention, `mixed-precision`), each matched by its targets: eval
+    quantizes each linear as its group says, as transformers + compressed-tensors' own reload
+    computes it."""
+    from safetensors.torch import save_file
+
+    w8a8, _ = exported("w8a8-sq", "compressed-tensors")
+    fp8, _ = exported("fp8-static", "compressed-tensors")
+    mixed = _copy_export(w8a8, tmp_path / "mixed")
+    for f in mixed.glob("*.safetensors*"):
+        f.unlink()
+    tensors = read_checkpoint(w8a8)
+    tensors.update({k: v for k, v in read_checkpoint(fp8).items() if ".self_attn." in k})
+    save_file(tensors, str(mixed / "model.safetensors"))
+    cfg = json.loads((mixed / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    attn = json.loads((fp8 / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    qc["config_groups"] = {"mlp": {**qc["config_groups"]["group_0"], "targets": [r"re:.*mlp\..*"]},
+                           "attn": {**attn, "targets": [r"re:.*self_attn\..*"]}}
+    qc["format"] = "mixed-precision"
+    (mixed / "config.json").write_text(json.dumps(cfg))
+
+    rc, result, err = _eval(mixed, texts, tmp_path / "eval")
+    assert rc == 0, err
+    assert result["input_activations"] == "int8 dynamic per token; fp8 static per tensor"
+    model = load(mixed, torch.float32)
+    assert model.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.type == "int"
+    assert model.model.layers[0].self_attn.o_proj.quantization_scheme.input_activations.type == "float"
+    assert result["ppl"] == pytest.approx(perplexity(model, mixed, texts), rel=EVAL_TOL)

@@ -1,11 +1,11 @@
 """Dense weights from a packed checkpoint's tensors, one linear at a time.
 
 `shardquant eval` (and any `ModelSource`) reads checkpoints that hold a quantized linear
-`<name>` as packed tensors instead of `<name>.weight`: compressed-tensors pack-quantized,
-GPTQ v1 (and v2) and AWQ GEMM, whichever tool wrote them. The layouts are the ones
-`export.formats` defines (`CompressedTensorsLayout`, `GPTQLayout`, `AWQLayout`); each reader
-here undoes one, in float32: `w[o, j] = scale[g, o] * (code[o, j] - zero[g, o])`, `g` the
-group of input column `j`.
+`<name>` as packed tensors instead of a float `<name>.weight`: compressed-tensors (every format
+its config groups may name: `model.packed_ct`), GPTQ v1 (and v2) and AWQ GEMM, whichever tool
+wrote them. The integer layouts are the ones `export.formats` defines (`CompressedTensorsLayout`
+pack-quantized, `GPTQLayout`, `AWQLayout`); each reader here undoes one, in float32:
+`w[o, j] = scale[g, o] * (code[o, j] - zero[g, o])`, `g` the group of input column `j`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import Tensor
 from shardquant.algorithms.pack import unpack, unpack_awq
 from shardquant.errors import UserError
 from shardquant.export.formats import PACKED, Layout
+from shardquant.model.packed_ct import CTConfig
 
 Tensors = dict[str, Tensor]  # a linear's tensors by suffix (weight_packed, scales, ...)
 
@@ -86,14 +87,19 @@ READERS: dict[str, Callable[[Tensors, dict], Tensor]] = {
 class PackedReader:
     """The linears of one packed checkpoint: which names are packed and their dense weights."""
 
-    def __init__(self, fmt: str, qc: dict):
+    def __init__(self, fmt: str, qc: dict, ct: CTConfig | None = None):
+        """`ct`: a compressed-tensors checkpoint's config groups (which linears, which format)."""
         self.layout: type[Layout] = PACKED[fmt]
         self.qc = qc
         self.read = READERS[fmt]
+        self.ct = ct
 
-    def parts(self, linear: str, present: Callable[[str], bool]) -> list[str] | None:
-        """The stored tensor names of `linear` (its prefix) when it is packed, else None."""
-        if not present(f"{linear}.{self.layout.marker}"):
+    def parts(self, linear: str, present: Callable[[str], bool], module: torch.nn.Module | None = None) -> list[str] | None:
+        """The stored tensor names of `linear` (its prefix) when it is packed, else None
+        (`module`: its skeleton module, which compressed-tensors' targets match)."""
+        if self.ct is not None:
+            return self.ct.parts(linear, present, module)
+        if present(f"{linear}.weight") or not present(f"{linear}.{self.layout.marker}"):
             return None
         return [f"{linear}.{s}" for s in self.layout.siblings if present(f"{linear}.{s}")]
 
@@ -101,7 +107,10 @@ class PackedReader:
         """The float32 [out, in] weight of `linear` from its stored tensors (full names)."""
         by_suffix = {n.removeprefix(f"{linear}."): t for n, t in tensors.items()}
         try:
-            return self.read(by_suffix, self.qc)
+            if self.ct is None:
+                return self.read(by_suffix, self.qc)
+            qc = self.ct.pack_config(linear)
+            return self.ct.weight(linear, by_suffix) if qc is None else self.read(by_suffix, qc)
         except (KeyError, ValueError, RuntimeError) as e:
             raise UserError(f"model.path: cannot dequantize '{linear}' as {self.layout.name}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -113,14 +122,14 @@ class PackedReader:
         from shardquant.kernels import select
 
         by_suffix = {n.removeprefix(f"{linear}."): t for n, t in tensors.items()}
-        if self.layout.name != "compressed-tensors" or not select.chooses(device):
+        if self.ct is None or self.ct.pack_config(linear) is None or not select.chooses(device):
             return None
         try:
             out_f, in_f = (int(x) for x in by_suffix["weight_shape"])
             packed, scale = by_suffix["weight_packed"], by_suffix["weight_scale"]
         except (KeyError, ValueError):
             return None  # `weight` names what is wrong
-        if _bits(self.qc, packed.shape[1], in_f) != 4 or scale.dim() != 2 or scale.shape[0] != out_f:
+        if _bits(self.ct.pack_config(linear), packed.shape[1], in_f) != 4 or scale.dim() != 2 or scale.shape[0] != out_f:
             return None
         from shardquant.kernels.w4a16 import PackedLinear
 
@@ -131,8 +140,22 @@ class PackedReader:
         )
 
 
-def packed_reader(raw_config: dict) -> PackedReader | None:
-    """The reader of a config.json's `quantization_config` (None: dense weights)."""
+    def inputs(self, linear: str, tensors: dict[str, Tensor]):
+        """A packed `linear`'s input quantization, (the library's `QuantizationArgs`, its stored
+        static parameters by suffix), from its stored tensors (full names); None: its inputs
+        stay as they are."""
+        if self.ct is None:
+            return None
+        return self.ct.inputs(linear, {n.removeprefix(f"{linear}."): t for n, t in tensors.items()})
+
+    def described_inputs(self) -> str | None:
+        """How the checkpoint quantizes inputs, in words; None when it does not."""
+        return None if self.ct is None else self.ct.described_inputs()
+
+
+def packed_reader(raw_config: dict, where: str = "config.json") -> PackedReader | None:
+    """The reader of a config.json's `quantization_config` (None: dense weights; `where`: the
+    file, named by errors)."""
     qc = raw_config.get("quantization_config")
     if not isinstance(qc, dict):
         return None
@@ -140,9 +163,7 @@ def packed_reader(raw_config: dict) -> PackedReader | None:
     if method not in READERS:
         raise UserError(f"model.path: quantization_config quant_method '{method}' is not read "
                         f"(readable: {', '.join(sorted(READERS))}, or dense weights)")
-    if method == "compressed-tensors" and str(qc.get("format", "pack-quantized")) != "pack-quantized":
-        raise UserError(f"model.path: compressed-tensors format '{qc.get('format')}' is not read "
-                        "(pack-quantized integer weights are)")
     if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
         raise UserError(f"model.path: AWQ version '{qc.get('version')}' is not read (GEMM is)")
-    return PackedReader(method, qc)
+    ct = CTConfig({"format": "pack-quantized", **qc}, where) if method == "compressed-tensors" else None
+    return PackedReader(method, qc, ct)

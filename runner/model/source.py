@@ -94,7 +94,7 @@ class ModelSource:
         if not any((self.root / f).is_file() for f in TOKENIZER_FILES):
             raise UserError(f"{key}: '{self.root}' has no tokenizer (tokenizer.json or tokenizer.model)")
         self.index = CheckpointIndex(self.root, key=key)
-        self.packed = packed_reader(raw)  # a quantized checkpoint's linears, dequantized as read
+        self.packed = packed_reader(raw, str(self.root / "config.json"))  # a quantized checkpoint's linears, dequantized as read
         self.device = resolve_device(device)
         self.dtype = DTYPES[compute_dtype(dtype, self.device.type)]
         self.trust_remote_code = trust_remote_code
@@ -131,13 +131,18 @@ class ModelSource:
 
     def _packed_parts(self, name: str) -> list[str] | None:
         """The stored tensors of parameter `name` when it is a packed linear's weight."""
-        if self.packed is None or not name.endswith(".weight") or name in self.index:
+        if self.packed is None or not name.endswith(".weight"):
             return None
-        return self.packed.parts(name.removesuffix(".weight"), self.index.__contains__)
+        linear = name.removesuffix(".weight")
+        try:
+            module = self.skeleton.get_submodule(linear)
+        except AttributeError:
+            module = None
+        return self.packed.parts(linear, self.index.__contains__, module)
 
     def _check_weights_present(self) -> None:
         for name, _ in self.skeleton.named_parameters():
-            if name in self.index or self._packed_parts(name):
+            if self._packed_parts(name) or name in self.index:  # the packed check first: it checks the parts
                 continue
             if name == f"{self.adapter.lm_head}.weight" and self.tied_embeddings:
                 continue
@@ -203,7 +208,7 @@ class ModelSource:
         ]
         names = {n: prefix + n for n in wanted}
         packed = {full: parts for full in names.values() if (parts := self._packed_parts(full))}
-        stored = [full for full in names.values() if full in self.index]
+        stored = [full for full in names.values() if full in self.index and full not in packed]
         tensors = self.read_tensors(stored + [n for parts in packed.values() for n in parts])
         kept: dict[str, nn.Module] = {}  # block-relative linear name -> PackedLinear
         for full, parts in packed.items():
@@ -233,6 +238,24 @@ class ModelSource:
         module.load_state_dict(state, strict=True, assign=True)
         module.requires_grad_(False)
         return module
+
+    def input_quantization(self, index: int) -> dict[str, tuple[object, dict[str, torch.Tensor]]]:
+        """Block `index`'s packed linears whose inputs the checkpoint quantizes (`model.packed_ct`):
+        block-relative name -> (the library's `QuantizationArgs`, the stored static parameters by
+        suffix); {} for a checkpoint that quantizes no inputs."""
+        if self.packed is None or self.packed.described_inputs() is None:
+            return {}
+        prefix = f"{self.adapter.blocks}.{index}."
+        block = self.skeleton.get_submodule(prefix[:-1])
+        parts = {n.removesuffix(".weight"): p for n, _ in block.named_parameters()
+                 if n.endswith(".weight") and (p := self._packed_parts(prefix + n))}
+        tensors = self.read_tensors([n for p in parts.values() for n in p if ".input_" in n])
+        out = {}
+        for local, names in parts.items():
+            got = self.packed.inputs(prefix + local, {n: tensors[n] for n in names if n in tensors})
+            if got is not None:
+                out[local] = got
+        return out
 
     def block(self, index: int, *, packed_kernels: bool = False) -> nn.Module:
         """Block `index`, materialized (`load`)."""
