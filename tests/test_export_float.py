@@ -525,6 +525,11 @@ def test_eval_refuses_what_it_cannot_simulate(exported, texts, tmp_path):
                "quantization_config.kv_cache_scheme (KV-cache quantization) is not simulated"),
         "invalid": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="diagonal"), None,
                     f"{where}.weights.strategy: Value error, 'diagonal' is not a valid QuantizationStrategy"),
+        "type": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(type="int"), None,
+                 f"{where}: int weights cannot be stored as format 'float-quantized'"),
+        "weight_scale": (None, "model.layers.0.mlp.up_proj.weight_scale",
+                         "model.path: 'model.layers.0.mlp.up_proj.weight_scale' is missing from the safetensors files "
+                         "(config group group_0 quantizes 'model.layers.0.mlp.up_proj' as float-quantized)"),
         "scale": (None, "model.layers.1.self_attn.k_proj.input_scale",
                   "model.path: 'model.layers.1.self_attn.k_proj.input_scale' is missing from the safetensors files "
                   "(config group group_0 quantizes its inputs statically)"),
