@@ -514,7 +514,8 @@ def test_eval_refuses_what_it_cannot_simulate(exported, texts, tmp_path):
     cases = {
         "format": (group(format="marlin-24"), None, f"{where}: format 'marlin-24' is not read (readable: "),
         "weights": (lambda qc: qc["config_groups"]["group_0"]["weights"].update(strategy="attn_head"), None,
-                    f"{where}.weights.strategy 'attn_head' is not read (readable: tensor, channel, group, block"),
+                    f"{where}.weights.strategy 'attn_head' is not read in format 'float-quantized' (readable: "
+                    "tensor, channel, group, block)"),
         "inputs": (inputs(strategy="group", group_size=16), None,
                    f"{where}.input_activations.strategy 'group' is not read for static inputs (readable: tensor)"),
         "library": (inputs(strategy="channel"), None,

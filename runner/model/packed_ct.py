@@ -39,7 +39,12 @@ MARKERS = {
 }
 SUFFIXES = ("weight_packed", "weight", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
             "weight_global_scale", "input_scale", "input_global_scale")
-WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block", "tensor_group")
+# format -> the weight strategies its reader dequantizes
+WEIGHT_STRATEGIES = {
+    "pack-quantized": ("channel", "group"), "naive-quantized": ("tensor", "channel", "group", "block"),
+    "float-quantized": ("tensor", "channel", "group", "block"), "int-quantized": ("tensor", "channel", "group", "block"),
+    "nvfp4-pack-quantized": ("group", "tensor_group"), "mxfp4-pack-quantized": ("group", "tensor_group"),
+}
 # input_activations.dynamic -> the strategies `calib.inputs.fake_quantize_input` computes
 INPUT_STRATEGIES = {True: ("token", "tensor", "group", "tensor_group"), "local": ("tensor_group",),
                     False: ("tensor",)}
@@ -115,10 +120,10 @@ class CTConfig:
         w = scheme.weights
         if w is None:
             raise UserError(f"{at}: quantizes no weights (only weight-quantized groups are read)")
-        if _value(w.strategy) not in WEIGHT_STRATEGIES:
-            raise UserError(f"{at}.weights.strategy '{_value(w.strategy)}' is not read "
-                            f"(readable: {', '.join(WEIGHT_STRATEGIES)})")
-        want = "float" if fmt in FLOAT_FORMATS else "int" if fmt in INT_FORMATS else w.type
+        if _value(w.strategy) not in WEIGHT_STRATEGIES[fmt]:
+            raise UserError(f"{at}.weights.strategy '{_value(w.strategy)}' is not read in format '{fmt}' "
+                            f"(readable: {', '.join(WEIGHT_STRATEGIES[fmt])})")
+        want = "float" if fmt in FLOAT_FORMATS else "int" if fmt in INT_FORMATS else _value(w.type)
         if _value(w.type) != want:
             raise UserError(f"{at}: {_value(w.type)} weights cannot be stored as format '{fmt}'")
         if scheme.output_activations is not None:
@@ -157,10 +162,6 @@ class CTConfig:
                             f"group {group.name} quantizes its inputs statically)")
         self._of[linear] = group
         return [f"{linear}.{s}" for s in SUFFIXES if present(f"{linear}.{s}")]
-
-    def group(self, linear: str) -> Group | None:
-        """The group of a linear `parts` found quantized."""
-        return self._of.get(linear)
 
     def pack_config(self, linear: str) -> dict | None:
         """What `model.packed.compressed_tensors` reads a pack-quantized `linear` with (its
