@@ -576,3 +576,23 @@ def test_eval_of_mixed_config_groups_is_the_reload(exported, texts, tmp_path):
     assert model.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.type == "int"
     assert model.model.layers[0].self_attn.o_proj.quantization_scheme.input_activations.type == "float"
     assert result["ppl"] == pytest.approx(perplexity(model, mixed, texts), rel=EVAL_TOL)
+
+
+def test_eval_of_a_moe_export_is_the_runs_quantized_ppl(texts, tmp_path):
+    """A mixture-of-experts W8A8 export (every expert's linears under its own name, the routers
+    in `ignore`): eval reads each expert as its group says and quantizes its inputs, giving
+    the run's `ppl.quantized`."""
+    from moe_fixtures import save_tiny_moe
+
+    model = save_tiny_moe(tmp_path / "qwen2_moe", "qwen2_moe", layers=2)
+    raw = run_config(model, texts, tmp_path / "run", calib={"n_samples": 4, "seq_len": 32}, eval=EVAL,
+                     export={"format": "compressed-tensors"})
+    raw["quant"] = {"method": "rtn", "scheme": "W8A8"}
+    report = quantize(build_config(raw), show_progress=False)
+    qc = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.mlp.gate" in qc["ignore"]
+    assert "model.layers.1.mlp.experts.3.down_proj.weight_scale" in read_checkpoint(tmp_path / "run" / "model")
+    rc, result, err = _eval(tmp_path / "run" / "model", texts, tmp_path / "eval")
+    assert rc == 0, err
+    assert result["input_activations"] == "int8 dynamic per token"
+    assert result["ppl"] == pytest.approx(report["ppl"]["quantized"], rel=EVAL_TOL)
