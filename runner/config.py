@@ -58,7 +58,8 @@ class ModelConfig(_Section):
 
 class CalibConfig(_Section):
     path: str | None = Field(
-        None, description="Calibration text: file, folder, jsonl/parquet, or a datasets name (required to quantize)."
+        None, description="Calibration text: file, folder, jsonl/parquet, or a datasets name (required to quantize; not read by "
+        "a data-free rtn run, one without SmoothQuant or static input scales)."
     )
     text_field: str = Field("text", description="Field holding the text in jsonl/parquet/datasets sources.")
     split: str = Field("train", description="Split of a datasets source.")
@@ -241,6 +242,18 @@ class QuantConfig(_Section):
         """How input activations are quantized (the preset's words), or None: they are not."""
         p = self.weight_preset
         return None if p is None or self.weights_only else p.activations
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run needs calibration activations: every method observes them but round
+        to nearest, which needs them only for SmoothQuant's or static inputs' scales (FP8,
+        NVFP4). A data-free run reads no calibration text and streams no calibration windows."""
+        if self.method == "none":
+            return False
+        if self.method != "rtn" or self.smoothquant is not None:
+            return True
+        p = self.weight_preset
+        return p is not None and not self.weights_only and bool(p.input_params)
 
     @model_validator(mode="after")
     def _preset(self) -> QuantConfig:

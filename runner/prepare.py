@@ -95,7 +95,7 @@ def prepare(cfg: RunConfig, *, need_calib: bool = True) -> Prepared:
     exporter = get_exporter(cfg.export.format, source, cfg.quant) if need_calib else None
     tokenizer = source.tokenizer()
     calib = None
-    if need_calib and cfg.quant.method != "none":
+    if need_calib and cfg.quant.needs_calibration:  # data-free RTN reads none
         if not cfg.calib.path:
             raise UserError("missing required config key 'calib.path'")
         text = load_text(

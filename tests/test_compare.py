@@ -45,7 +45,7 @@ def test_csv_numbers_equal_the_reports(rtn_grid, tmp_path):
         assert float(r["total_s"]) == rep["timing"]["total_s"]
         assert int(r["peak_rss_bytes"]) == rep["memory"]["peak_rss_bytes"]
         assert int(r["checkpoint_bytes"]) == rep["export"]["bytes"]
-        assert int(r["calib_tokens"]) == rep["calibration"]["tokens"] == 4 * 32
+        assert int(r["calib_tokens"]) == rep["calibration"]["tokens"] == 0  # rtn is data-free
         assert (r["method"], int(r["bits"]), int(r["group_size"]), r["symmetric"]) == (
             "rtn", rep["config"]["quant"]["bits"], 32, "True")
         assert (r["calib_data"], r["calib_samples"], r["calib_seq_len"]) == (rep["config"]["calib"]["path"], "4", "32")
@@ -59,6 +59,7 @@ def test_csv_numbers_equal_the_reports(rtn_grid, tmp_path):
     assert int(rows[0]["checkpoint_bytes"]) < int(rows[1]["checkpoint_bytes"]) < int(rows[2]["checkpoint_bytes"])
     md = (out / "compare.md").read_text()
     assert sum(ln.startswith("| `") for ln in md.splitlines()) == 3 and "W8 sym" in md and "![quality_vs_cost](quality_vs_cost.png)" in md
+    assert sum("| none (data-free) |" in ln for ln in md.splitlines()) == 3
 
 
 def test_plots_are_pngs(rtn_grid):

@@ -69,7 +69,7 @@ def test_plan_notes_are_the_exporters_refusals(fmt, quant, tiny_models, texts, t
 
 @pytest.mark.parametrize("fmt", sorted(LAYOUTS))
 def test_no_note_for_a_scheme_the_exporter_takes(fmt, tiny_models, texts, tmp_path):
-    cfg = build_config(run_config(tiny_models["qwen3"], texts, tmp_path / "out", quant={"method": "rtn"},
+    cfg = build_config(run_config(tiny_models["qwen3"], texts, tmp_path / "out", quant={"method": "gptq"},
                                   export={"format": fmt}))
     get_exporter(fmt, ModelSource(cfg.model.path, dtype=cfg.model.dtype, device="cpu"), cfg.quant)
     assert plan_from_config(cfg).notes == []

@@ -172,3 +172,35 @@ def test_put_record_replaces_a_redone_block_in_place():
     assert put_record(records, {"index": 2, "v": "c"}) is False
     assert put_record(records, {"index": 1, "v": "b2"}) is True  # redone after a lost worker
     assert records == [{"index": 0, "v": "a"}, {"index": 1, "v": "b2"}, {"index": 2, "v": "c"}]
+
+
+def test_data_free_rtn_reads_and_streams_no_calibration(tiny_models, texts, tmp_path):
+    """Round to nearest with dynamic (or no) input quantization needs no calibration data: a
+    calib.path that does not exist is never read, no block holds calibration activations, plan
+    counts none and says so, and every weight is `quantize_rtn` of the original one. FP8's static
+    input scale does need calibration, and its missing text is named."""
+    from shardquant.algorithms.quantizer import QuantSpec
+    from shardquant.errors import UserError
+    from shardquant.algorithms.rtn import quantize_rtn
+    from shardquant.tools.plan import plan_from_config
+
+    missing = tmp_path / "no-such-calibration.txt"
+    raw = run_config(tiny_models["llama"], texts, tmp_path / "out", quant={"method": "rtn", "group_size": 32},
+                     calib={"path": str(missing)}, export={"format": "fake"})
+    cfg = build_config(raw)
+    report = quantize(cfg, show_progress=False)
+    assert report["calibration"] == {"windows": 0, "tokens": 0}
+    assert "- calibration: none (round to nearest" in (tmp_path / "out" / "report.md").read_text()
+    assert all(b["activation_bytes"] == 0 for b in report["blocks"])
+    plan = plan_from_config(cfg)
+    assert "calib" not in plan.streams and any("data-free" in n for n in plan.notes)
+    got = read_checkpoint(tmp_path / "out" / "model")
+    want = read_checkpoint(tiny_models["llama"])
+    spec = QuantSpec(bits=4, group_size=32, symmetric=True)
+    linears = [k for k in want if ".mlp." in k or ".self_attn." in k]
+    assert linears
+    for k in linears:
+        assert torch.equal(got[k], quantize_rtn(want[k].float(), spec).dequantize().to(want[k].dtype)), k
+    static = build_config({**raw, "quant": {"method": "rtn", "scheme": "FP8"}, "output": str(tmp_path / "fp8")})
+    with pytest.raises(UserError, match="calib.path"):
+        quantize(static, show_progress=False)

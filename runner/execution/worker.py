@@ -148,7 +148,7 @@ class BlockWorker:
             if self.do_fp_eval and self.store.has(stream):
                 self.streams.through(stream, self.block, index)
         self.profile.extra["eval_s"] = time.perf_counter() - t
-        if self.cfg.calib.propagate == "fp" and self.cfg.quant.method != "none":
+        if self.cfg.calib.propagate == "fp" and self.store.has("calib"):
             t = time.perf_counter()
             self.streams.calib_fp(self.block, index)
             self.profile.forward_s += time.perf_counter() - t

@@ -65,8 +65,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{'symmetric' if q['symmetric'] else 'asymmetric'}, act-order {q['act_order']}"
         + (f", scheme {q['scheme']}" + (" (weights only)" if q.get("weights_only") else "") if q.get("scheme") else ""),
         *_activation_lines(q),
-        f"- calibration: {cfg['calib']['n_samples']} × {cfg['calib']['seq_len']} tokens from "
-        f"`{cfg['calib']['path']}` (propagate: {cfg['calib']['propagate']})",
+        (f"- calibration: {cfg['calib']['n_samples']} × {cfg['calib']['seq_len']} tokens from "
+         f"`{cfg['calib']['path']}` (propagate: {cfg['calib']['propagate']})"
+         if report.get("calibration", {}).get("windows", 1) else
+         "- calibration: none (round to nearest with no static input scale is data-free)"),
         f"- export: {report['export']['format']} → `{report['export']['path']}`",
         "",
         "| | value |",

@@ -288,6 +288,8 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
             scheme = f"{r['scheme']} ({scheme})"
         group = "channel" if r["group_size"] == -1 else str(r["group_size"])
         calib = f"`{r['calib_data']}` {r['calib_samples']} × {r['calib_seq_len']}" if r["calib_data"] else "—"
+        if r.get("calib_tokens") == 0:
+            calib = "none (data-free)"
         cells = [f"`{r['run']}`", str(r["method"]), scheme, group, calib, _f(r["ppl_fp"], 3),
                  _f(r["ppl_quantized"], 3), *(_f(r.get(t), 4) for t in tasks), _f(r["calibrate_s"], 2),
                  _size(r["peak_rss_bytes"]), _size(r["checkpoint_bytes"]), "*" if r["pareto"] else ""]

@@ -594,7 +594,10 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
     if cfg.cluster.backend != "ray" and cfg.cluster.workers > 1:
         notes.append("cluster.backend local runs one worker (cluster.workers applies to ray)")
     quantizing = q.method != "none"
-    n_calib = cfg.calib.n_samples if quantizing else 0
+    n_calib = cfg.calib.n_samples if q.needs_calibration else 0  # data-free RTN streams none
+    if quantizing and not q.needs_calibration:
+        notes.append(f"quant.method rtn{f' ({q.scheme})' if q.scheme else ''} is data-free: no calibration "
+                     "windows are read or streamed")
     eval_on = cfg.eval.enabled and cfg.eval.path is not None
     n_eval = 0
     if eval_on:
@@ -622,7 +625,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
 
     def streams_of(n_c: int, n_e: int) -> dict[str, int]:
         out: dict[str, int] = {}
-        if quantizing:
+        if quantizing and n_calib:
             out["calib"] = n_c * cfg.calib.seq_len * h * d
             if cfg.calib.propagate == "fp":
                 out["calib_next"] = out["calib"]
