@@ -180,8 +180,8 @@ def test_data_free_rtn_reads_and_streams_no_calibration(tiny_models, texts, tmp_
     counts none and says so, and every weight is `quantize_rtn` of the original one. FP8's static
     input scale does need calibration, and its missing text is named."""
     from shardquant.algorithms.quantizer import QuantSpec
-    from shardquant.errors import UserError
     from shardquant.algorithms.rtn import quantize_rtn
+    from shardquant.errors import UserError
     from shardquant.tools.plan import plan_from_config
 
     missing = tmp_path / "no-such-calibration.txt"
