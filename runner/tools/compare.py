@@ -312,6 +312,19 @@ def _label(r: dict[str, Any]) -> str:
     return f"{r['method']} {'per-channel' if r['group_size'] == -1 else 'g' + str(r['group_size'])}"
 
 
+MARKERS = "osD^vP*X"
+
+
+def _style(r: dict[str, Any], methods: list[str]) -> dict[str, str]:
+    """A marker per method, a solid line for grouped scales and a dashed one per channel."""
+    return {"marker": MARKERS[methods.index(r["method"]) % len(MARKERS)],
+            "linestyle": "--" if r["group_size"] == -1 else "-"}
+
+
+def _point_label(r: dict[str, Any]) -> str:
+    return f"{r['method']} W{r['bits']} {'ch' if r['group_size'] == -1 else 'g' + str(r['group_size'])}"
+
+
 def write_plots(output: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
     """quality_vs_bits.png (quantized perplexity against bits, a line per method and group) and
     quality_vs_cost.png (against calibration seconds, the Pareto front marked)."""
@@ -328,9 +341,14 @@ def write_plots(output: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
     series: dict[str, list[dict[str, Any]]] = {}
     for r in measured:
         series.setdefault(_label(r), []).append(r)
+    methods = sorted({r["method"] for r in measured})
     for label, pts in sorted(series.items()):
         pts = sorted(pts, key=lambda r: r["bits"])
-        ax.plot([r["bits"] for r in pts], [r["ppl_quantized"] for r in pts], marker="o", label=label)
+        style = _style(pts[0], methods)
+        # each method a little to the side of the tick, so series with close values stay visible
+        dodge = 0.03 * (methods.index(pts[0]["method"]) - (len(methods) - 1) / 2)
+        ax.plot([r["bits"] + dodge for r in pts], [r["ppl_quantized"] for r in pts], label=label,
+                marker=style["marker"], linestyle=style["linestyle"], mfc="none")
     if len(fps) == 1:
         ax.axhline(fps[0], color="gray", linestyle="--", label="fp")
     _log_if_wide(ax, measured)
@@ -346,7 +364,8 @@ def write_plots(output: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, pts in sorted(series.items()):
-        ax.scatter([r["calibrate_s"] for r in pts], [r["ppl_quantized"] for r in pts], label=label, zorder=2)
+        ax.scatter([r["calibrate_s"] for r in pts], [r["ppl_quantized"] for r in pts], label=label, zorder=2,
+                   marker=_style(pts[0], methods)["marker"])
     front = sorted((r for r in measured if r["pareto"]), key=lambda r: _num(r["calibrate_s"]))
     if front:
         ax.step([r["calibrate_s"] for r in front], [r["ppl_quantized"] for r in front], where="post",
@@ -354,7 +373,7 @@ def write_plots(output: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         ax.scatter([r["calibrate_s"] for r in front], [r["ppl_quantized"] for r in front], s=160,
                    facecolors="none", edgecolors="black", label="Pareto front", zorder=3)
         for r in front:
-            ax.annotate(f"{r['method']} W{r['bits']}", (r["calibrate_s"], r["ppl_quantized"]),
+            ax.annotate(_point_label(r), (r["calibrate_s"], r["ppl_quantized"]),
                         textcoords="offset points", xytext=(6, 6), fontsize=7)
     if len(fps) == 1:
         ax.axhline(fps[0], color="gray", linestyle="--", label="fp")
