@@ -56,7 +56,7 @@ def _stop_at(cfg: Path, out: Path, done: int, sig: int) -> subprocess.CompletedP
         time.sleep(0.01)
     assert proc.poll() is None, f"the run ended before block {done}: {proc.stderr.read()}"
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=300)  # a bound on hanging (a loaded machine), not a target
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
