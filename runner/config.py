@@ -244,16 +244,20 @@ class QuantConfig(_Section):
         return None if p is None or self.weights_only else p.activations
 
     @property
+    def static_inputs(self) -> bool:
+        """Whether the inputs take calibrated parameters (FP8's `input_scale`, NVFP4's
+        `input_global_scale`), as the preset table says (torch-free)."""
+        p = self.weight_preset
+        return p is not None and not self.weights_only and bool(p.input_params)
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration activations: every method observes them but round
         to nearest, which needs them only for SmoothQuant's or static inputs' scales (FP8,
         NVFP4). A data-free run reads no calibration text and streams no calibration windows."""
         if self.method == "none":
             return False
-        if self.method != "rtn" or self.smoothquant is not None:
-            return True
-        p = self.weight_preset
-        return p is not None and not self.weights_only and bool(p.input_params)
+        return self.method != "rtn" or self.smoothquant is not None or self.static_inputs
 
     @model_validator(mode="after")
     def _preset(self) -> QuantConfig:

@@ -391,9 +391,7 @@ def _search_and_fold(
 def observes_inputs(q: QuantConfig) -> bool:
     """Whether the observation passes also take each input's `ChannelMax`: for static input
     parameters (FP8 static, NVFP4's global scale) or SmoothQuant's scales."""
-    from shardquant.calib.inputs import input_args, is_static
-
-    return q.smoothquant is not None or is_static(input_args(q))
+    return q.smoothquant is not None or q.static_inputs
 
 
 def smooth_blocker(block: nn.Module, group: InputGroup) -> str | None:

@@ -122,14 +122,15 @@ class PackedReader:
         from shardquant.kernels import select
 
         by_suffix = {n.removeprefix(f"{linear}."): t for n, t in tensors.items()}
-        if self.ct is None or self.ct.pack_config(linear) is None or not select.chooses(device):
+        qc = None if self.ct is None else self.ct.pack_config(linear)
+        if qc is None or not select.chooses(device):
             return None
         try:
             out_f, in_f = (int(x) for x in by_suffix["weight_shape"])
             packed, scale = by_suffix["weight_packed"], by_suffix["weight_scale"]
         except (KeyError, ValueError):
             return None  # `weight` names what is wrong
-        if _bits(self.ct.pack_config(linear), packed.shape[1], in_f) != 4 or scale.dim() != 2 or scale.shape[0] != out_f:
+        if _bits(qc, packed.shape[1], in_f) != 4 or scale.dim() != 2 or scale.shape[0] != out_f:
             return None
         from shardquant.kernels.w4a16 import PackedLinear
 

@@ -625,7 +625,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
 
     def streams_of(n_c: int, n_e: int) -> dict[str, int]:
         out: dict[str, int] = {}
-        if quantizing and n_calib:
+        if n_calib:
             out["calib"] = n_c * cfg.calib.seq_len * h * d
             if cfg.calib.propagate == "fp":
                 out["calib_next"] = out["calib"]
