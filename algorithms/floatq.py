@@ -32,7 +32,6 @@ FloatKind = Literal["fp8", "nvfp4", "mxfp4"]
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _FP8_EPS = 0.125  # compressed-tensors' replacement for a zero FP8 scale
 _MX_OFFSET = 2  # floor(log2(6)): maps a group's max into E2M1's range
 
@@ -107,14 +106,14 @@ class FloatSpec:
 
 def round_e2m1(x: Tensor) -> Tensor:
     """Nearest E2M1 value of each entry of ``x`` (ties to the even code, beyond ±6 saturating),
-    with the sign of ``x`` (a negative rounded to zero is -0.0)."""
-    a = x.abs()
-    mid = torch.tensor(_E2M1_MIDPOINTS, dtype=a.dtype, device=a.device)
-    lo = torch.bucketize(a, mid, right=False)  # a midpoint itself counts as the lower side ...
-    hi = torch.bucketize(a, mid, right=True)
-    idx = torch.where(lo == hi, lo, lo + lo % 2)  # ... unless that code is odd: ties to even
-    values = torch.tensor(E2M1_VALUES, dtype=a.dtype, device=a.device)
-    return values[idx] * torch.sign(x)
+    with the sign of ``x`` (a negative rounded to zero is -0.0), in the dtype of ``x``.
+
+    The grid's spacing is 0.5 below 2, 1 below 4 and 2 up to 6. Adding ``c = spacing * 2**23``
+    in float32 leaves the sum an ulp of exactly the spacing, so the add itself rounds to the
+    grid, ties to even; ``c`` is built from the exponent bits of ``|x|`` (clamped to 1..4)."""
+    a = x.float().abs().clamp_(max=E2M1_VALUES[-1])
+    c = (a.view(torch.int32) >> 23).clamp_(127, 129).add_(22).bitwise_left_shift_(23).view(torch.float32)
+    return (a + c).sub_(c).mul_(torch.sign(x)).to(x.dtype)
 
 
 def round_elements(x: Tensor, spec: FloatSpec) -> Tensor:
@@ -192,6 +191,17 @@ def row_absmax(w: Tensor, spec: FloatSpec) -> Tensor:
     return a
 
 
+def by_group(t: Tensor, per_group: Tensor, spec: FloatSpec, op) -> Tensor:
+    """``op(t, per_group)`` with each (row, group) value [out, n_groups] applied to its group's
+    columns of ``t`` [out, in] (by broadcasting over whole groups: no column index)."""
+    out_f, in_f = t.shape
+    glen = spec.group_len(in_f)
+    if in_f % glen == 0:
+        return op(t.reshape(out_f, in_f // glen, glen), per_group.unsqueeze(-1)).reshape(out_f, in_f)
+    g = torch.arange(in_f, device=t.device) // glen  # a trailing partial group
+    return op(t, per_group[:, g])
+
+
 @dataclass
 class FloatQuantizedWeight:
     """A linear's weight in a float format: element values on the grid, scales per (row,
@@ -216,8 +226,7 @@ class FloatQuantizedWeight:
 
     def dequantize(self) -> Tensor:
         """Float32 [out, in] weights the elements stand for: ``value * (scale / global)``."""
-        g = self.g_idx.long().to(self.values.device)
-        return self.values.float() * self.effective_scales()[:, g]
+        return by_group(self.values.float(), self.effective_scales(), self.spec, torch.mul)
 
     def block_scales(self) -> Tensor:
         """fp8 blocks: the [ceil(out / rows), n_groups] scales, one per block."""
@@ -243,6 +252,5 @@ def quantize_float_rtn(weight: Tensor, spec: FloatSpec, gscale: Tensor | None = 
     w = weight.float()
     scales, grow = float_qparams(w, spec, gscale)
     eff = effective(scales, None if grow is None else grow.unsqueeze(1))
-    g = torch.arange(w.shape[1], device=w.device) // spec.group_len(w.shape[1])
-    values = round_elements(w / eff[:, g], spec)
+    values = round_elements(by_group(w, eff, spec, torch.div), spec)
     return FloatQuantizedWeight(values.to(torch.float8_e4m3fn), scales, grow, spec)

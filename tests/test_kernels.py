@@ -184,6 +184,74 @@ def test_input_fake_quant_kernel_is_the_librarys_int8_per_token_rounding(dtype):
     assert (out != x).float().mean() > 0.5  # quantization changed the activations (bf16 is near int8)
 
 
+@pytest.mark.parametrize("scheme", ["NVFP4", "MXFP4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp4_inputs_on_cpu_are_the_librarys_rounding(scheme, dtype):
+    """A 4-bit float input on CPU (rounded by `floatq.round_e2m1`, not the library's CPU cast)
+    is bit for bit compressed-tensors' `compute_dynamic_scales_and_zp` + `fake_quantize`: a
+    zero group, an all-equal group, an outlier, tiny values, values that land on the E2M1
+    midpoints, with and without NVFP4's static global scale."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    from shardquant.calib.inputs import (
+        _fp4_path_covers,
+        fake_quantize_input,
+        input_args,
+        static_params,
+    )
+    from shardquant.config import QuantConfig
+
+    args = input_args(QuantConfig(scheme=scheme, method="rtn"))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 9, 96, generator=g) * torch.logspace(-2, 1, 96)
+    x[0, 0, :32] = 0.0
+    x[0, 1, :32] = -1.5
+    x[1, 2, 3] = 4e3
+    x[2, 3] *= 1e-4
+    x[2, 4, :32] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 4) * torch.tensor([1.0, -1.0]).repeat(16)
+    x = x.to(dtype)
+    assert _fp4_path_covers(x, args)
+    params = static_params(args, x.abs().amax(), dtype)
+    gscale = params.get("input_global_scale")
+    assert (gscale is not None) == (scheme == "NVFP4")
+    scale, zero = compute_dynamic_scales_and_zp(value=x, args=args, module=None, global_scale=gscale)
+    ref = fake_quantize(x=x, scale=scale, zero_point=zero, args=args, global_scale=gscale)
+    out = fake_quantize_input(x, args, params)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(_bits(out), _bits(ref))
+    assert (out != x).float().mean() > 0.5
+
+
+def test_linears_fed_one_tensor_share_its_quantized_copy():
+    """q/k/v (and gate/up) read the same tensor: the second and third hook get the first's
+    copy, equal to quantizing alone; a changed tensor, other parameters or another tensor get
+    their own."""
+    from shardquant.calib.inputs import (
+        InputQuantizers,
+        fake_quantize_input,
+        input_args,
+        static_params,
+    )
+    from shardquant.config import QuantConfig
+
+    args = input_args(QuantConfig(scheme="NVFP4", method="rtn"))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(5))
+    iq = InputQuantizers(args)
+    p1, p2 = static_params(args, x.abs().amax(), x.dtype), static_params(args, 2 * x.abs().amax(), x.dtype)
+    first = iq.quantize(x, p1)
+    assert torch.equal(first, fake_quantize_input(x, args, p1))
+    assert iq.quantize(x, {k: v.clone() for k, v in p1.items()}) is first  # equal parameters
+    other = iq.quantize(x, p2)
+    assert other is not first and torch.equal(other, fake_quantize_input(x, args, p2))
+    again = iq.quantize(x, p1)
+    assert again is not first and torch.equal(again, first)
+    x.mul_(3)
+    assert torch.equal(iq.quantize(x, p1), fake_quantize_input(x, args, p1))
+    y = x.clone()
+    assert iq.quantize(y, p1) is not iq.quantize(x, p1)
+
+
 def test_other_inputs_keep_the_librarys_path_in_every_mode():
     """FP8 rounding, and a 2-D input (the library's `token` strategy then takes one scale for
     the whole tensor), run compressed-tensors' functions even in mode `triton`."""

@@ -284,6 +284,22 @@ def test_round_e2m1_is_nearest_ties_to_even(seed):
     assert torch.equal(got, ct_utils.fp4_utils.cast_to_fp4(x.clamp(-6, 6)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_e2m1_is_the_librarys_cast_on_both_sides_of_every_midpoint(dtype):
+    """Every multiple of 2**-10 up to 7 and its neighbours one ulp either way, both signs,
+    infinities and NaN: the same values, signs of zero and dtype as compressed-tensors'
+    `cast_to_fp4` after its clamp to [-6, 6]."""
+    g = torch.arange(0, 7, 2**-10, dtype=dtype)
+    up, down = torch.nextafter(g, torch.tensor(9.0, dtype=dtype)), torch.nextafter(g, torch.tensor(-9.0, dtype=dtype))
+    x = torch.cat([g, up, down, -g, -up, torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0], dtype=dtype)])
+    got = floatq.round_e2m1(x)
+    ref = ct_utils.fp4_utils.cast_to_fp4(x.clamp(-6, 6))
+    assert got.dtype == dtype
+    assert torch.equal(got.isnan(), ref.isnan()) and bool(got.isnan()[-2])
+    ok = ~ref.isnan()
+    assert torch.equal(got[ok], ref[ok]) and torch.equal(got[ok].signbit(), ref[ok].signbit())
+
+
 # --- RTN and GPTQ through the float quantizers -----------------------------------------
 
 from shardquant.algorithms.gptq import GPTQSolver  # noqa: E402
