@@ -213,12 +213,6 @@ class FloatQuantizedWeight:
     global_scale: Tensor | None  # float32 [out] (NVFP4) or None
     spec: FloatSpec
 
-    @property
-    def g_idx(self) -> Tensor:
-        """Group of each input column (always consecutive columns)."""
-        in_f = self.values.shape[1]
-        return torch.arange(in_f, dtype=torch.int32) // self.spec.group_len(in_f)
-
     def effective_scales(self) -> Tensor:
         """[out, n_groups] divisors of the elements."""
         g = None if self.global_scale is None else self.global_scale.unsqueeze(1)

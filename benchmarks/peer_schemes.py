@@ -33,13 +33,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-from _common import smollm2_protocol
-from peers import ensure_venv, measured, prepare_windows, result_line
+from peers import ensure_venv, measured, prepare_run, result_line
 
 ROWS: dict[str, dict[str, Any]] = {  # row: our quant section, the peer's recipe, eval dtype
     "fp8_dynamic": {"ours": {"method": "rtn", "scheme": "FP8_DYNAMIC"}, "peer": "fp8_dynamic", "dtype": "float32"},
@@ -158,14 +156,7 @@ def main() -> None:
         raise SystemExit(f"--rows: expected some of {', '.join(ROWS)}, got {args.rows!r}")
     peers = [p for p in args.peers.split(",") if p]
 
-    from shardquant.tools.assets import shakespeare_split, smollm2_dir
-
-    work = Path(args.work or tempfile.mkdtemp(prefix="sq-peer-schemes-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model = smollm2_dir()
-    calib_path, eval_path = shakespeare_split()
-    protocol = smollm2_protocol(calib_n=args.calib, eval_n=args.eval, seq_len=args.seq_len)
-    calib_ids = prepare_windows(work, calib_path, model, args.calib, args.seq_len, protocol["calib"].get("seed", 0))
+    work, model, _calib_path, eval_path, protocol, calib_ids = prepare_run(args, "sq-peer-schemes-")
     print(f"work dir {work}; calibration {args.calib} x {args.seq_len}; eval {args.eval} x {args.seq_len}", flush=True)
     fp = {d: perplexity(model, eval_path, args.eval, args.seq_len, d) for d in sorted({ROWS[r]["dtype"] for r in rows})}
     print(f"fp perplexity {json.dumps(fp)}", flush=True)

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -278,6 +278,34 @@ def prepare_windows(work: Path, calib_path: Path, model: Path, n: int, seq_len: 
     return path
 
 
+class PeerRun(NamedTuple):
+    """What a side-by-side benchmark shares: see `prepare_run`."""
+
+    work: Path
+    model: Path
+    calib_path: Path
+    eval_path: Path
+    protocol: dict[str, Any]
+    calib_ids: Path
+
+
+def prepare_run(args: argparse.Namespace, prefix: str) -> PeerRun:
+    """The work dir (``--work`` or a fresh temp dir), the SmolLM2 model, the calibration and
+    evaluation texts, our run protocol and the calibration windows' token ids handed to the
+    peers, from ``--calib``, ``--eval`` and ``--seq-len``."""
+    from _common import smollm2_protocol
+
+    from shardquant.tools.assets import shakespeare_split, smollm2_dir
+
+    work = Path(args.work or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    model = smollm2_dir()
+    calib_path, eval_path = shakespeare_split()
+    protocol = smollm2_protocol(calib_n=args.calib, eval_n=args.eval, seq_len=args.seq_len)
+    calib_ids = prepare_windows(work, calib_path, model, args.calib, args.seq_len, protocol["calib"].get("seed", 0))
+    return PeerRun(work, model, calib_path, eval_path, protocol, calib_ids)
+
+
 def evaluate(model_dir: Path, eval_path: Path, n: int, seq_len: int, out: Path) -> float:
     """Perplexity of a dense checkpoint by ``shardquant eval`` (the one evaluator for all)."""
     cfg = {
@@ -364,16 +392,7 @@ def main() -> None:
             raise SystemExit(f"--variant: expected NAME:KEY=VALUE[,KEY=VALUE], got {v!r}")
         variants[f"ours-{name}"] = sets.split(",")
 
-    from _common import smollm2_protocol
-
-    from shardquant.tools.assets import shakespeare_split, smollm2_dir
-
-    work = Path(args.work or tempfile.mkdtemp(prefix="sq-peers-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model = smollm2_dir()
-    calib_path, eval_path = shakespeare_split()
-    protocol = smollm2_protocol(calib_n=args.calib, eval_n=args.eval, seq_len=args.seq_len)
-    calib_ids = prepare_windows(work, calib_path, model, args.calib, args.seq_len, protocol["calib"].get("seed", 0))
+    work, model, calib_path, eval_path, protocol, calib_ids = prepare_run(args, "sq-peers-")
     print(f"work dir {work}; calibration {args.calib} x {args.seq_len} from {calib_path}; "
           f"eval {args.eval} x {args.seq_len} of {eval_path}", flush=True)
     fp = evaluate(model, eval_path, args.eval, args.seq_len, work / "eval-fp")

@@ -153,7 +153,11 @@ def reference_ppl(model_dir, windows: torch.Tensor) -> float:
     """Perplexity by transformers' own whole-model forward (independent of our pipeline)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model_ppl(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), windows)
+
+
+def model_ppl(model, windows: torch.Tensor) -> float:
+    """exp(mean next-token NLL) of a loaded transformers model over token windows [N, T]."""
     nll, count = 0.0, 0
     with torch.no_grad():
         for w in windows:

@@ -14,12 +14,11 @@ load time into the model's dtype."""
 from __future__ import annotations
 
 import json
-import math
 import warnings
 
 import pytest
 import torch
-from conftest import read_checkpoint, run_config, save_tiny_model
+from conftest import eval_windows, model_ppl, read_checkpoint, run_config, save_tiny_model
 
 from shardquant.config import QuantConfig, build_config
 from shardquant.data import load_text, token_windows
@@ -107,19 +106,7 @@ def assert_same_model(ref, model, *, bf16_linears: bool = False):
 
 def perplexity(model, model_dir, texts) -> float:
     """exp(mean next-token NLL) over the run's evaluation windows, from transformers' logits."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    text = load_text(str(texts["eval"]), key="eval.path")
-    wins = token_windows(tok, text, n_samples=EVAL["n_samples"], seq_len=EVAL["seq_len"], seed=0,
-                         mode="sequential", key="eval")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for w in wins:
-            logits = model(w.unsqueeze(0)).logits[0, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
-            count += len(w) - 1
-    return math.exp(total / count)
+    return model_ppl(model, eval_windows(model_dir, texts, n=EVAL["n_samples"], seq_len=EVAL["seq_len"]))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -410,7 +397,6 @@ def test_static_input_scale_is_the_calibration_absmax(case, tensor, exported, te
     input)."""
     from transformers import AutoTokenizer
 
-    from shardquant.data import token_windows
 
     ct_dir, report = exported(case, "compressed-tensors")
     calib = report["config"]["calib"]
