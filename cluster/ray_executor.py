@@ -228,19 +228,17 @@ class RayExecutor:
 
         ray.get([a.load_activations.remote(p) for a, p in zip(self.actors, paths, strict=True)])
 
-    def write_other(self, path: str) -> None:
-        import ray
-
-        ray.get(self.actors[-1].write_other.remote(path))
-
-    def assemble(self, jobs: list) -> None:
-        """Shards written in parallel: job k on actor k mod N."""
+    def assemble(self, jobs: list) -> dict[str, str]:
+        """Shards written in parallel: job k on actor k mod N; their sha256 by path."""
         import ray
 
         parts: list[list] = [[] for _ in self.actors]
         for k, job in enumerate(jobs):
             parts[k % self.world].append(job)
-        ray.get([a.assemble.remote(p) for a, p in zip(self.actors, parts, strict=True) if p])
+        digests: dict[str, str] = {}
+        for d in ray.get([a.assemble.remote(p) for a, p in zip(self.actors, parts, strict=True) if p]):
+            digests.update(d)
+        return digests
 
     def nll(self) -> list[dict[str, tuple[float, int]]]:
         return self._all("nll")

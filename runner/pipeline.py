@@ -265,15 +265,15 @@ def fit_run(cfg: RunConfig, source: ModelSource) -> Fit:
 
 
 def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:
-    """Assemble the planned shards from the block state files (on the workers, in parallel),
-    then index, config and tokenizer; the staging directory becomes output/model at once."""
+    """Assemble the planned shards from the block state files and the source's tensors outside
+    the blocks (on the workers, in parallel), then index, config and tokenizer; the staging
+    directory becomes output/model at once."""
     staging = p.output / ".model.partial"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    ex.write_other(str(state.other_file()))
     src, exporter = p.source, p.exporter
-    origin: dict[str, str] = {}
+    origin: dict[str, str] = {}  # a block tensor's state file; the others are read from the source
     for i in range(src.num_blocks):
         f = str(state.block_file(i))
         for spec in exporter.block_plan(i):
@@ -281,13 +281,13 @@ def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:
     shards = plan_shards(exporter.plan(), parse_size(p.cfg.export.shard_size))
     names = shard_names(len(shards))
     jobs = [
-        (str(staging / names[k]), specs, [origin.get(s.name, str(state.other_file())) for s in specs])
+        (str(staging / names[k]), specs, [origin.get(s.name) for s in specs])
         for k, specs in enumerate(shards)
     ]
-    ex.assemble(jobs)
+    digests = ex.assemble(jobs)
     write_index(staging, shards)
     exporter.write_files(staging)
-    write_manifest(staging)
+    write_manifest(staging, known={Path(path).relative_to(staging).as_posix(): d for path, d in digests.items()})
     export_path = p.output / "model"
     _replace_dir(staging, export_path)
     return export_path, sum(s.nbytes for shard in shards for s in shard)

@@ -194,6 +194,32 @@ def test_layout_inspect_and_library_config(case, exported, tmp_path):
     assert json.loads((tmp_path / "lib" / "config.json").read_text())["quantization_config"] == qc
 
 
+@pytest.mark.parametrize("case", ["fp8", "fp8-block", "w8a8-sq", "fp8-dynamic", "fp8-static"])
+def test_stored_codes_are_the_library_compressors_bytes(case, exported):
+    """The naive formats' tensors, written from the solved codes, are byte for byte what the
+    library's own compressor writes from the fake export's dequantized weight with the stored
+    scales and input parameters (its keys, dtypes and shapes too)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    _, _, _, fmt = {**CASES, **ACT_CASES}[case]
+    ct_dir, _ = exported(case, "compressed-tensors")
+    t, fake = read_checkpoint(ct_dir), read_checkpoint(exported(case, "fake")[0])
+    qc = json.loads((ct_dir / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    names = sorted(k.removesuffix(".weight_scale") for k in t if k.endswith(".weight_scale"))
+    assert len(names) == 7 * json.loads((ct_dir / "config.json").read_text())["num_hidden_layers"]
+    for name in names:
+        stored = {k.removeprefix(name + "."): v for k, v in t.items() if k.startswith(name + ".")}
+        state = {k: v for k, v in stored.items() if k != "weight"}
+        lib = compressor.compress({**state, "weight": fake[f"{name}.weight"]}, scheme)
+        assert sorted(lib) == sorted(stored), name
+        for key, value in lib.items():
+            assert value.dtype == stored[key].dtype and value.shape == stored[key].shape, (name, key)
+            assert torch.equal(value.view(torch.uint8), stored[key].view(torch.uint8)), (name, key)
+
+
 def test_gptq_beats_rtn_end_to_end(exported):
     """On the tiny model GPTQ's perplexity is below RTN's for MXFP4 (both exported)."""
     _, gptq = exported("mxfp4", "compressed-tensors")

@@ -225,7 +225,7 @@ def test_one_worker_is_bytewise_local(ray_local, tiny_models, texts, tmp_path, o
                       show_progress=False)
     files = sorted(p.name for p in (tmp_path / "local" / "model").glob("*.safetensors"))
     assert files
-    for name in files:
+    for name in [*files, "manifest.json"]:  # the shards' sha256 in it come from the actors that wrote them
         assert (tmp_path / "local" / "model" / name).read_bytes() == (tmp_path / "ray" / "model" / name).read_bytes()
 
 

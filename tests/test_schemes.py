@@ -300,6 +300,17 @@ def test_round_e2m1_is_the_librarys_cast_on_both_sides_of_every_midpoint(dtype):
     assert torch.equal(got[ok], ref[ok]) and torch.equal(got[ok].signbit(), ref[ok].signbit())
 
 
+def test_e4m3_to_float_is_torchs_cast_bit_for_bit():
+    """Every one of the 256 codes (subnormals, both zeros, ±448, both NaNs), in a larger
+    non-contiguous tensor too: the float32 bits of torch's own cast."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    for v in (codes, codes[codes.view(torch.uint8) & 0x7F != 0x7F]):  # with and without the NaNs
+        assert torch.equal(floatq.e4m3_to_float(v).view(torch.int32), v.float().view(torch.int32))
+    w = (torch.randn(96, 80, generator=torch.Generator().manual_seed(0)) * 50).to(torch.float8_e4m3fn).t()
+    got = floatq.e4m3_to_float(w)
+    assert got.shape == w.shape and torch.equal(got.view(torch.int32), w.float().view(torch.int32))
+
+
 # --- RTN and GPTQ through the float quantizers -----------------------------------------
 
 from shardquant.algorithms.gptq import GPTQSolver  # noqa: E402

@@ -74,7 +74,7 @@ def solve_rtn(
         else:
             qw = quantize_rtn(w, spec, mse=mse)
         weights[name] = qw
-        losses[name] = float((w - qw.dequantize().to(w.device)).pow(2).sum())
+        losses[name] = float(nn.functional.mse_loss(qw.dequantize().to(w.device), w, reduction="sum"))
     return weights, losses
 
 

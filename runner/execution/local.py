@@ -56,17 +56,14 @@ class LocalExecutor:
     def load_activations(self, paths: list[str]) -> None:
         self.worker.load_activations(paths[0])
 
-    def write_other(self, path: str) -> None:
-        self.worker.write_other(path)
-
     def nll(self) -> list[dict[str, tuple[float, int]]]:
         return [self.worker.nll()]
 
     def task_scores(self) -> list[dict[str, list[tuple[float, bool]]]]:
         return [self.worker.task_scores()]
 
-    def assemble(self, jobs: list[tuple[str, list, list[str]]]) -> None:
-        self.worker.assemble(jobs)
+    def assemble(self, jobs: list[tuple[str, list, list[str | None]]]) -> dict[str, str]:
+        return self.worker.assemble(jobs)
 
     def peak_rss(self) -> list[int]:
         return [self.worker.peak_rss()]

@@ -58,9 +58,6 @@ class Executor(BlockSteps, Protocol):
             on_block: Callable[[BlockResult], None]) -> float:
         """Stages only: calibrate every block not in `skip`; returns the fp streaming seconds."""
 
-    def write_other(self, path: str) -> None:
-        """The tensors outside the blocks as one state file."""
-
     def nll(self) -> list[dict[str, tuple[float, int]]]:
         """Per worker: summed NLL and token count of each evaluation stream."""
 
@@ -68,8 +65,9 @@ class Executor(BlockSteps, Protocol):
         """Per worker, in sequence-share order: (logprob, greedy) of each task sequence, per
         stream (`task_q`, `task_fp`); asked only when `setup` got tasks."""
 
-    def assemble(self, jobs: list[tuple[str, list, list[str]]]) -> None:
-        """Write the planned shards from the block state files."""
+    def assemble(self, jobs: list[tuple[str, list, list[str | None]]]) -> dict[str, str]:
+        """Write the planned shards from the block state files (None: a tensor outside the
+        blocks, read from the source); their sha256 by path."""
 
     def peak_rss(self) -> list[int]:
         """Each worker's peak resident memory."""

@@ -355,8 +355,11 @@ class BlockWorker:
 
     def _set_quantized(self, name: str, qw: QuantizedWeight) -> None:
         lin = self._lin(name)
-        with torch.no_grad():
-            lin.weight.copy_(qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype))
+        # A data-free run of a packed export leaves the block's weight as it was: no stream runs
+        # through the block again and the exporter reads the solved codes.
+        if self.store.streams() or self.exporter.reads_applied_weights:
+            with torch.no_grad():
+                lin.weight.copy_(qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype))
         self.results[name] = LayerResult(qw, 0.0)
         self.inputs.attach(name, lin)
         if self.stage_cache is not None:
@@ -414,17 +417,11 @@ class BlockWorker:
 
     # --- outside the blocks --------------------------------------------------------------
 
-    def write_other(self, path: str) -> None:
-        """The tensors outside the blocks (embedding, final norm, lm_head) as one state file."""
-        save_tensors(Path(path), dict(self.exporter.other_tensors()))
-
-    def assemble(self, jobs: list[tuple[str, list, list[str]]]) -> int:
-        """Write final shards (path, tensor specs, the state file of each); return bytes."""
-        total = 0
-        for path, specs, files in jobs:
-            assemble_shard(path, specs, files)
-            total += sum(s.nbytes for s in specs)
-        return total
+    def assemble(self, jobs: list[tuple[str, list, list[str | None]]]) -> dict[str, str]:
+        """Write final shards (path, tensor specs, the state file of each: None for a tensor
+        outside the blocks, read from the source as exported); return each shard's sha256 by
+        path, hashed as it was written."""
+        return {path: assemble_shard(path, specs, files, self.exporter.other_tensor) for path, specs, files in jobs}
 
     def nll(self) -> dict[str, tuple[float, int]]:
         """Summed next-token NLL and token count of each evaluation stream on this share."""

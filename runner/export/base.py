@@ -44,6 +44,9 @@ class Exporter:
     """Base: the checkpoint mirrors the source's tensors (floats in the compute dtype)."""
 
     layout_class: ClassVar[type[Layout]] = FakeLayout
+    # Whether `block_tensors` reads the solved linears' dequantized weights from the block
+    # (the fake export), so they must be set there even when nothing runs through it again.
+    reads_applied_weights: ClassVar[bool] = True
 
     def __init__(self, source: ModelSource, quant: QuantConfig):
         self.source = source
@@ -100,8 +103,12 @@ class Exporter:
     def other_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors outside the blocks (embedding, final norm, lm_head), read from the source."""
         for n in sorted(self.source.non_block_names()):
-            t = self.source.read_tensors([n])[n]
-            yield n, t.to(self.source.tensor_dtype(n)) if t.is_floating_point() else t
+            yield n, self.other_tensor(n)
+
+    def other_tensor(self, name: str) -> torch.Tensor:
+        """One tensor outside the blocks as exported: the source's, in its export dtype."""
+        t = self.source.read_tensors([name])[name]
+        return t.to(self.source.tensor_dtype(name)) if t.is_floating_point() else t
 
     def config_json(self) -> dict:
         """The exported config.json: the source's, dtype set, no quantization_config."""
@@ -124,6 +131,8 @@ class FakeExporter(Exporter):
 class PackedExporter(Exporter):
     """Base of the packed formats: each quantized linear's `weight` is replaced by the layout's
     tensors (`linear_specs` / `linear_tensors`); every other tensor is exported as is."""
+
+    reads_applied_weights = False
 
     def linear_specs(self, name: str, out_features: int, in_features: int) -> list[TensorSpec]:
         """The tensors that stand for the quantized linear `name` (full module name)."""

@@ -23,13 +23,18 @@ and 8: for 3, 5, 6 and 7 the library's packing changed between versions (dense s
 the reader; vLLM's kernels serve 4 and 8 bits.
 
 Float schemes (FP8_DYNAMIC, FP8_BLOCK, NVFP4*, MXFP4*) and schemes that quantize input
-activations (W8A8, W4AFP8, ...) are written by the library's own compressor for the format its
+activations (W8A8, W4AFP8, ...) are written in the format the library's
 `infer_module_format` picks (`naive-quantized` for fp8 weights without activations,
 `float-quantized` with them, `int-quantized` for integer weights with activations,
-`nvfp4-pack-quantized`, `mxfp4-pack-quantized`): it is given our dequantized weight, scales and
-static input parameters (FP8's `input_scale`, NVFP4's `input_global_scale`, calibrated by
-`calib.inputs`) and re-derives the codes, which are checked to be ours (`formats.float_parts`,
-`formats.input_parts` list the tensors). The config's `input_activations` are the preset's.
+`nvfp4-pack-quantized`, `mxfp4-pack-quantized`). The packed FP4 formats are written by the
+compressor itself: it is given our dequantized weight, scales and static input parameters
+(FP8's `input_scale`, NVFP4's `input_global_scale`, calibrated by `calib.inputs`) and
+re-derives the codes, which are checked to be ours. The naive formats store the codes as they
+are (their compressor's `compress` is the library's `quantize`, cast to the codes' dtype), so
+the solved codes are written with the scales and input parameters the compressor would be
+handed, keys and dtypes as it returns them; tests/test_export_float.py checks the bytes against
+the compressor's own output. `formats.float_parts` and `formats.input_parts` list the tensors.
+The config's `input_activations` are the preset's.
 
 The tensors' names, dtypes and shapes and these limits are defined once, in
 `formats.CompressedTensorsLayout`; this module writes them.
@@ -41,7 +46,7 @@ import functools
 
 import torch
 
-from shardquant.algorithms.floatq import FloatQuantizedWeight
+from shardquant.algorithms.floatq import FloatQuantizedWeight, e4m3_to_float
 from shardquant.algorithms.quantizer import QuantizedWeight
 from shardquant.errors import UserError
 from shardquant.export.base import PackedExporter, check_scheme, trivial_g_idx
@@ -193,26 +198,42 @@ class CompressedTensorsExporter(PackedExporter):
             if not trivial_g_idx(weight):
                 raise ValueError(f"{name}: act-order groups (non-trivial g_idx) cannot be stored in compressed-tensors")
             scales = weight.scales.to(self.source.dtype)  # the stored scales, which the codes are rounded on
+            offset = 2 ** (self.quant.bits - 1)
+            if self.stores_codes:
+                out = {"weight_scale": scales, **inputs,
+                       "weight": (weight.codes.to(torch.int16) - offset).to(scheme.weights.pytorch_dtype())}
+                return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
             g = weight.g_idx.long()
             state = {"weight": (weight.codes.float() - weight.zeros.float()[:, g]) * scales.float()[:, g],
                      "weight_scale": scales, **inputs}
             out = compressor.compress(state, scheme)
-            offset = 2 ** (self.quant.bits - 1)
             if not torch.equal(out["weight"].to(torch.int16) + offset, weight.codes.to(torch.int16)):
                 raise ValueError(f"{name}: the library's compressor re-derived codes that differ from the solved ones")
             return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
         return self.float_tensors(name, weight, inputs)
 
+    @functools.cached_property
+    def stores_codes(self) -> bool:
+        """Whether the format stores the codes as they are (the library's naive compressors:
+        `naive-`, `int-` and `float-quantized`, whose `compress` is `quantize` of the weight,
+        cast to the codes' dtype): then the solved codes are written, not re-derived from the
+        dequantized weight. Packed formats go through the library's compressor."""
+        from compressed_tensors.compressors.naive_quantized import NaiveQuantizationCompressor
+
+        _, compressor = self.library_scheme
+        return compressor is not None and issubclass(compressor, NaiveQuantizationCompressor)
+
     def float_tensors(
         self, name: str, weight: FloatQuantizedWeight, inputs: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """A float weight through the library's compressor, which is handed the dequantized
-        weight and our scales; ValueError unless its codes are ours."""
+        """A float weight's tensors: its values as solved where the format stores them as they
+        are (`stores_codes`: fp8), else through the library's compressor, which is handed the
+        dequantized weight and our scales (ValueError unless its codes are ours)."""
         scheme, compressor = self.library_scheme
         if scheme is None or weight.spec.kind != self.quant.kind:
             raise ValueError(f"{name}: quantized as {weight.spec}, but the config says quant.scheme {self.quant.scheme}")
         spec = weight.spec
-        state = {"weight": weight.dequantize(), **(inputs or {})}
+        state = dict(inputs or {})
         if spec.kind == "fp8":
             scales = weight.block_scales() if spec.block_rows > 1 else weight.scales
             if spec.per_tensor:
@@ -222,9 +243,10 @@ class CompressedTensorsExporter(PackedExporter):
             state["weight_scale"] = weight.scales
         if weight.global_scale is not None:
             state["weight_global_scale"] = weight.global_scale[:1].clone()
-        out = compressor.compress(state, scheme)
-        values = _float_codes(out, spec.kind, weight.values.shape)
-        if not torch.equal(values, weight.values.float()):
+        if self.stores_codes:
+            return {f"{name}.{k}": v.contiguous() for k, v in {**state, "weight": weight.values}.items()}
+        out = compressor.compress({**state, "weight": weight.dequantize()}, scheme)
+        if not _same_codes(out, weight.values):
             raise ValueError(f"{name}: the library's compressor re-derived codes that differ from the solved ones")
         return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
 
@@ -235,10 +257,9 @@ def weight_shape(weight: QuantizedWeight | FloatQuantizedWeight) -> tuple[int, i
     return t.shape[0], t.shape[1]
 
 
-def _float_codes(tensors: dict[str, torch.Tensor], kind: str, shape: torch.Size) -> torch.Tensor:
-    """The element values a compressed float linear stores, float32."""
-    if kind == "fp8":
-        return tensors["weight"].float()
+def _same_codes(tensors: dict[str, torch.Tensor], values: torch.Tensor) -> bool:
+    """Whether a packed FP4 linear stores exactly the solved element ``values`` (float8_e4m3fn)."""
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 
-    return unpack_fp4_from_uint8(tensors["weight_packed"], shape[0], shape[1], dtype=torch.float32)
+    unpacked = unpack_fp4_from_uint8(tensors["weight_packed"], values.shape[0], values.shape[1], dtype=torch.float32)
+    return torch.equal(unpacked, e4m3_to_float(values))

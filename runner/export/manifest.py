@@ -60,15 +60,18 @@ def _files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(model_dir: str | Path) -> Path:
-    """Write `model_dir/manifest.json` (relative path, size, sha256 of every file), atomically."""
+def write_manifest(model_dir: str | Path, known: dict[str, str] | None = None) -> Path:
+    """Write `model_dir/manifest.json` (relative path, size, sha256 of every file), atomically.
+    `known`: sha256 by relative path of files hashed as they were written (the shards), which
+    are not read again."""
     from shardquant.export.shards import write_json_atomic
 
     root = Path(model_dir)
+    known = known or {}
     entries = []
     for rel in _files(root):
         p = root / rel
-        entries.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+        entries.append({"path": rel, "size": p.stat().st_size, "sha256": known.get(rel) or sha256_file(p)})
     manifest = {
         "format": FORMAT,
         "version": 1,

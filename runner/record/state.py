@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,6 @@ class RunState:
     def qblock_file(self, index: int) -> Path:
         """Pipeline stages: block `index` dequantized in the compute dtype, for evaluation."""
         return self.dir / "qblocks" / f"block-{index:05d}.safetensors"
-
-    def other_file(self) -> Path:
-        return self.dir / "blocks" / "other.safetensors"
 
     def acts_file(self, done: int, worker: int) -> Path:
         return self.dir / "acts" / f"acts-{done:05d}-w{worker}.safetensors"
@@ -171,9 +169,11 @@ class RunState:
             shutil.rmtree(self.dir / sub, ignore_errors=True)
 
 
-def assemble_shard(path: str, specs: list, files: list[str]) -> None:
-    """Write final shard `path` from state files: `files[k]` holds `specs[k]` (TensorSpec).
-    Tensors are read one at a time; consecutive ones from the same file share one handle."""
+def assemble_shard(path: str, specs: list, files: list[str | None], other: Callable[[str], Any]) -> str:
+    """Write final shard `path` from state files: `files[k]` holds `specs[k]` (TensorSpec),
+    or is None for a tensor outside the blocks, which `other(name)` gives; return the shard's
+    sha256 (for the manifest). Tensors are read one at a time; consecutive ones from the same
+    file share one handle."""
     from safetensors import safe_open
 
     from shardquant.export.shards import write_shard
@@ -181,9 +181,12 @@ def assemble_shard(path: str, specs: list, files: list[str]) -> None:
     def tensors():
         current, handle = None, None
         for spec, file in zip(specs, files, strict=True):
+            if file is None:
+                yield other(spec.name)
+                continue
             if file != current:
                 handle = safe_open(file, framework="pt", device="cpu")
                 current = file
             yield handle.get_tensor(spec.name)
 
-    write_shard(Path(path), specs, tensors())
+    return write_shard(Path(path), specs, tensors())
