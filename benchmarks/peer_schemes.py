@@ -11,7 +11,8 @@ Rows (each peer's own preset, at its defaults, against ours with the same scheme
 Protocol: the calibration windows of benchmarks/peers.py (cut by shardquant's own reader and
 handed to the peer as token ids); every run is its own process; calibration seconds are the
 peer's ``oneshot`` call plus its ``save_pretrained`` (which compresses the weights as it writes)
-and our ``timing.calibrate_s`` (which exports each block as it finishes; model load excluded),
+against our ``timing.calibrate_s`` (which exports each block as it finishes; model load
+excluded) plus the final assembly of the shards (``timing.export_s`` less the blocks' own),
 with our in-loop evaluation off (``eval.enabled: false``). Both write
 compressed-tensors checkpoints, and ONE evaluator reads them all: transformers +
 compressed-tensors (the reader vLLM's format comes from), on the same ``--eval`` x ``--seq-len``
@@ -115,8 +116,11 @@ def run_ours(row: str, protocol: dict[str, Any], out: Path) -> dict[str, Any]:
     if rc != 0:
         raise RuntimeError(f"shardquant failed ({rc}):\n{(out / 'log.txt').read_text()[-3000:]}")
     report = json.loads((out / "run" / "report.json").read_text())
-    return {"calib_s": report["timing"]["calibrate_s"], "rss": rss, "model": out / "run" / "model",
-            "info": {"timing": {k: round(v, 1) for k, v in report["timing"].items()}}}
+    timing = report["timing"]
+    # the shards are assembled after the block loop, like the peer's save_pretrained: counted too
+    assembly_s = timing["export_s"] - sum(b["export_s"] for b in report["blocks"])
+    return {"calib_s": timing["calibrate_s"] + assembly_s, "rss": rss, "model": out / "run" / "model",
+            "info": {"timing": {k: round(v, 2) for k, v in timing.items()}, "assembly_s": round(assembly_s, 2)}}
 
 
 def perplexity(model_dir: Path, eval_path: Path, n: int, seq_len: int, dtype: str) -> float:
