@@ -59,6 +59,11 @@ EVAL_CASES = {
                           "float-quantized"),
 }
 
+# Exported for the byte check of codes stored as they are only: int4 weights in int8, FP8 inputs.
+CODE_CASES = {
+    "w4afp8": ({"method": "rtn", "scheme": "W4AFP8"}, True, torch.float32, "int-quantized"),
+}
+
 
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
@@ -71,7 +76,7 @@ def exported(tiny_models, wide_model, texts, tmp_path_factory):
 
     def export(case: str, fmt: str):
         if (case, fmt) not in cache:
-            quant, wide, _, _ = {**CASES, **ACT_CASES, **EVAL_CASES}[case]
+            quant, wide, _, _ = {**CASES, **ACT_CASES, **EVAL_CASES, **CODE_CASES}[case]
             out = tmp_path_factory.mktemp(f"{case}-{fmt}")
             raw = run_config(wide_model if wide else tiny_models["llama"], texts, out, calib=CALIB, eval=EVAL,
                              export={"format": fmt})
@@ -194,7 +199,7 @@ def test_layout_inspect_and_library_config(case, exported, tmp_path):
     assert json.loads((tmp_path / "lib" / "config.json").read_text())["quantization_config"] == qc
 
 
-@pytest.mark.parametrize("case", ["fp8", "fp8-block", "w8a8-sq", "fp8-dynamic", "fp8-static"])
+@pytest.mark.parametrize("case", ["fp8", "fp8-block", "w8a8-sq", "fp8-dynamic", "fp8-static", "w4afp8"])
 def test_stored_codes_are_the_library_compressors_bytes(case, exported):
     """The naive formats' tensors, written from the solved codes, are byte for byte what the
     library's own compressor writes from the fake export's dequantized weight with the stored
@@ -202,7 +207,7 @@ def test_stored_codes_are_the_library_compressors_bytes(case, exported):
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    _, _, _, fmt = {**CASES, **ACT_CASES}[case]
+    _, _, _, fmt = {**CASES, **ACT_CASES, **CODE_CASES}[case]
     ct_dir, _ = exported(case, "compressed-tensors")
     t, fake = read_checkpoint(ct_dir), read_checkpoint(exported(case, "fake")[0])
     qc = json.loads((ct_dir / "config.json").read_text())["quantization_config"]

@@ -186,10 +186,10 @@ class CompressedTensorsExporter(PackedExporter):
     def library_tensors(
         self, name: str, weight: QuantizedWeight | FloatQuantizedWeight, inputs: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """A linear through the library's compressor, which is handed the dequantized weight,
-        our scales and the static input parameters (`calib.inputs`); ValueError unless the
-        codes it re-derives are ours and the input tensors are the layout's."""
-        scheme, compressor = self.library_scheme
+        """A linear of a float or weight-activation scheme, with its static input parameters
+        (`calib.inputs`; ValueError unless they are the layout's): integer weights (always
+        `int-quantized`) as the library's signed codes, float ones by `float_tensors`."""
+        scheme, _ = self.library_scheme
         want = {p.suffix for p in self.layout.parts(*weight_shape(weight)) if p.suffix.startswith("input_")}
         if set(inputs) != want:
             raise ValueError(f"{name}: input parameters {sorted(inputs)}, but the scheme stores {sorted(want)}")
@@ -197,18 +197,11 @@ class CompressedTensorsExporter(PackedExporter):
             check_scheme(name, weight, self.quant)
             if not trivial_g_idx(weight):
                 raise ValueError(f"{name}: act-order groups (non-trivial g_idx) cannot be stored in compressed-tensors")
+            if not self.stores_codes:  # the library stores integer weights with activations as int-quantized
+                raise ValueError(f"{name}: integer weights in the packed format {scheme.format} are written unpacked here")
             scales = weight.scales.to(self.source.dtype)  # the stored scales, which the codes are rounded on
-            offset = 2 ** (self.quant.bits - 1)
-            if self.stores_codes:
-                out = {"weight_scale": scales, **inputs,
-                       "weight": (weight.codes.to(torch.int16) - offset).to(scheme.weights.pytorch_dtype())}
-                return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
-            g = weight.g_idx.long()
-            state = {"weight": (weight.codes.float() - weight.zeros.float()[:, g]) * scales.float()[:, g],
-                     "weight_scale": scales, **inputs}
-            out = compressor.compress(state, scheme)
-            if not torch.equal(out["weight"].to(torch.int16) + offset, weight.codes.to(torch.int16)):
-                raise ValueError(f"{name}: the library's compressor re-derived codes that differ from the solved ones")
+            codes = weight.codes.to(torch.int16) - 2 ** (self.quant.bits - 1)  # the library's signed codes
+            out = {"weight_scale": scales, **inputs, "weight": codes.to(scheme.weights.pytorch_dtype())}
             return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
         return self.float_tensors(name, weight, inputs)
 
