@@ -100,13 +100,9 @@ class Exporter:
         for k in sorted(state):
             yield f"{name}.{k}", state[k]
 
-    def other_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Tensors outside the blocks (embedding, final norm, lm_head), read from the source."""
-        for n in sorted(self.source.non_block_names()):
-            yield n, self.other_tensor(n)
-
     def other_tensor(self, name: str) -> torch.Tensor:
-        """One tensor outside the blocks as exported: the source's, in its export dtype."""
+        """One tensor outside the blocks (embedding, final norm, lm_head) as exported: the
+        source's, in its export dtype (the shard assembly reads it from the source)."""
         t = self.source.read_tensors([name])[name]
         return t.to(self.source.tensor_dtype(name)) if t.is_floating_point() else t
 
