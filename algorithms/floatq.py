@@ -20,6 +20,7 @@ All math is float32 (inputs are cast), pure torch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,14 +107,20 @@ class FloatSpec:
 
 def round_e2m1(x: Tensor) -> Tensor:
     """Nearest E2M1 value of each entry of ``x`` (ties to the even code, beyond ±6 saturating),
-    with the sign of ``x`` (a negative rounded to zero is -0.0), in the dtype of ``x``.
+    times the sign of ``x`` as compressed-tensors' `cast_to_fp4` does (a negative rounded to zero
+    is -0.0, -0.0 itself +0.0), in the dtype of ``x``.
 
     The grid's spacing is 0.5 below 2, 1 below 4 and 2 up to 6. Adding ``c = spacing * 2**23``
     in float32 leaves the sum an ulp of exactly the spacing, so the add itself rounds to the
-    grid, ties to even; ``c`` is built from the exponent bits of ``|x|`` (clamped to 1..4)."""
-    a = x.float().abs().clamp_(max=E2M1_VALUES[-1])
-    c = (a.view(torch.int32) >> 23).clamp_(127, 129).add_(22).bitwise_left_shift_(23).view(torch.float32)
-    return (a + c).sub_(c).mul_(torch.sign(x)).to(x.dtype)
+    grid, ties to even; ``c`` is built from the exponent bits of ``|x|`` (clamped to 1..4).
+    Every step but the first copy runs in place (a fresh CPU tensor costs more in page faults
+    than the arithmetic), and ``c``'s buffer takes the signs when ``x`` is float32."""
+    a = x.to(torch.float32, copy=True).abs_().clamp_(max=E2M1_VALUES[-1])
+    c = torch.bitwise_right_shift(a.view(torch.int32), 23).clamp_(127, 129).add_(22).bitwise_left_shift_(23)
+    cf = c.view(torch.float32)
+    a.add_(cf).sub_(cf)
+    a.mul_(torch.sign(x, out=cf) if x.dtype == torch.float32 else torch.sign(x))
+    return a.to(x.dtype)
 
 
 def e4m3_to_float(values: Tensor) -> Tensor:
@@ -132,6 +139,31 @@ def e4m3_to_float(values: Tensor) -> Tensor:
         if float(lo) < -FP8_MAX or float(hi) > FP8_MAX:
             return values.float()
     return out
+
+
+@functools.cache
+def _e2m1_nibble_table() -> Tensor:
+    """For each float8_e4m3fn byte, the E2M1 nibble of its value (index on the grid, bit 3 the
+    sign; both zeros 0), or 16 for a value off the grid."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = torch.tensor(E2M1_VALUES)
+    hit = values.abs().unsqueeze(1) == grid
+    table = torch.where(hit.any(1), hit.int().argmax(1), 16)
+    return (table | ((values < 0) & hit.any(1)).int() << 3).to(torch.uint8)
+
+
+def pack_e2m1(values: Tensor) -> Tensor:
+    """E2M1 ``values`` [out, in] (float8_e4m3fn holding grid values, ``in`` even) as
+    compressed-tensors' packed FP4 bytes [out, in / 2]: element 2k in the low nibble, 2k+1 in
+    the high; a zero of either sign is code 0, as its compressor writes a dequantized zero.
+    One table lookup per element (the library's CPU packing makes eight masked passes).
+    ValueError if a value is off the grid."""
+    if values.shape[-1] % 2:
+        raise ValueError(f"FP4 packing needs an even number of columns, got {values.shape[-1]}")
+    nib = _e2m1_nibble_table().to(values.device)[values.view(torch.uint8).long()]
+    if nib.numel() and int(nib.max()) > 15:
+        raise ValueError("FP4 packing: a value is not on the E2M1 grid")
+    return nib[..., 0::2] | nib[..., 1::2] << 4
 
 
 def round_elements(x: Tensor, spec: FloatSpec) -> Tensor:

@@ -199,11 +199,13 @@ def test_layout_inspect_and_library_config(case, exported, tmp_path):
     assert json.loads((tmp_path / "lib" / "config.json").read_text())["quantization_config"] == qc
 
 
-@pytest.mark.parametrize("case", ["fp8", "fp8-block", "w8a8-sq", "fp8-dynamic", "fp8-static", "w4afp8"])
+@pytest.mark.parametrize("case", ["fp8", "fp8-block", "w8a8-sq", "fp8-dynamic", "fp8-static", "w4afp8",
+                                  "nvfp4", "mxfp4", "nvfp4-act", "mxfp4-act"])
 def test_stored_codes_are_the_library_compressors_bytes(case, exported):
-    """The naive formats' tensors, written from the solved codes, are byte for byte what the
-    library's own compressor writes from the fake export's dequantized weight with the stored
-    scales and input parameters (its keys, dtypes and shapes too)."""
+    """Every format's tensors, written from the solved codes (FP4's packed by us), are byte for
+    byte what the library's own compressor writes from the fake export's dequantized weight with
+    the stored scales (decompressed by the compressor for FP4) and input parameters: its keys,
+    dtypes and shapes too."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -217,7 +219,9 @@ def test_stored_codes_are_the_library_compressors_bytes(case, exported):
     assert len(names) == 7 * json.loads((ct_dir / "config.json").read_text())["num_hidden_layers"]
     for name in names:
         stored = {k.removeprefix(name + "."): v for k, v in t.items() if k.startswith(name + ".")}
-        state = {k: v for k, v in stored.items() if k != "weight"}
+        state = {k: v for k, v in stored.items() if k not in ("weight", "weight_packed")}
+        if "weight_packed" in stored:  # FP4: the compressor takes the scales as floats
+            state["weight_scale"] = compressor._decompress_scale(state["weight_scale"], torch.float32)
         lib = compressor.compress({**state, "weight": fake[f"{name}.weight"]}, scheme)
         assert sorted(lib) == sorted(stored), name
         for key, value in lib.items():

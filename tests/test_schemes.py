@@ -394,3 +394,21 @@ def test_gptq_float_refuses_dynamic_act_order():
     w, H = correlated_problem()
     with pytest.raises(ValueError, match="act_order needs static_groups"):
         GPTQSolver(H, act_order=True).quantize(w, spec, static_groups=False)
+
+
+def test_pack_e2m1_is_the_librarys_packing():
+    """Every E2M1 value of both signs, in both nibbles: the bytes of compressed-tensors'
+    `pack_fp4_to_uint8` (-0.0 as +0.0, which is what its compressor writes for a zero); a value
+    off the grid or an odd width is refused."""
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+    grid = torch.tensor(floatq.E2M1_VALUES)
+    vals = torch.cat([grid, -grid])  # 16 values, -0.0 among them
+    x = torch.cartesian_prod(vals, vals).reshape(16, 32)
+    got = floatq.pack_e2m1(x.to(torch.float8_e4m3fn))
+    assert got.dtype == torch.uint8 and got.shape == (16, 16)
+    assert torch.equal(got, pack_fp4_to_uint8(x + 0.0))
+    with pytest.raises(ValueError, match="not on the E2M1 grid"):
+        floatq.pack_e2m1(torch.tensor([[0.5, 0.75]]).to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="even number of columns"):
+        floatq.pack_e2m1(torch.zeros(2, 3).to(torch.float8_e4m3fn))

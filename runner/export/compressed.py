@@ -26,14 +26,15 @@ Float schemes (FP8_DYNAMIC, FP8_BLOCK, NVFP4*, MXFP4*) and schemes that quantize
 activations (W8A8, W4AFP8, ...) are written in the format the library's
 `infer_module_format` picks (`naive-quantized` for fp8 weights without activations,
 `float-quantized` with them, `int-quantized` for integer weights with activations,
-`nvfp4-pack-quantized`, `mxfp4-pack-quantized`). The packed FP4 formats are written by the
-compressor itself: it is given our dequantized weight, scales and static input parameters
-(FP8's `input_scale`, NVFP4's `input_global_scale`, calibrated by `calib.inputs`) and
-re-derives the codes, which are checked to be ours. The naive formats store the codes as they
-are (their compressor's `compress` is the library's `quantize`, cast to the codes' dtype), so
-the solved codes are written with the scales and input parameters the compressor would be
-handed, keys and dtypes as it returns them; tests/test_export_float.py checks the bytes against
-the compressor's own output. `formats.float_parts` and `formats.input_parts` list the tensors.
+`nvfp4-pack-quantized`, `mxfp4-pack-quantized`), always from the solved codes, never by
+re-quantizing the dequantized weight. The naive formats store the codes as they are (their
+compressor's `compress` is the library's `quantize`, cast to the codes' dtype); the packed FP4
+formats store them two to a byte (`floatq.pack_e2m1`, the library's nibble order) with the
+scales as their compressor's `_compress_scale` stores them. Either way the scales and static
+input parameters (FP8's `input_scale`, NVFP4's `input_global_scale`, calibrated by
+`calib.inputs`) are those the compressor would be handed, keys and dtypes as it returns them;
+tests/test_export_float.py checks every byte against the compressor's own output.
+`formats.float_parts` and `formats.input_parts` list the tensors.
 The config's `input_activations` are the preset's.
 
 The tensors' names, dtypes and shapes and these limits are defined once, in
@@ -46,7 +47,7 @@ import functools
 
 import torch
 
-from shardquant.algorithms.floatq import FloatQuantizedWeight, e4m3_to_float
+from shardquant.algorithms.floatq import FloatQuantizedWeight, pack_e2m1
 from shardquant.algorithms.quantizer import QuantizedWeight
 from shardquant.errors import UserError
 from shardquant.export.base import PackedExporter, check_scheme, trivial_g_idx
@@ -219,9 +220,11 @@ class CompressedTensorsExporter(PackedExporter):
     def float_tensors(
         self, name: str, weight: FloatQuantizedWeight, inputs: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """A float weight's tensors: its values as solved where the format stores them as they
-        are (`stores_codes`: fp8), else through the library's compressor, which is handed the
-        dequantized weight and our scales (ValueError unless its codes are ours)."""
+        """A float weight's tensors, from the solved values: as they are where the format stores
+        them so (`stores_codes`: fp8), else (FP4) packed two to a byte by `floatq.pack_e2m1`, the
+        scales as the format's compressor stores them (`_compress_scale`: FP8 for NVFP4, E8M0
+        exponents for MXFP4). Both are byte for byte what the library's compressor writes from
+        the dequantized weight (tests/test_export_float.py), without re-quantizing it."""
         scheme, compressor = self.library_scheme
         if scheme is None or weight.spec.kind != self.quant.kind:
             raise ValueError(f"{name}: quantized as {weight.spec}, but the config says quant.scheme {self.quant.scheme}")
@@ -237,10 +240,10 @@ class CompressedTensorsExporter(PackedExporter):
         if weight.global_scale is not None:
             state["weight_global_scale"] = weight.global_scale[:1].clone()
         if self.stores_codes:
-            return {f"{name}.{k}": v.contiguous() for k, v in {**state, "weight": weight.values}.items()}
-        out = compressor.compress({**state, "weight": weight.dequantize()}, scheme)
-        if not _same_codes(out, weight.values):
-            raise ValueError(f"{name}: the library's compressor re-derived codes that differ from the solved ones")
+            out = {**state, "weight": weight.values}
+        else:  # packed FP4: the solved codes packed, the scales as the format's compressor stores them
+            scale = compressor._compress_scale(state.pop("weight_scale"), scheme.weights)
+            out = {**state, "weight_packed": pack_e2m1(weight.values), "weight_scale": scale}
         return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
 
 
@@ -248,11 +251,3 @@ def weight_shape(weight: QuantizedWeight | FloatQuantizedWeight) -> tuple[int, i
     """(out, in) of a solved linear."""
     t = weight.values if isinstance(weight, FloatQuantizedWeight) else weight.codes
     return t.shape[0], t.shape[1]
-
-
-def _same_codes(tensors: dict[str, torch.Tensor], values: torch.Tensor) -> bool:
-    """Whether a packed FP4 linear stores exactly the solved element ``values`` (float8_e4m3fn)."""
-    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
-
-    unpacked = unpack_fp4_from_uint8(tensors["weight_packed"], values.shape[0], values.shape[1], dtype=torch.float32)
-    return torch.equal(unpacked, e4m3_to_float(values))
