@@ -210,8 +210,7 @@ class CompressedTensorsExporter(PackedExporter):
     def stores_codes(self) -> bool:
         """Whether the format stores the codes as they are (the library's naive compressors:
         `naive-`, `int-` and `float-quantized`, whose `compress` is `quantize` of the weight,
-        cast to the codes' dtype): then the solved codes are written, not re-derived from the
-        dequantized weight. Packed formats go through the library's compressor."""
+        cast to the codes' dtype); else the format packs them (FP4: `floatq.pack_e2m1`)."""
         from compressed_tensors.compressors.naive_quantized import NaiveQuantizationCompressor
 
         _, compressor = self.library_scheme
