@@ -7,7 +7,9 @@ exact folding as AWQ, ``awq.py``), with
     s_j = max|x_j| ** alpha / max_i |W_ij| ** (1 - alpha)
 
 (the max over the group's linears' rows), so the inputs' channel ranges even out and the
-inputs quantize with less error. Pure tensor math.
+inputs quantize with less error. `smooth_statistic` gives ``max|x_j|`` or, as llm-compressor
+does, half the range ``(max x_j - min x_j) / 2``; `ChannelMax` keeps what both need. Pure
+tensor math.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ SCALE_MIN = 1e-5  # scales are clamped to at least this (a channel that never fi
 
 
 class ChannelMax:
-    """``max |x|`` per input channel over every row added: merges exactly (by max) across
-    batches and workers."""
+    """Per input channel over every row added: ``max x`` and ``max -x`` (``signed`` [2, in],
+    -inf before any row), so both the absolute maximum and the range merge exactly (by max)
+    across batches and workers."""
 
-    max: Tensor
+    signed: Tensor
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features
-        self.max = torch.zeros(in_features, device=device, dtype=torch.float32)
+        self.signed = torch.full((2, in_features), -torch.inf, device=device, dtype=torch.float32)
 
     def add(self, x: Tensor) -> None:
         """Add activations ``x`` [..., in]."""
@@ -34,14 +37,42 @@ class ChannelMax:
             raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
         rows = x.detach().reshape(-1, self.in_features)
         if rows.shape[0]:
-            torch.maximum(self.max, rows.abs().amax(0).to(device=self.max.device, dtype=torch.float32), out=self.max)
+            hi, lo = torch.aminmax(rows, dim=0)[::-1]
+            got = torch.stack([hi, lo.neg()]).to(device=self.signed.device, dtype=torch.float32)
+            torch.maximum(self.signed, got, out=self.signed)
+
+    @property
+    def max(self) -> Tensor:
+        """``max |x|`` per channel (0 where no row came)."""
+        return channel_absmax(self.signed)
 
     def merge(self, other: ChannelMax | Tensor) -> None:
-        """Take the max with another accumulator (or its ``max`` tensor)."""
-        m = other.max if isinstance(other, ChannelMax) else other
-        if m.shape != self.max.shape:
-            raise ValueError(f"cannot merge {tuple(m.shape)} into {tuple(self.max.shape)}")
-        torch.maximum(self.max, m.to(device=self.max.device, dtype=torch.float32), out=self.max)
+        """Take the max with another accumulator (or its ``signed`` tensor)."""
+        m = other.signed if isinstance(other, ChannelMax) else other
+        if m.shape != self.signed.shape:
+            raise ValueError(f"cannot merge {tuple(m.shape)} into {tuple(self.signed.shape)}")
+        torch.maximum(self.signed, m.to(device=self.signed.device, dtype=torch.float32), out=self.signed)
+
+
+def channel_absmax(signed: Tensor) -> Tensor:
+    """``max |x|`` per channel from a `ChannelMax.signed` [2, in] (0 where no row came)."""
+    return signed.amax(0).clamp(min=0)
+
+
+def channel_range(signed: Tensor) -> Tensor:
+    """``max x - min x`` per channel from a `ChannelMax.signed` [2, in] (0 where no row came)."""
+    return signed.sum(0).clamp(min=0)
+
+
+def smooth_statistic(signed: Tensor, stat: str) -> Tensor:
+    """The activation side of SmoothQuant's scales: ``absmax`` (the paper's max|x|) or ``range``
+    ((max x - min x) / 2, llm-compressor's statistic, halved so both agree on a channel
+    symmetric around zero)."""
+    if stat == "absmax":
+        return channel_absmax(signed)
+    if stat == "range":
+        return channel_range(signed) / 2
+    raise ValueError(f"unknown SmoothQuant statistic {stat!r}")
 
 
 def weight_column_max(weights: list[Tensor]) -> Tensor:

@@ -22,7 +22,7 @@ quantized linear's input as the checkpoint declares. FP4 checkpoints are evaluat
 in float32; the fp row is given in both.
 
     python benchmarks/peer_schemes.py [--calib 64] [--eval 32] [--seq-len 512]
-        [--rows fp8_dynamic,w8a8_sq_gptq,nvfp4] [--peers llmcompressor,ours] [--work DIR]
+        [--rows fp8_dynamic,w8a8_sq_gptq,nvfp4,w8a8_sq_range_gptq] [--peers llmcompressor,ours] [--work DIR]
 
 Measured, never asserted.
 """
@@ -45,6 +45,9 @@ ROWS: dict[str, dict[str, Any]] = {  # row: our quant section, the peer's recipe
     "w8a8_sq_gptq": {"ours": {"method": "gptq", "scheme": "W8A8", "smoothquant": 0.5}, "peer": "w8a8_sq_gptq",
                      "dtype": "float32"},
     "nvfp4": {"ours": {"method": "rtn", "scheme": "NVFP4"}, "peer": "nvfp4", "dtype": "bfloat16"},
+    # ours with llm-compressor's SmoothQuant statistic (`quant.smoothquant_stat: range`), same peer recipe
+    "w8a8_sq_range_gptq": {"ours": {"method": "gptq", "scheme": "W8A8", "smoothquant": 0.5, "smoothquant_stat": "range"},
+                           "peer": "w8a8_sq_gptq", "dtype": "float32"},
 }
 
 LLMC_SCRIPT = '''

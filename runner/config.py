@@ -108,6 +108,13 @@ class QuantConfig(_Section):
         "by s: the folding AWQ uses), moving activation outliers into the weights. For presets that quantize "
         "activations (W8A8, ...), with rtn or gptq.",
     )
+    smoothquant_stat: Literal["absmax", "range"] = Field(
+        "absmax",
+        description="With quant.smoothquant: the activation statistic in its scales. 'absmax': max|x| per channel "
+        "(the SmoothQuant paper's); 'range': (max x - min x) / 2 per channel (llm-compressor's statistic, halved to "
+        "agree on channels symmetric around zero; measured better on SmolLM2 W8A8, benchmarks/RESULTS.md). Both "
+        "merge exactly over workers.",
+    )
     bits: int = Field(4, description="Bits per weight, 2..8.")
     group_size: int = Field(128, description="Columns per quantization group; -1 = per output channel.")
     symmetric: bool = Field(True, description="Symmetric (zero point fixed mid-range) or asymmetric.")

@@ -147,7 +147,7 @@ class GroupStats:
     hessian: HessianAccumulator | None = None
     channel: awq.ChannelStats | None = None
     solver: GPTQSolver | None = None  # the factorized Hessian, once a GPTQ solve built it
-    absmax: ChannelMax | None = None  # max |x| per channel (static input scales, SmoothQuant): merged by max
+    absmax: ChannelMax | None = None  # max x, max -x per channel (static input scales, SmoothQuant): merged by max
 
 
 def merge_stats(
@@ -178,7 +178,7 @@ def merge_stats(
                 acc.channel.merge(st.channel)
             if st.absmax is not None:
                 if acc.absmax is None:
-                    acc.absmax = ChannelMax(st.absmax.in_features, st.absmax.max.device)
+                    acc.absmax = ChannelMax(st.absmax.in_features, st.absmax.signed.device)
                 acc.absmax.merge(st.absmax)
     return out
 

@@ -27,7 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from shardquant.algorithms.quantizer import QuantizedWeight
-from shardquant.algorithms.smoothquant import smooth_scales, weight_column_max
+from shardquant.algorithms.smoothquant import (
+    channel_absmax,
+    smooth_scales,
+    smooth_statistic,
+    weight_column_max,
+)
 from shardquant.calib import awq_search
 from shardquant.calib.inputs import InputQuantizers, input_args, static_params
 from shardquant.calib.observe import Capture, observing
@@ -187,29 +192,33 @@ class BlockWorker:
             self.stage_cache.offer_tail(first, self.groups[last].linears, obs.last_inputs)
         self.profile.forward_s += time.perf_counter() - t - obs.stats_s
         self.profile.stats_s += obs.stats_s
-        self.last_absmax = {g: st.absmax.max for g, st in obs.stats.items() if st.absmax is not None}
+        self.last_absmax = {g: st.absmax.signed for g, st in obs.stats.items() if st.absmax is not None}
         return obs.stats
 
     def input_absmax(self) -> dict[str, Tensor]:
-        """This worker's max |x| per input channel of each group of the last observation."""
+        """This worker's `ChannelMax.signed` (max x, max -x per input channel) of each group of
+        the last observation: reduced over workers by max, exactly."""
         return self.last_absmax
 
     def calibrate_inputs(
         self, plan: dict[str, tuple[Tensor | None, str, tuple[str, ...], tuple[str, ...], bool]]
     ) -> None:
-        """For each group (absmax over all workers, prev, linears, quantized, smooth): fold
-        SmoothQuant's scales (`smooth`; every worker computes the same ones from the same
-        weights) and set the static input parameters of its quantized linears from the
-        absmax of the input they will see (``x / s`` when smoothed)."""
+        """For each group (`ChannelMax.signed` over all workers, prev, linears, quantized,
+        smooth): fold SmoothQuant's scales (`smooth`, from `quant.smoothquant_stat`; every
+        worker computes the same ones from the same weights) and set the static input
+        parameters of its quantized linears from the absmax of the input they will see
+        (``x / s`` when smoothed)."""
         from shardquant.model.adapters import InputGroup
 
         q = self.cfg.quant
-        for group, (amax, prev, linears, quantized, smooth) in plan.items():
-            if amax is None:  # no rows reached this group (an expert no token chose)
-                amax = torch.zeros(self._lin(linears[0]).in_features)
-            amax = amax.to(self._lin(linears[0]).weight.device)
+        for group, (signed, prev, linears, quantized, smooth) in plan.items():
+            if signed is None:  # no rows reached this group (an expert no token chose)
+                signed = torch.full((2, self._lin(linears[0]).in_features), -torch.inf)
+            signed = signed.to(self._lin(linears[0]).weight.device)
+            amax = channel_absmax(signed)
             if smooth:
-                s = smooth_scales(amax, weight_column_max([self._lin(n).weight for n in linears]), q.smoothquant)
+                x_stat = smooth_statistic(signed, q.smoothquant_stat)
+                s = smooth_scales(x_stat, weight_column_max([self._lin(n).weight for n in linears]), q.smoothquant)
                 self.scales[group] = s  # GPTQ solves from the Hessian of x / s (`solvers.factorize`)
                 fold_scales(self.block, InputGroup(group, prev, linears), s, self.results)
                 if self.stage_cache is not None:
