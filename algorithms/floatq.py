@@ -148,8 +148,9 @@ def _e2m1_nibble_table() -> Tensor:
     values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     grid = torch.tensor(E2M1_VALUES)
     hit = values.abs().unsqueeze(1) == grid
-    table = torch.where(hit.any(1), hit.int().argmax(1), 16)
-    return (table | ((values < 0) & hit.any(1)).int() << 3).to(torch.uint8)
+    on_grid = hit.any(1)
+    table = torch.where(on_grid, hit.int().argmax(1), 16)
+    return (table | ((values < 0) & on_grid).int() << 3).to(torch.uint8)
 
 
 def pack_e2m1(values: Tensor) -> Tensor:

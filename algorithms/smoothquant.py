@@ -37,7 +37,7 @@ class ChannelMax:
             raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
         rows = x.detach().reshape(-1, self.in_features)
         if rows.shape[0]:
-            hi, lo = torch.aminmax(rows, dim=0)[::-1]
+            lo, hi = torch.aminmax(rows, dim=0)
             got = torch.stack([hi, lo.neg()]).to(device=self.signed.device, dtype=torch.float32)
             torch.maximum(self.signed, got, out=self.signed)
 
@@ -46,9 +46,9 @@ class ChannelMax:
         """``max |x|`` per channel (0 where no row came)."""
         return channel_absmax(self.signed)
 
-    def merge(self, other: ChannelMax | Tensor) -> None:
-        """Take the max with another accumulator (or its ``signed`` tensor)."""
-        m = other.signed if isinstance(other, ChannelMax) else other
+    def merge(self, other: ChannelMax) -> None:
+        """Take the max with another accumulator."""
+        m = other.signed
         if m.shape != self.signed.shape:
             raise ValueError(f"cannot merge {tuple(m.shape)} into {tuple(self.signed.shape)}")
         torch.maximum(self.signed, m.to(device=self.signed.device, dtype=torch.float32), out=self.signed)

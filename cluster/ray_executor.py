@@ -378,10 +378,10 @@ class RayExecutor:
     def end_group(self, group: str) -> None:
         self._all("end_group", group)
 
-    def input_absmax(self) -> dict[str, torch.Tensor]:
-        """Every worker's max |x| per channel of the last observation, reduced by max (exact)."""
+    def input_extremes(self) -> dict[str, torch.Tensor]:
+        """Every worker's `ChannelMax.signed` of the last observation, reduced by max (exact)."""
         out: dict[str, torch.Tensor] = {}
-        for part in self._all("input_absmax"):
+        for part in self._all("input_extremes"):
             for g, m in part.items():
                 m = m.cpu()
                 out[g] = m if g not in out else torch.maximum(out[g], m)

@@ -134,10 +134,6 @@ def _fake_quantize_fp4(x: Tensor, args: QuantizationArgs, gscale: Tensor | None)
     groups = x.unflatten(-1, (x.shape[-1] // args.group_size, args.group_size))
     scaled = groups / scale
     rounded = round_e2m1(scaled)  # saturates at ±6: the library's clamp to [q_min, q_max] is in it
-    if scale.dtype in (torch.float32, rounded.dtype) and rounded.dtype in (torch.float32, x.dtype):
-        # in place: 2-bit values times the scale are exact in float32, so rounding once to x's
-        # dtype is the library's product in the scale's dtype
-        return rounded.mul_(scale).flatten(start_dim=-2).to(x.dtype)
     return (rounded.to(scale.dtype) * scale).flatten(start_dim=-2).to(x.dtype)
 
 

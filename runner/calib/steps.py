@@ -253,9 +253,9 @@ class BlockSteps(Protocol):
 
     def end_group(self, group: str) -> None: ...
 
-    def input_absmax(self) -> dict[str, torch.Tensor]:
-        """The last observation pass's max |x| per input channel of each group, reduced by max
-        over workers (passes observe it when `observes_inputs`)."""
+    def input_extremes(self) -> dict[str, torch.Tensor]:
+        """The last observation pass's `ChannelMax.signed` (max x, max -x per input channel) of
+        each group, reduced by max over workers (passes observe it when `observes_inputs`)."""
         ...
 
     def calibrate_inputs(
@@ -412,7 +412,7 @@ def _calibrate_inputs(
     """After an observation pass: every worker folds SmoothQuant's scales (when on) and sets
     the static input parameters of the phase's linears, from each input's `ChannelMax`
     reduced over the workers (max: exact)."""
-    amax = ex.input_absmax()
+    extremes = ex.input_extremes()
     plan: dict[str, tuple[torch.Tensor | None, str, tuple[str, ...], tuple[str, ...], bool]] = {}
     for g, quantized in phase:
         smooth = False
@@ -421,7 +421,7 @@ def _calibrate_inputs(
             if blocker is not None:
                 profile.notes.append(f"{block_name}: SmoothQuant skipped for {blocker}")
             smooth = blocker is None
-        plan[g.name] = (amax.get(g.name), g.prev, tuple(g.linears), quantized, smooth)
+        plan[g.name] = (extremes.get(g.name), g.prev, tuple(g.linears), quantized, smooth)
     ex.calibrate_inputs(plan)
 
 

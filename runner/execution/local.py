@@ -105,8 +105,8 @@ class LocalExecutor:
     def expert_tokens(self) -> dict[str, Any]:
         return self.worker.expert_tokens()
 
-    def input_absmax(self) -> dict[str, torch.Tensor]:
-        return self.worker.input_absmax()
+    def input_extremes(self) -> dict[str, torch.Tensor]:
+        return self.worker.input_extremes()
 
     def calibrate_inputs(self, plan) -> None:
         self.worker.calibrate_inputs(plan)

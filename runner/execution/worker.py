@@ -101,7 +101,7 @@ class BlockWorker:
         self.do_fp_eval = False
         self.inputs = InputQuantizers(input_args(c.quant))  # the quantized linears' input quantization
         self.observe_inputs = observes_inputs(c.quant)
-        self.last_absmax: dict[str, Tensor] = {}
+        self.last_extremes: dict[str, Tensor] = {}
 
     # --- samples -------------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ class BlockWorker:
         self.profile.extra["load_s"] = time.perf_counter() - t
         self.results, self.captures, self.originals, self.candidates, self.scales = {}, {}, {}, {}, {}
         self.inputs.clear()
-        self.last_absmax = {}
+        self.last_extremes = {}
         self.stage_cache = None
         if self.cfg.calib.reuse_stages and self.cfg.quant.true_sequential:
             self.stage_cache = StageCache.for_block(self.block, self.adapter, index, self.cfg.quant)
@@ -192,13 +192,13 @@ class BlockWorker:
             self.stage_cache.offer_tail(first, self.groups[last].linears, obs.last_inputs)
         self.profile.forward_s += time.perf_counter() - t - obs.stats_s
         self.profile.stats_s += obs.stats_s
-        self.last_absmax = {g: st.absmax.signed for g, st in obs.stats.items() if st.absmax is not None}
+        self.last_extremes = {g: st.absmax.signed for g, st in obs.stats.items() if st.absmax is not None}
         return obs.stats
 
-    def input_absmax(self) -> dict[str, Tensor]:
+    def input_extremes(self) -> dict[str, Tensor]:
         """This worker's `ChannelMax.signed` (max x, max -x per input channel) of each group of
         the last observation: reduced over workers by max, exactly."""
-        return self.last_absmax
+        return self.last_extremes
 
     def calibrate_inputs(
         self, plan: dict[str, tuple[Tensor | None, str, tuple[str, ...], tuple[str, ...], bool]]
