@@ -355,6 +355,10 @@ class EvalConfig(_Section):
     )
 
 
+BLOCK_SHARDS = "block"
+OTHER_SHARD_SIZE = "2GB"  # shard_size: block caps the shards outside the blocks at this
+
+
 class ExportConfig(_Section):
     format: Literal["compressed-tensors", "gptq", "awq", "fake"] = Field(
         "compressed-tensors",
@@ -362,13 +366,26 @@ class ExportConfig(_Section):
         "transformers and vLLM), gptq (GPTQ v1), awq (AWQ GEMM), fake (dequantized floats, for "
         "debugging; the default when quant.method is none).",
     )
-    shard_size: str = Field("2GB", description="Maximum bytes per safetensors shard, e.g. 500MB, 5GB.")
+    shard_size: str = Field(
+        "2GB", description="Maximum bytes per safetensors shard, e.g. 500MB, 5GB; or `block`: one shard per block, "
+        "the block's state file itself (a hard link, so the checkpoint is not written twice), and the tensors outside "
+        f"the blocks in shards of at most {OTHER_SHARD_SIZE}."
+    )
 
     @field_validator("shard_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        parse_size(v)
+        if v != BLOCK_SHARDS:
+            try:
+                parse_size(v)
+            except ValueError as e:
+                raise ValueError(f"{e}, or '{BLOCK_SHARDS}'") from None
         return v
+
+    @property
+    def block_shards(self) -> bool:
+        """Whether each block's state file becomes its shard (`shard_size: block`)."""
+        return self.shard_size == BLOCK_SHARDS
 
 
 class ClusterConfig(_Section):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from shardquant.config import RunConfig, config_dict, parse_size
+from shardquant.config import OTHER_SHARD_SIZE, RunConfig, config_dict, parse_size
 from shardquant.errors import UserError
 from shardquant.execution.backends import executor_factory
 from shardquant.execution.block_loop import (
@@ -33,7 +33,13 @@ from shardquant.execution.block_loop import (
 from shardquant.execution.protocol import ExecutorFactory
 from shardquant.execution.spill import resolve as resolve_spill
 from shardquant.export.manifest import write_manifest
-from shardquant.export.shards import plan_shards, shard_names, write_index, write_json_atomic
+from shardquant.export.shards import (
+    adopt_shard,
+    plan_shards,
+    shard_names,
+    write_index,
+    write_json_atomic,
+)
 from shardquant.kernels import select
 from shardquant.model.forward import BlockRunner, embed_batches, stream_nll
 from shardquant.model.source import ModelSource
@@ -139,8 +145,8 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         final_eval_s = time.perf_counter() - t
 
         t = time.perf_counter()
-        export_path, total_bytes = retry_lost(ex, progress, lambda: _export(ex, p, state), lambda: None,
-                                              "exporting again")
+        exported = retry_lost(ex, progress, lambda: _export(ex, p, state, progress), lambda: None,
+                              "exporting again")
         export_s = time.perf_counter() - t
         state.finish(progress)
         worker_peaks = ex.peak_rss()
@@ -173,7 +179,7 @@ def quantize(cfg: RunConfig, *, prepared: Prepared | None = None, show_progress:
         "blocks": sorted(blocks, key=lambda b: b["index"]),
         "spill": spill_summary(blocks, resolve_spill(fit.cfg.cluster.spill, fit.cfg.cluster.spill_dir)),
         "config": config_dict(cfg),
-        "export": {"format": cfg.export.format, "path": str(export_path), "bytes": total_bytes},
+        "export": {"format": cfg.export.format, **exported},
         "calibration": {
             "windows": 0 if p.calib is None else int(p.calib.shape[0]),
             "tokens": 0 if p.calib is None else int(p.calib.numel()),
@@ -264,10 +270,12 @@ def fit_run(cfg: RunConfig, source: ModelSource) -> Fit:
     return fit
 
 
-def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:
+def _export(ex, p: Prepared, state: RunState, progress: dict[str, Any]) -> dict[str, Any]:
     """Assemble the planned shards from the block state files and the source's tensors outside
     the blocks (on the workers, in parallel), then index, config and tokenizer; the staging
-    directory becomes output/model at once."""
+    directory becomes output/model at once. With `export.shard_size: block` each block's state
+    file is adopted as its shard (`adopt_shard`): its bytes are not written again. Returns
+    report.json's `export` fields beyond the format."""
     staging = p.output / ".model.partial"
     if staging.exists():
         shutil.rmtree(staging)
@@ -278,19 +286,31 @@ def _export(ex, p: Prepared, state: RunState) -> tuple[Path, int]:
         f = str(state.block_file(i))
         for spec in exporter.block_plan(i):
             origin[spec.name] = f
-    shards = plan_shards(exporter.plan(), parse_size(p.cfg.export.shard_size))
+    if p.cfg.export.block_shards:
+        blocks = [specs for i in range(src.num_blocks) if (specs := exporter.block_plan(i))]
+        others = [s for s in exporter.plan() if s.name not in origin]
+        shards = blocks + plan_shards(others, parse_size(OTHER_SHARD_SIZE))
+    else:
+        blocks, shards = [], plan_shards(exporter.plan(), parse_size(p.cfg.export.shard_size))
     names = shard_names(len(shards))
-    jobs = [
-        (str(staging / names[k]), specs, [origin.get(s.name) for s in specs])
-        for k, specs in enumerate(shards)
-    ]
-    digests = ex.assemble(jobs)
+    digests: dict[str, str] = {}
+    jobs = []
+    for k, specs in enumerate(shards):
+        path = staging / names[k]
+        source = Path(origin[specs[0].name]) if k < len(blocks) else None
+        if source is not None and adopt_shard(source, path, specs):
+            if (digest := progress["files"].get(state.rel(source))) is not None:  # else the manifest hashes it
+                digests[str(path)] = digest
+        else:
+            jobs.append((str(path), specs, [origin.get(s.name) for s in specs]))
+    digests.update(ex.assemble(jobs) if jobs else {})
     write_index(staging, shards)
     exporter.write_files(staging)
     write_manifest(staging, known={Path(path).relative_to(staging).as_posix(): d for path, d in digests.items()})
     export_path = p.output / "model"
     _replace_dir(staging, export_path)
-    return export_path, sum(s.nbytes for shard in shards for s in shard)
+    return {"path": str(export_path), "bytes": sum(s.nbytes for shard in shards for s in shard),
+            "shards": len(shards), "adopted_shards": len(shards) - len(jobs)}
 
 
 def evaluate(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:

@@ -95,8 +95,10 @@ def test_report_contents(tiny_models, texts, tmp_path):
     assert on_disk["kernels"] == {"mode": "auto", "ran": {"gptq_block": "torch"}}  # auto on the CPU: the references
     # export.bytes: the tensor data of the written checkpoint, counted from what is on disk.
     written = sum(t.numel() * t.element_size() for t in read_checkpoint(out / "model").values())
+    shards = len(list((out / "model").glob("*.safetensors")))
     assert on_disk["export"] == {
         "format": "compressed-tensors", "path": str(out / "model"), "bytes": written,
+        "shards": shards, "adopted_shards": 0,
     }
     assert (out / "report.md").read_text().startswith("# shardquant run")
 

@@ -97,6 +97,23 @@ def test_kill9_then_rerun_gives_identical_bytes(deep_model, texts, tmp_path, cle
     _same_checkpoint(clean_run, out / "model")
 
 
+def test_kill9_with_block_shards_gives_identical_bytes(deep_model, texts, tmp_path):
+    """`export.shard_size: block`: the shards are the state files of the killed and the resumed
+    run, adopted at the end, and the checkpoint is byte for byte an uninterrupted run's."""
+    export = {"format": "compressed-tensors", "shard_size": "block"}
+    clean = _write_cfg(deep_model, texts, tmp_path / "clean", tmp_path / "clean.yaml", export=export)
+    assert _run(clean).returncode == 0
+    out = tmp_path / "out"
+    cfg = _write_cfg(deep_model, texts, out, tmp_path / "run.yaml", export=export)
+    assert _stop_at(cfg, out, 3, signal.SIGKILL).returncode == -signal.SIGKILL
+    r = _run(cfg)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["shards"] == 7 and report["export"]["adopted_shards"] == 6
+    _same_checkpoint(tmp_path / "clean" / "model", out / "model")
+
+
 @pytest.mark.skipif(aio_problem() is not None, reason=f"cluster.spill aio: {aio_problem()}")
 def test_kill9_while_spilling_then_resume_gives_identical_bytes(deep_model, texts, tmp_path, clean_run):
     """Every batch over a 20 KB budget spilled through DeepSpeed's async I/O, killed after block

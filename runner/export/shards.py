@@ -5,7 +5,9 @@ block is solved, so shards are planned up front: each shard's header is written 
 every tensor's bytes are appended the moment it is produced. Memory never holds more than
 the tensor being written, whatever the shard size, and shard names are final from the start
 (`model-0000i-of-0000n.safetensors`). Each shard is written under a temporary name and
-renamed when complete; the index is written last.
+renamed when complete; the index is written last. A file already written this way for
+exactly a shard's plan (a block's state file) can become that shard without being written
+again (`adopt_shard`).
 
 safetensors has no streaming writer, hence this small one; files are read back with the
 safetensors library in the tests.
@@ -13,10 +15,12 @@ safetensors library in the tests.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
 import os
+import shutil
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -133,6 +137,41 @@ def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Ten
         tmp.unlink(missing_ok=True)
         raise
     return digest.hexdigest()
+
+
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
+
+
+def adopt_shard(source: Path, path: Path, specs: list[TensorSpec]) -> bool:
+    """Make ``source``, a file `write_shard` wrote for exactly ``specs``, the shard ``path``
+    without writing its bytes again: a hard link, or (on a filesystem without them) a copy
+    under a temp name, fsynced and renamed. False, with nothing written, when ``source`` is
+    missing or is not that file (its header and size differ from the plan's)."""
+    header = _header(specs)
+    try:
+        with open(source, "rb") as f:
+            if f.read(len(header)) != header or os.fstat(f.fileno()).st_size != len(header) + sum(s.nbytes for s in specs):
+                return False
+    except FileNotFoundError:
+        return False
+    try:
+        os.link(source, path)
+        return True
+    except OSError as e:
+        if e.errno not in _NO_LINK:
+            raise
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if isinstance(e, OSError):
+            _name_failed_write(e, tmp)
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def write_index(directory: Path, shards: list[list[TensorSpec]]) -> dict[str, str]:

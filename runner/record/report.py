@@ -52,6 +52,15 @@ def task_table(tasks: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+
+def _shard_note(export: dict[str, Any]) -> str:
+    """', N shards (M of them the blocks' state files, not written again)' when known."""
+    n = export.get("shards")
+    if not n:
+        return ""
+    adopted = export.get("adopted_shards", 0)
+    return f", {n} shards" + (f" ({adopted} of them the blocks' state files, not written again)" if adopted else "")
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A short human summary of report.json."""
     cfg = report["config"]
@@ -69,7 +78,7 @@ def render_markdown(report: dict[str, Any]) -> str:
          f"`{cfg['calib']['path']}` (propagate: {cfg['calib']['propagate']})"
          if report.get("calibration", {}).get("windows", 1) else
          "- calibration: none (round to nearest with no static input scale is data-free)"),
-        f"- export: {report['export']['format']} → `{report['export']['path']}`",
+        f"- export: {report['export']['format']} → `{report['export']['path']}`" + _shard_note(report["export"]),
         "",
         "| | value |",
         "| --- | --- |",
