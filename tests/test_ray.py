@@ -232,12 +232,14 @@ def test_one_worker_is_bytewise_local(ray_local, tiny_models, texts, tmp_path, o
 def test_fp_stages_calibrate_at_once(ray_local, deep_llama, texts, tmp_path, one_thread):
     """Two stages of three blocks each: after the fp streams pass through, both stages
     calibrate at the same time (their block intervals overlap) and the result is the local
-    run's, bit for bit."""
+    run's, bit for bit. The distributed run exports block shards: the state files the stage
+    actors wrote become the shards."""
     calib = {"propagate": "fp", "n_samples": 32}
     local = quantize(_cfg(deep_llama, texts, tmp_path / "l", calib=calib), show_progress=False)
-    dist = quantize(_cfg(deep_llama, texts, tmp_path / "r", calib=calib,
-                                  cluster={"backend": "ray", "workers": 2, "cpus_per_worker": 1}),
-                             show_progress=False)
+    dist = quantize(_cfg(deep_llama, texts, tmp_path / "r", calib=calib, export={"format": "fake", "shard_size": "block"},
+                         cluster={"backend": "ray", "workers": 2, "cpus_per_worker": 1}),
+                    show_progress=False)
+    assert dist["export"]["shards"] == 7 and dist["export"]["adopted_shards"] == 6
     st = dist["cluster"]["stages"]
     assert set(st["busy"]) == {"w0", "w1"}
     by_stage = {w: [b for b in dist["blocks"] if b["worker"] == w] for w in ("w0", "w1")}
