@@ -5,9 +5,10 @@ and checkpoint size per scheme, all exported as compressed-tensors.
                                      [--set KEY=VALUE] [--jobs N] [--out DIR]
 
 Rows: W4A16 GPTQ (group 64: SmolLM2's 576 inputs are no multiple of 128) as the reference,
-W8A8 RTN, W8A8 SmoothQuant (alpha 0.5) + GPTQ, FP8_DYNAMIC GPTQ, FP8_BLOCK (refused: 576
-columns are no multiple of the 128-column blocks vLLM's kernels need), NVFP4 RTN / GPTQ,
-MXFP4 RTN / GPTQ. The perplexity is with every quantized linear's input quantized as the
+W8A8 RTN, W8A8 SmoothQuant (alpha 0.5) + GPTQ, FP8_DYNAMIC GPTQ, NVFP4 RTN / GPTQ, MXFP4
+RTN / GPTQ; and FP8_BLOCK on down_proj alone beside FP8_DYNAMIC on down_proj alone (the other
+linears' 576 inputs are no multiple of the 128-column blocks, which FP8_BLOCK's per-128-column
+input groups need). The perplexity is with every quantized linear's input quantized as the
 scheme says (what the served model computes). Runs one at a time unless `--jobs`.
 """
 
@@ -19,11 +20,16 @@ from pathlib import Path
 
 from _common import apply_sets, run_many, smollm2_protocol
 
+ONLY_DOWN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
 RUNS = {  # name: quant section
     "W4A16 GPTQ": {"method": "gptq", "scheme": "W4A16", "group_size": 64},
     "W8A8 RTN": {"method": "rtn", "scheme": "W8A8"},
     "W8A8 SmoothQuant+GPTQ": {"method": "gptq", "scheme": "W8A8", "smoothquant": 0.5},
     "FP8_DYNAMIC GPTQ": {"method": "gptq", "scheme": "FP8_DYNAMIC"},
+    # FP8_BLOCK needs 128-multiple inputs: of SmolLM2's linears only down_proj (1536 inputs) has
+    # them, so the block row quantizes down_proj alone, beside FP8_DYNAMIC on the same linears
+    "FP8_BLOCK GPTQ down_proj": {"method": "gptq", "scheme": "FP8_BLOCK", "ignore": ["lm_head", *ONLY_DOWN]},
+    "FP8_DYNAMIC GPTQ down_proj": {"method": "gptq", "scheme": "FP8_DYNAMIC", "ignore": ["lm_head", *ONLY_DOWN]},
     "NVFP4 RTN": {"method": "rtn", "scheme": "NVFP4"},
     "NVFP4 GPTQ": {"method": "gptq", "scheme": "NVFP4"},
     "MXFP4 RTN": {"method": "rtn", "scheme": "MXFP4"},

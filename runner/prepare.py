@@ -18,6 +18,7 @@ from shardquant.data import load_text, token_windows
 from shardquant.errors import UserError
 from shardquant.execution import spill
 from shardquant.export.base import Exporter
+from shardquant.export.formats import quantized_linears
 from shardquant.export.registry import get_exporter
 from shardquant.kernels import select
 from shardquant.model.source import ModelSource
@@ -40,18 +41,20 @@ class Prepared:
 
 
 def check_scheme(cfg: RunConfig, source: ModelSource) -> None:
-    """Refuse a scheme that cannot apply to this model's layer shapes."""
+    """Refuse a scheme that cannot apply to the shapes of the linears it quantizes (those
+    `quant.ignore` leaves out may have any shape)."""
     g = cfg.quant.group_size
-    if cfg.quant.method == "none":
+    if cfg.quant.method == "none" or g == -1:
         return
-    if g == -1:
-        return
-    for name, (_, in_features) in source.linear_shapes().items():
-        if in_features % g:
-            raise UserError(
-                f"quant.group_size={g} does not divide the input size {in_features} of {name}; "
-                f"pick a divisor of {in_features} or -1 (per channel)"
-            )
+    shapes = source.linear_shapes()
+    for i in range(source.num_blocks):
+        for name in quantized_linears(cfg.quant, source.adapter.blocks, i, source.block_linears(i)):
+            in_features = shapes[name][1]
+            if in_features % g:
+                raise UserError(
+                    f"quant.group_size={g} does not divide the input size {in_features} of {name}; "
+                    f"pick a divisor of {in_features} or -1 (per channel), or list it in quant.ignore"
+                )
 
 
 def check_kernels(cfg: RunConfig, source: ModelSource) -> None:

@@ -59,6 +59,14 @@ EVAL_CASES = {
                           "float-quantized"),
 }
 
+# FP8_BLOCK on the one linear whose inputs are a multiple of its 128 columns (down_proj: 128),
+# the others (64 inputs) listed in quant.ignore, as on a real model with such linears.
+PARTIAL_CASES = {
+    "fp8-block-down": ({"method": "gptq", "scheme": "FP8_BLOCK",
+                        "ignore": ["lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]},
+                       False, torch.float32, "float-quantized"),
+}
+
 # Exported for the byte check of codes stored as they are only: int4 weights in int8, FP8 inputs.
 CODE_CASES = {
     "w4afp8": ({"method": "rtn", "scheme": "W4AFP8"}, True, torch.float32, "int-quantized"),
@@ -76,7 +84,7 @@ def exported(tiny_models, wide_model, texts, tmp_path_factory):
 
     def export(case: str, fmt: str):
         if (case, fmt) not in cache:
-            quant, wide, _, _ = {**CASES, **ACT_CASES, **EVAL_CASES, **CODE_CASES}[case]
+            quant, wide, _, _ = {**CASES, **ACT_CASES, **EVAL_CASES, **CODE_CASES, **PARTIAL_CASES}[case]
             out = tmp_path_factory.mktemp(f"{case}-{fmt}")
             raw = run_config(wide_model if wide else tiny_models["llama"], texts, out, calib=CALIB, eval=EVAL,
                              export={"format": fmt})
@@ -382,7 +390,7 @@ def served(exported, texts):
 
     def ppl(case: str, *, inputs: bool = True) -> float | None:
         if (case, inputs) not in cache:
-            _, _, route, _ = {**CASES, **ACT_CASES, **EVAL_CASES}[case]
+            _, _, route, _ = {**CASES, **ACT_CASES, **EVAL_CASES, **PARTIAL_CASES}[case]
             ct_dir, _ = exported(case, "compressed-tensors")
             if not inputs or route in ("dequantize", torch.bfloat16):
                 if case == "nvfp4":
@@ -501,6 +509,29 @@ def test_eval_of_the_export_is_the_runs_quantized_ppl(case, exported, served, te
         assert abs(plain / result["ppl"] - 1) > 10 * EVAL_TOL, (plain, result["ppl"])
     else:
         assert "input_activations" not in result and "inputs quantized" not in err
+
+
+def test_fp8_block_on_the_linears_it_fits(exported, served, texts, tmp_path):
+    """FP8_BLOCK with the linears whose inputs its 128-column blocks do not divide ignored:
+    the run is not refused, down_proj is stored in one partial 128 x 128 block (64 rows), the
+    others stay dense, and transformers + compressed-tensors' reload and `shardquant eval`
+    give the run's `ppl.quantized`, inputs quantized per group of 128 as served."""
+    ct_dir, report = exported("fp8-block-down", "compressed-tensors")
+    tensors = read_checkpoint(ct_dir)
+    down = "model.layers.0.mlp.down_proj"
+    assert tensors[f"{down}.weight"].dtype == torch.float8_e4m3fn and tuple(tensors[f"{down}.weight"].shape) == (64, 128)
+    assert tuple(tensors[f"{down}.weight_scale"].shape) == (1, 1)
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    assert "model.layers.0.self_attn.q_proj.weight_scale" not in tensors
+    qc = json.loads((ct_dir / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["block_structure"] == [128, 128]
+    assert "model.layers.0.self_attn.q_proj" in qc["ignore"] and down not in qc["ignore"]
+    ours = report["ppl"]["quantized"]
+    assert served("fp8-block-down") == pytest.approx(ours, rel=EVAL_TOL)
+    assert abs(served("fp8-block-down", inputs=False) / ours - 1) > 10 * EVAL_TOL
+    rc, result, err = _eval(ct_dir, texts, tmp_path / "eval")
+    assert rc == 0, err
+    assert result["ppl"] == pytest.approx(ours, rel=EVAL_TOL)
 
 
 def _copy_export(src, dst, edit=None, drop: str | None = None):
