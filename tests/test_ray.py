@@ -459,11 +459,13 @@ def test_float_scheme_on_workers_is_bytewise_local(ray_local, tiny_models, texts
     static `input_global_scale` must be reduced (by max, exactly) over the workers, and both
     workers' evaluation windows go through the same input quantization."""
     quant = {"method": "gptq", "scheme": "NVFP4", "group_size": 16, "smoothquant": 0.5}
-    export = {"format": "compressed-tensors"}
     reports = {}
-    for name, cluster in (("local", {}), ("ray", {**TWO, "row_split": "auto"})):
-        reports[name] = quantize(_cfg(tiny_models["llama"], texts, tmp_path / name, quant=quant, export=export,
-                                      cluster=cluster), show_progress=False)
+    # the Ray run exports block shards: the state files its two actors wrote, round robin
+    for name, cluster, shards in (("local", {}, "2GB"), ("ray", {**TWO, "row_split": "auto"}, "block")):
+        reports[name] = quantize(_cfg(tiny_models["llama"], texts, tmp_path / name, quant=quant, cluster=cluster,
+                                      export={"format": "compressed-tensors", "shard_size": shards}),
+                                 show_progress=False)
+    assert reports["ray"]["export"]["adopted_shards"] == reports["ray"]["export"]["shards"] - 1 > 1
     a, b = read_checkpoint(tmp_path / "local" / "model"), read_checkpoint(tmp_path / "ray" / "model")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert reports["ray"]["ppl"] == reports["local"]["ppl"]
