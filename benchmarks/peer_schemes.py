@@ -195,15 +195,14 @@ def main() -> None:
     for by_tool in results.values():
         for r in by_tool.values():
             r["calib_s"] = statistics.median(r["times"])
-    table = list(results.items())
 
     print(f"\nfp perplexity: {json.dumps(fp)}\n")
     print(f"calibration seconds: the median of {args.repeat} run(s) of each tool, the range in brackets\n")
     print("| preset | tool | eval dtype | calibration + compression s | peak RSS GiB | perplexity | / fp | ours / peer time | ours / peer ppl |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for row, results in table:
-        ours, dtype = results.get("ours"), ROWS[row]["dtype"]
-        for p, r in results.items():
+    for row, by_tool in results.items():
+        ours, dtype = by_tool.get("ours"), ROWS[row]["dtype"]
+        for p, r in by_tool.items():
             peer = ours is not None and p != "ours"
             tr = f"{ours['calib_s'] / r['calib_s']:.2f}" if peer else ""
             pr = f"{ours['ppl'] / r['ppl']:.4f}" if peer else ""

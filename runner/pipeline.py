@@ -281,29 +281,25 @@ def _export(ex, p: Prepared, state: RunState, progress: dict[str, Any]) -> dict[
         shutil.rmtree(staging)
     staging.mkdir()
     src, exporter = p.source, p.exporter
-    origin: dict[str, str] = {}  # a block tensor's state file; the others are read from the source
-    for i in range(src.num_blocks):
-        f = str(state.block_file(i))
-        for spec in exporter.block_plan(i):
-            origin[spec.name] = f
-    if p.cfg.export.block_shards:
-        blocks = [specs for i in range(src.num_blocks) if (specs := exporter.block_plan(i))]
-        others = [s for s in exporter.plan() if s.name not in origin]
-        shards = blocks + plan_shards(others, parse_size(OTHER_SHARD_SIZE))
+    block_plans = [exporter.block_plan(i) for i in range(src.num_blocks)]
+    # a block tensor's state file; the others are read from the source
+    origin = {spec.name: str(state.block_file(i)) for i, specs in enumerate(block_plans) for spec in specs}
+    if p.cfg.export.block_shards:  # shard k < len(adoptable): block file adoptable[k][0], as it is
+        adoptable = [(state.block_file(i), specs) for i, specs in enumerate(block_plans) if specs]
+        shards = [specs for _, specs in adoptable] + plan_shards(exporter.other_plan(), parse_size(OTHER_SHARD_SIZE))
     else:
-        blocks, shards = [], plan_shards(exporter.plan(), parse_size(p.cfg.export.shard_size))
+        adoptable, shards = [], plan_shards(exporter.plan(), parse_size(p.cfg.export.shard_size))
     names = shard_names(len(shards))
     digests: dict[str, str] = {}
     jobs = []
     for k, specs in enumerate(shards):
         path = staging / names[k]
-        source = Path(origin[specs[0].name]) if k < len(blocks) else None
-        if source is not None and adopt_shard(source, path, specs):
-            if (digest := progress["files"].get(state.rel(source))) is not None:  # else the manifest hashes it
+        if k < len(adoptable) and adopt_shard(adoptable[k][0], path, specs):
+            if (digest := progress["files"].get(state.rel(adoptable[k][0]))) is not None:  # else the manifest hashes it
                 digests[str(path)] = digest
         else:
             jobs.append((str(path), specs, [origin.get(s.name) for s in specs]))
-    digests.update(ex.assemble(jobs) if jobs else {})
+    digests.update(ex.assemble(jobs))
     write_index(staging, shards)
     exporter.write_files(staging)
     write_manifest(staging, known={Path(path).relative_to(staging).as_posix(): d for path, d in digests.items()})

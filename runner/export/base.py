@@ -82,8 +82,11 @@ class Exporter:
         specs: list[TensorSpec] = []
         for i in range(self.source.num_blocks):
             specs += self.block_plan(i)
-        specs += [self.source_spec(n) for n in sorted(self.source.non_block_names())]
-        return specs
+        return specs + self.other_plan()
+
+    def other_plan(self) -> list[TensorSpec]:
+        """The tensors outside the blocks (embedding, final norm, lm_head), sorted."""
+        return [self.source_spec(n) for n in sorted(self.source.non_block_names())]
 
     def block_plan(self, index: int) -> list[TensorSpec]:
         return [self.source_spec(n) for n in self.source.index.names(self.source.adapter.block_prefix(index))]

@@ -52,7 +52,6 @@ def task_table(tasks: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
-
 def _shard_note(export: dict[str, Any]) -> str:
     """', N shards (M of them the blocks' state files, not written again)' when known."""
     n = export.get("shards")
@@ -60,6 +59,7 @@ def _shard_note(export: dict[str, Any]) -> str:
         return ""
     adopted = export.get("adopted_shards", 0)
     return f", {n} shards" + (f" ({adopted} of them the blocks' state files, not written again)" if adopted else "")
+
 
 def render_markdown(report: dict[str, Any]) -> str:
     """A short human summary of report.json."""
