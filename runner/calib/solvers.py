@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from shardquant.algorithms import awq
@@ -57,6 +58,13 @@ def task_weight(block: nn.Module, name: str, s: Tensor | None, originals: dict[s
     return block.get_submodule(name).weight.float()
 
 
+def squared_error(a: Tensor, b: Tensor) -> float:
+    """Sum of the squared differences of two float32 tensors (a difference and one dot
+    product: on CPU about a third of ``mse_loss(reduction="sum")``'s time)."""
+    d = torch.sub(a, b).view(-1)
+    return float(torch.dot(d, d))
+
+
 def solve_rtn(
     task: SolveTask, block: nn.Module, stats: GroupStats | None, s: Tensor | None,
     originals: dict[str, Tensor], spec: Spec, q: QuantConfig,
@@ -74,7 +82,7 @@ def solve_rtn(
         else:
             qw = quantize_rtn(w, spec, mse=mse)
         weights[name] = qw
-        losses[name] = float(nn.functional.mse_loss(qw.dequantize().to(w.device), w, reduction="sum"))
+        losses[name] = squared_error(qw.dequantize().to(w.device), w)
     return weights, losses
 
 
