@@ -163,6 +163,7 @@ class RayExecutor:
         self._stats: list = []
         self._pending: list = []
         self._index = -1
+        self._block_writers: dict[str, int] = {}  # block file -> the actor writing it
         self._setup_args: tuple | None = None
         self._shapes = dict(linear_shapes)
 
@@ -209,7 +210,15 @@ class RayExecutor:
         import ray
 
         writer = self._index % self.world
-        return ray.get([a.end_block.remote(block_file if k == writer else None) for k, a in enumerate(self.actors)])
+        self._block_writers[block_file] = writer
+        return ray.get([a.end_block.remote(block_file if k == writer else None, background=True)
+                        for k, a in enumerate(self.actors)])
+
+    def block_file_digest(self, block_file: str) -> str:
+        """Wait for the worker that writes `block_file` to finish it; its sha256."""
+        import ray
+
+        return ray.get(self.actors[self._block_writers.pop(block_file)].block_file_digest.remote(block_file))
 
     def begin_save_activations(self, paths: list[str]) -> None:
         """Each worker starts writing its share to its path (in the background)."""

@@ -96,9 +96,14 @@ def test_llama2_70b_by_hand(tmp_path):
     # Forward workspace, B=8, T=2048: fp32 attention scores 8·64·2048²·4 (8 GiB) beat the MLP's
     # 2·8·2048·28672·2; plus the batch being produced 8·2048·8192·2.
     assert m["workspace"] == 8 * 64 * 2048 * 2048 * 4 + 8 * 2048 * 8192 * 2
+    # The previous block's export, written in the background (CPU workers): per linear int32
+    # codes 8 to a word (out·in/2 B), bf16 scales per group of 128 and its int64[2] shape; the
+    # two bf16 norms.
+    assert m["block_writing"] == sum(o * i // 2 + o * (i // 128) * 2 + 16 for o, i in L70.values()) + 2 * 8192 * 2
     # A Ray actor's own footprint (0.55 GiB); a forward batch never coexists with a solve.
     assert m["framework"] == 563 * 2**20
-    held = sum(m[k] for k in ("framework", "weights", "activations", "solved_codes", "awq_captures", "stage_cache"))
+    held = sum(m[k] for k in ("framework", "weights", "activations", "solved_codes", "awq_captures", "stage_cache",
+                              "block_writing"))
     assert m["block_phase"] == held + max(m["workspace"], m["fp32_copies"] + m["hessians"])
     # Outside the blocks: activations + the lm_head 32000·8192·2 + one window's fp32 logits, twice.
     assert m["outside_phase"] == m["framework"] + m["activations"] + 32000 * 8192 * 2 + 2 * 2048 * 32000 * 4
@@ -247,7 +252,7 @@ def test_cli_text(tmp_path, capsys):
     assert "auto: calib.reuse_stages auto: off, the stage cache (4831838208 B)" in out
     assert "stage_cache" not in out.split("peak memory per worker")[1]
     # Ranks 0 and 1 solve down_proj's halves; the others hold only their own part.
-    assert "by rank (who solves what differs)  0: 35.74 GiB, 1: 35.74 GiB, 2: 13.87 GiB" in out
+    assert "by rank (who solves what differs)  0: 36.15 GiB, 1: 36.15 GiB, 2: 14.28 GiB" in out
     assert "driver process         461.00 MiB" in out
     # A smaller worker does not fit and the exit is still 0. On CPU workers the solver's
     # Hessians (all 8 parts mapped from the object store) dominate: no single change is

@@ -35,17 +35,17 @@ def run_blocks(ex, p: Prepared, state: RunState, progress: dict[str, Any], *, st
     """Calibrate blocks `start`.. (stage mode: every block not in progress `stage_done`) on
     `ex`, whose `setup` has run. `on_record` gets each finished block's report record (again
     for a block redone after a lost worker). Data parallel, a block is committed to
-    progress.json once the activations after it are on disk, written while the next block
-    calibrates.
+    progress.json once its state file and the activations after it are on disk, both written
+    while the next block calibrates.
     Returns the stage mode's fp streaming seconds (None when data parallel)."""
     if staged:
         return _stages_with_recovery(ex, p, state, progress, do_fp, on_record)
     n, i = p.source.num_blocks, start
-    pending: tuple[int, str, dict[str, Any]] | None = None  # (done, block sha256, record): being written
+    pending: tuple[int, dict[str, Any]] | None = None  # (done, record): its files being written
     while i < n or pending is not None:
         try:
             if i < n:
-                rec, digest = _run_block(ex, p, i, state)
+                rec = _run_block(ex, p, i, state)
             if pending is not None:
                 _commit(ex, state, progress, *pending)
                 pending = None
@@ -53,7 +53,7 @@ def run_blocks(ex, p: Prepared, state: RunState, progress: dict[str, Any], *, st
                 break
             # The next block calibrates while the activations after this one are written.
             ex.begin_save_activations([str(state.acts_file(i + 1, k)) for k in range(ex.world)])
-            pending = (i + 1, digest, rec)
+            pending = (i + 1, rec)
         except Exception as e:  # a lost Ray worker: replace it, redo from the last saved block
             t_fault = time.perf_counter()
             pending = None
@@ -155,9 +155,9 @@ def block_record(index: int, seconds: float, losses: dict[str, float], prof: Blo
     return rec
 
 
-def _run_block(ex, p: Prepared, i: int, state: RunState) -> tuple[dict[str, Any], str]:
-    """Every step of block i on the executor; its tensors land in the block's state file.
-    Returns the block's report record and the file's sha256."""
+def _run_block(ex, p: Prepared, i: int, state: RunState) -> dict[str, Any]:
+    """Every step of block i on the executor; its tensors are being written to the block's
+    state file (`_commit` waits for it). Returns the block's report record."""
     src, q = p.source, p.cfg.quant
     name = f"{src.adapter.blocks}.{i}"
     t0 = time.perf_counter()
@@ -165,20 +165,20 @@ def _run_block(ex, p: Prepared, i: int, state: RunState) -> tuple[dict[str, Any]
     prof = BlockProfile()
     losses = calibrate_block(ex, name, src.skeleton.get_submodule(name), src.adapter, q, prof)
     parts = ex.end_block(str(state.block_file(i)))
-    digest = next(d["block_sha256"] for d in parts if d.get("block_sha256"))  # the writer's
-    rec = block_record(i, time.perf_counter() - t0, losses, prof, parts)
-    return rec, digest
+    return block_record(i, time.perf_counter() - t0, losses, prof, parts)
 
 
-def _commit(ex, state: RunState, progress: dict[str, Any], done: int, block_digest: str,
-            record: dict[str, Any]) -> None:
-    """Record blocks < done as finished once their activations are on disk: wait for the
-    checkpoint `begin_save_activations` started, then progress.json (with its checksums and
-    the block's report record) and the pruning of older checkpoints."""
+def _commit(ex, state: RunState, progress: dict[str, Any], done: int, record: dict[str, Any]) -> None:
+    """Record blocks < done as finished once block done - 1's state file and the activations
+    after it are on disk: wait for the writes `end_block` and `begin_save_activations`
+    started, then progress.json (with their checksums and the block's report record) and the
+    pruning of older checkpoints."""
+    block_file = state.block_file(done - 1)
+    block_digest = ex.block_file_digest(str(block_file))
     paths = [state.acts_file(done, k) for k in range(ex.world)]
     digests = ex.end_save_activations()
     progress["activations"] = [{"file": state.rel(x), "sha256": d} for x, d in zip(paths, digests, strict=True)]
-    progress["files"][state.rel(state.block_file(done - 1))] = block_digest
+    progress["files"][state.rel(block_file)] = block_digest
     progress["done"] = done
     put_record(progress["blocks"], record)
     state.write(progress)

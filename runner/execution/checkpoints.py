@@ -1,15 +1,16 @@
-"""A worker's activation checkpoint: every stream of its share, exactly, in one file.
+"""A worker's resumable files, written in the background: its activation checkpoint (every
+stream of its share, exactly, in one file) and the finished blocks' state files.
 
-The block loop records a block as done once every worker's activations after it are on
-disk. The write runs in a background thread while the next block calibrates (`begin`), and
-is waited for at the end of that block (`end`), so a checkpoint costs no wall time unless
-the disk is slower than a block.
+The block loop records a block as done once its state file and every worker's activations
+after it are on disk. Both writes run in background threads while the next block calibrates
+and are waited for at the end of that block, so they cost no wall time unless the disk is
+slower than a block.
 """
 
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -84,3 +85,33 @@ class ActivationCheckpointer:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._pending = None
+
+
+class BlockFileWriter:
+    """Writes finished blocks' state files (`save_tensors`) in a background thread.
+
+    `submit` first waits for the write before it, so at most one finished block waits in host
+    memory beside the one being built; `result` waits for a file and gives its sha256."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._writes: dict[str, Future[str]] = {}
+
+    def submit(self, path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Start writing `tensors` (moved to host memory now) to `path`, atomically."""
+        wait(list(self._writes.values()))  # an error stays in its future, for `result`
+        host = {k: v.detach().to("cpu") for k, v in tensors.items()}
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardquant-block")
+        self._writes[str(path)] = self._pool.submit(save_tensors, Path(path), host)
+
+    def result(self, path: str | Path) -> str:
+        """Wait for the write of `path` (re-raising its error); the file's sha256."""
+        return self._writes.pop(str(path)).result()
+
+    def close(self) -> None:
+        """Wait for the writes still running and stop the thread; their results are dropped."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._writes = {}

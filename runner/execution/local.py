@@ -45,7 +45,10 @@ class LocalExecutor:
 
     def end_block(self, block_file: str) -> list[dict[str, Any]]:
         """Per-worker block records (one here), like every executor."""
-        return [self.worker.end_block(block_file)]
+        return [self.worker.end_block(block_file, background=True)]
+
+    def block_file_digest(self, block_file: str) -> str:
+        return self.worker.block_file_digest(block_file)
 
     def begin_save_activations(self, paths: list[str]) -> None:
         self.worker.begin_save_activations(paths[0])

@@ -43,7 +43,11 @@ class Executor(BlockSteps, Protocol):
         """Load block `index` on every worker and run the fp streams through it."""
 
     def end_block(self, block_file: str) -> list[BlockResult]:
-        """Propagate, evaluate, write the block's tensors (one worker) and free it; per-worker records."""
+        """Propagate, evaluate, start writing the block's tensors to `block_file` (one worker,
+        in the background) and free it; per-worker records."""
+
+    def block_file_digest(self, block_file: str) -> str:
+        """Wait for the write of `block_file` that `end_block` started; its sha256."""
 
     def begin_save_activations(self, paths: list[str]) -> None:
         """Start writing each worker's streams to its path (in the background)."""

@@ -52,7 +52,7 @@ from shardquant.calib.steps import (
 )
 from shardquant.config import RunConfig
 from shardquant.execution.activations import ActivationStore
-from shardquant.execution.checkpoints import ActivationCheckpointer
+from shardquant.execution.checkpoints import ActivationCheckpointer, BlockFileWriter
 from shardquant.execution.memory import trim_heap
 from shardquant.execution.streams import Streams
 from shardquant.export.registry import get_exporter
@@ -90,6 +90,7 @@ class BlockWorker:
         self.results: dict[str, LayerResult] = {}
         self.captures: dict[str, Capture] = {}
         self.checkpoints = ActivationCheckpointer(self.store)
+        self.block_files = BlockFileWriter()
         self.originals: dict[str, Tensor] = {}
         self.candidates: dict[str, list[Tensor]] = {}
         self.scales: dict[str, Tensor] = {}
@@ -381,9 +382,11 @@ class BlockWorker:
         self.scales.pop(group, None)
         self.originals.clear()
 
-    def end_block(self, block_file: str | None) -> dict[str, Any]:
+    def end_block(self, block_file: str | None, *, background: bool = False) -> dict[str, Any]:
         """Propagate calibration and evaluation streams, write the block's exported tensors
-        (when `block_file` is given: this worker writes this block), free the block."""
+        (when `block_file` is given: this worker writes this block), free the block. With
+        `background` the file is written while the next block runs (its sha256 from
+        `block_file_digest`); otherwise now, its sha256 in the record (`block_sha256`)."""
         t = time.perf_counter()
         cache_bytes = 0
         if self.store.has("calib_next"):
@@ -406,7 +409,11 @@ class BlockWorker:
             tensors = dict(self.exporter.block_tensors(
                 self.index, self.block, {n: r.weight for n, r in self.results.items()}, inputs=self.inputs.params
             ))
-            digest = save_tensors(Path(block_file), tensors)
+            if background:
+                self.block_files.submit(block_file, tensors)
+            else:
+                digest = save_tensors(Path(block_file), tensors)
+            del tensors
         self.profile.extra["export_s"] = time.perf_counter() - t
         self.inputs.clear()
         self.source.release(self.block)
@@ -466,6 +473,10 @@ class BlockWorker:
 
     # --- resumable state ------------------------------------------------------------------
 
+    def block_file_digest(self, block_file: str) -> str:
+        """Wait for the background write of `block_file` (`end_block(background=True)`); its sha256."""
+        return self.block_files.result(block_file)
+
     def begin_save_activations(self, path: str) -> None:
         """Start writing this share's streams to `path` in the background (`ActivationCheckpointer`)."""
         self.checkpoints.begin(path)
@@ -483,4 +494,5 @@ class BlockWorker:
 
     def close(self) -> None:
         self.checkpoints.close()
+        self.block_files.close()
         self.store.clear()

@@ -2,7 +2,8 @@
 
 After every block the executor writes that block's exported tensors
 (`state/blocks/block-00012.safetensors`) and each worker's activations
-(`state/acts/acts-00012-w0.safetensors`, only the latest kept); then `progress.json`
+(`state/acts/acts-00012-w0.safetensors`, only the latest kept), in the background while the
+next block calibrates; once both are on disk `progress.json`
 records the block as done, with the sha256 of every file it relies on. Each file is written
 under a temporary name, fsynced and renamed, and progress is written last, so a run killed
 at any instant leaves either the previous or the next consistent state. A rerun of the same

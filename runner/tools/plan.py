@@ -86,6 +86,10 @@ Memory per worker while one block is worked on (``block phase``):
   ``calib.reuse_stages``): a block's finished attention outputs and the inputs of its
   o_proj or down_proj, kept between the observation passes so a block costs one forward
   pass: ``tokens · (hidden + max(heads · head_dim, intermediate)) · d``.
+- ``block_writing`` (CPU workers, data parallel): the previous block's exported tensors, which
+  its state file is written from in the background while this block is worked on (each worker
+  writes blocks in turn): the largest block's bytes as the checkpoint below counts them. A GPU
+  worker holds them in host memory, and pipeline stages write a block before going on.
 - ``workspace``: one forward batch (B = the stream's batch size, capped by its windows,
   T = its seq_len): ``max(B · heads · T² · 4, 2 · B · T · intermediate · d) + B · T · hidden · d``
   on CPU workers (fp32 attention scores of the sdpa math fallback, or the MLP's gate and up
@@ -94,8 +98,8 @@ Memory per worker while one block is worked on (``block phase``):
   calibration and evaluation streams.
 
 A forward batch is gone before a linear is solved, so ``block phase = framework + weights +
-activations + solved_codes + awq_captures + stage_cache + max(workspace, fp32_copies +
-hessians)``. Outside the blocks (embedding at setup, final norm and lm_head for perplexity)
+activations + solved_codes + awq_captures + stage_cache + block_writing + max(workspace,
+fp32_copies + hessians)``. Outside the blocks (embedding at setup, final norm and lm_head for perplexity)
 ``outside phase = framework + activations + vocab · hidden · d + 2 · eval.seq_len · vocab · 4``
 (one window's float32 logits and their log-softmax). ``peak = max(block phase, outside
 phase)``, the largest over the ranks. A Ray run's driver holds no weights: ``DRIVER`` (0.45
@@ -398,16 +402,17 @@ class Plan:
         }
 
 
-def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
-    """Bytes of the exported checkpoint's tensors (what report.json's export.bytes counts)."""
+def block_export_bytes(shape: ModelShape, cfg: RunConfig) -> list[int]:
+    """Bytes of each block's exported tensors (its state file's data), in block order."""
     d = DTYPE_BYTES[cfg.model.dtype]
     layout = get_layout(cfg.export.format)(cfg.quant, cfg.model.dtype)
     model = shape.block_linears()
-    total = 0
     packed: dict[tuple[int, int], int] = {}  # by (out, in): a MoE block has hundreds of each
+    out = []
     for i in range(shape.layers):
         shapes = shape.linears(i)
         quantized = set(quantized_linears(cfg.quant, model.blocks, i, list(shapes)))
+        total = shape.block_other_numel(i) * d
         for name, (out_f, in_f) in shapes.items():
             if name not in quantized:
                 total += out_f * in_f * d
@@ -415,8 +420,13 @@ def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
             if (out_f, in_f) not in packed:
                 packed[out_f, in_f] = layout.linear_bytes(out_f, in_f)
             total += packed[out_f, in_f]
-        total += shape.block_other_numel(i) * d
-    return total + shape.outside_numel() * d
+        out.append(total)
+    return out
+
+
+def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
+    """Bytes of the exported checkpoint's tensors (what report.json's export.bytes counts)."""
+    return sum(block_export_bytes(shape, cfg)) + shape.outside_numel() * DTYPE_BYTES[cfg.model.dtype]
 
 
 # In-process footprint beyond the terms (bytes), measured with benchmarks/plan_accuracy.py: an
@@ -671,13 +681,15 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
             t = _block_terms(shape, cfg, i, nc_r * cfg.calib.seq_len, 0 if staged else rank, 1 if staged else world,
                              dev)
             t["weights"] = shape.block_numel(i) * d
+            t["block_writing"] = writing
             # A forward batch is gone before a linear is solved: the two never coexist.
             return (framework + t["weights"] + held + t["solved_codes"] + t["awq_captures"] + t["stage_cache"]
-                    + max(workspace, t["fp32_copies"] + t["hessians"])), t
+                    + writing + max(workspace, t["fp32_copies"] + t["hessians"])), t
 
         phase_bytes, terms = max((block_phase(i) for i in kinds.values()), key=lambda pt: pt[0])
         m = {"framework": framework, "weights": terms["weights"], "activations": held}
-        m.update({k: terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache")})
+        m.update({k: terms[k] for k in ("solved_codes", "fp32_copies", "hessians", "awq_captures", "stage_cache",
+                                        "block_writing")})
         m["workspace"] = workspace
         m["block_phase"] = phase_bytes
         m["outside_phase"] = (framework + held + shape.vocab * h * d
@@ -685,6 +697,9 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         m["peak"] = max(m["block_phase"], m["outside_phase"])
         return m, terms
 
+    # Data parallel, the previous block's state file is written while a block is worked on, by
+    # each worker in turn; pipeline stages write theirs before going on.
+    writing = max(block_export_bytes(shape, cfg)) if dev == "cpu" and not staged and quantizing else 0
     per_rank = [worker_memory(r) for r in range(world)]
     memory, terms = per_rank[0]
     statistics = q.method in ("gptq", *AWQ_METHODS)

@@ -82,7 +82,8 @@ def render(plan: Plan, capacity: int | None = None, throughput: int | None = Non
         lines.append(f"  AWQ captures         {human(m['awq_captures']):>12}")
     lines.append("")
     lines.append("peak memory per worker (estimate)")
-    for key in ("framework", "weights", "activations", "solved_codes", "awq_captures", "stage_cache"):
+    for key in ("framework", "weights", "activations", "solved_codes", "awq_captures", "stage_cache",
+                "block_writing"):
         if m[key]:
             lines.append(f"  {key:<20}{human(m[key]):>12}")
     solve = m["fp32_copies"] + m["hessians"]
