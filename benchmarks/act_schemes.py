@@ -8,7 +8,8 @@ Rows: W4A16 GPTQ (group 64: SmolLM2's 576 inputs are no multiple of 128) as the 
 W8A8 RTN, W8A8 SmoothQuant (alpha 0.5) + GPTQ, FP8_DYNAMIC GPTQ, NVFP4 RTN / GPTQ, MXFP4
 RTN / GPTQ; and FP8_BLOCK on down_proj alone beside FP8_DYNAMIC on down_proj alone (the other
 linears' 576 inputs are no multiple of the 128-column blocks, which FP8_BLOCK's per-128-column
-input groups need). The perplexity is with every quantized linear's input quantized as the
+input groups need). FP8_BLOCK RTN / GPTQ on the whole model run on SmolLM2 widened with zeros
+to 128-multiple sizes, the same function (`widen_model.py`; `--set model.path=...`). The perplexity is with every quantized linear's input quantized as the
 scheme says (what the served model computes). Runs one at a time unless `--jobs`.
 """
 
@@ -30,6 +31,9 @@ RUNS = {  # name: quant section
     # them, so the block row quantizes down_proj alone, beside FP8_DYNAMIC on the same linears
     "FP8_BLOCK GPTQ down_proj": {"method": "gptq", "scheme": "FP8_BLOCK", "ignore": ["lm_head", *ONLY_DOWN]},
     "FP8_DYNAMIC GPTQ down_proj": {"method": "gptq", "scheme": "FP8_DYNAMIC", "ignore": ["lm_head", *ONLY_DOWN]},
+    # the whole model: only on SmolLM2 widened to 128-multiple sizes (widen_model.py)
+    "FP8_BLOCK RTN": {"method": "rtn", "scheme": "FP8_BLOCK"},
+    "FP8_BLOCK GPTQ": {"method": "gptq", "scheme": "FP8_BLOCK"},
     "NVFP4 RTN": {"method": "rtn", "scheme": "NVFP4"},
     "NVFP4 GPTQ": {"method": "gptq", "scheme": "NVFP4"},
     "MXFP4 RTN": {"method": "rtn", "scheme": "MXFP4"},
