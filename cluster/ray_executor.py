@@ -211,7 +211,7 @@ class RayExecutor:
 
         writer = self._index % self.world
         self._block_writers[block_file] = writer
-        return ray.get([a.end_block.remote(block_file if k == writer else None, background=True)
+        return ray.get([a.end_block.remote(block_file if k == writer else None)
                         for k, a in enumerate(self.actors)])
 
     def block_file_digest(self, block_file: str) -> str:
@@ -277,6 +277,7 @@ class RayExecutor:
                     calib, evals, do_fp, tasks = self._setup_args
                     ray.get(self.actors[k].setup.remote(calib, evals, do_fp_eval=do_fp, tasks=tasks))
         self._stats, self._pending = [], []
+        self._block_writers = {}  # the block in flight is redone, and its writer may be gone
         return True
 
     def close(self) -> None:

@@ -96,9 +96,10 @@ class StageWorker(BlockWorker):
             dequantized = {k: v.contiguous() for k, v in self.block.state_dict().items()}
             qdigest = save_tensors(Path(qblock_file), dequantized)
         part = self.end_block(block_file)
+        digest = self.block_file_digest(block_file)
         return {"index": index, "seconds": time.perf_counter() - t0, "losses": losses, "profile": prof,
                 "part": part, "start": started, "end": time.time(),
-                "block_sha256": part["block_sha256"], "qblock_sha256": qdigest}
+                "block_sha256": digest, "qblock_sha256": qdigest}
 
     def evaluate(self, qblock_files: dict[int, str], eval_q: list[Tensor] | None = None) -> list[Tensor] | int:
         """The evaluation stream through this stage's quantized blocks (stage 0: from its

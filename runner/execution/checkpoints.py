@@ -10,8 +10,10 @@ slower than a block.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -21,12 +23,31 @@ from shardquant.export.shards import TensorSpec, write_shard
 from shardquant.record.state import save_tensors
 
 
+class _WriterThread:
+    """One background thread, started at the first write, that runs writes in order."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[..., str], *args: Any) -> Future[str]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        """Wait for the writes still running and stop the thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
 class ActivationCheckpointer:
     """Writes (in the background) and reads the checkpoints of one `ActivationStore`."""
 
     def __init__(self, store: ActivationStore):
         self.store = store
-        self._pool: ThreadPoolExecutor | None = None
+        self._thread = _WriterThread("shardquant-save")
         self._pending: Future[str] | None = None
 
     def begin(self, path: str | Path) -> None:
@@ -49,9 +70,7 @@ class ActivationCheckpointer:
         for stream in self.store.streams():
             for i, h in enumerate(self.store.iter(stream)):
                 tensors[f"{stream}.{i:06d}"] = h
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardquant-save")
-        self._pending = self._pool.submit(save_tensors, Path(path), tensors)
+        self._pending = self._thread.submit(save_tensors, Path(path), tensors)
 
     def _write_streamed(self, path: Path) -> str:
         """The streams as one safetensors file, in `save_tensors`' (sorted) order; its sha256."""
@@ -81,9 +100,7 @@ class ActivationCheckpointer:
 
     def close(self) -> None:
         """Wait for the background thread to finish and stop it; a pending result is dropped."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._thread.close()
         self._pending = None
 
 
@@ -94,16 +111,14 @@ class BlockFileWriter:
     memory beside the one being built; `result` waits for a file and gives its sha256."""
 
     def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
+        self._thread = _WriterThread("shardquant-block")
         self._writes: dict[str, Future[str]] = {}
 
     def submit(self, path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         """Start writing `tensors` (moved to host memory now) to `path`, atomically."""
         wait(list(self._writes.values()))  # an error stays in its future, for `result`
         host = {k: v.detach().to("cpu") for k, v in tensors.items()}
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardquant-block")
-        self._writes[str(path)] = self._pool.submit(save_tensors, Path(path), host)
+        self._writes[str(path)] = self._thread.submit(save_tensors, Path(path), host)
 
     def result(self, path: str | Path) -> str:
         """Wait for the write of `path` (re-raising its error); the file's sha256."""
@@ -111,7 +126,5 @@ class BlockFileWriter:
 
     def close(self) -> None:
         """Wait for the writes still running and stop the thread; their results are dropped."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._thread.close()
         self._writes = {}

@@ -45,7 +45,7 @@ class LocalExecutor:
 
     def end_block(self, block_file: str) -> list[dict[str, Any]]:
         """Per-worker block records (one here), like every executor."""
-        return [self.worker.end_block(block_file, background=True)]
+        return [self.worker.end_block(block_file)]
 
     def block_file_digest(self, block_file: str) -> str:
         return self.worker.block_file_digest(block_file)

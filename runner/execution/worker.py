@@ -20,7 +20,6 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,7 +60,7 @@ from shardquant.model.experts import PerExpert, block_experts
 from shardquant.model.forward import BlockRunner, stream_nll
 from shardquant.model.source import ModelSource
 from shardquant.record.report import peak_rss_bytes
-from shardquant.record.state import assemble_shard, save_tensors
+from shardquant.record.state import assemble_shard
 from shardquant.tasks.sequences import TaskSequences, score_sequences
 from shardquant.tools.plan import activation_cap
 
@@ -382,11 +381,10 @@ class BlockWorker:
         self.scales.pop(group, None)
         self.originals.clear()
 
-    def end_block(self, block_file: str | None, *, background: bool = False) -> dict[str, Any]:
-        """Propagate calibration and evaluation streams, write the block's exported tensors
-        (when `block_file` is given: this worker writes this block), free the block. With
-        `background` the file is written while the next block runs (its sha256 from
-        `block_file_digest`); otherwise now, its sha256 in the record (`block_sha256`)."""
+    def end_block(self, block_file: str | None) -> dict[str, Any]:
+        """Propagate calibration and evaluation streams, start writing the block's exported
+        tensors (when `block_file` is given: this worker writes this block) in the background,
+        while the next block runs (its sha256 from `block_file_digest`), and free the block."""
         t = time.perf_counter()
         cache_bytes = 0
         if self.store.has("calib_next"):
@@ -404,15 +402,11 @@ class BlockWorker:
                 self.streams.through(stream, self.block, self.index)
         self.profile.extra["eval_s"] = self.profile.extra.get("eval_s", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        digest = None
         if block_file is not None:
             tensors = dict(self.exporter.block_tensors(
                 self.index, self.block, {n: r.weight for n, r in self.results.items()}, inputs=self.inputs.params
             ))
-            if background:
-                self.block_files.submit(block_file, tensors)
-            else:
-                digest = save_tensors(Path(block_file), tensors)
+            self.block_files.submit(block_file, tensors)
             del tensors
         self.profile.extra["export_s"] = time.perf_counter() - t
         self.inputs.clear()
@@ -428,7 +422,6 @@ class BlockWorker:
             "stage_cache_bytes": cache_bytes, "spill": self.store.stats(),
             "peak_rss_bytes": peak_rss_bytes(),
             **({"kernels": ran} if (ran := select.take_ran()) else {}),
-            **({"block_sha256": digest} if digest else {}),
         }
 
     # --- outside the blocks --------------------------------------------------------------
@@ -474,7 +467,7 @@ class BlockWorker:
     # --- resumable state ------------------------------------------------------------------
 
     def block_file_digest(self, block_file: str) -> str:
-        """Wait for the background write of `block_file` (`end_block(background=True)`); its sha256."""
+        """Wait for the background write of `block_file` (`end_block`); its sha256."""
         return self.block_files.result(block_file)
 
     def begin_save_activations(self, path: str) -> None:

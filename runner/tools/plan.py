@@ -424,9 +424,11 @@ def block_export_bytes(shape: ModelShape, cfg: RunConfig) -> list[int]:
     return out
 
 
-def checkpoint_bytes(shape: ModelShape, cfg: RunConfig) -> int:
-    """Bytes of the exported checkpoint's tensors (what report.json's export.bytes counts)."""
-    return sum(block_export_bytes(shape, cfg)) + shape.outside_numel() * DTYPE_BYTES[cfg.model.dtype]
+def checkpoint_bytes(shape: ModelShape, cfg: RunConfig, blocks: list[int] | None = None) -> int:
+    """Bytes of the exported checkpoint's tensors (what report.json's export.bytes counts);
+    `blocks`: `block_export_bytes`, when already computed."""
+    blocks = block_export_bytes(shape, cfg) if blocks is None else blocks
+    return sum(blocks) + shape.outside_numel() * DTYPE_BYTES[cfg.model.dtype]
 
 
 # In-process footprint beyond the terms (bytes), measured with benchmarks/plan_accuracy.py: an
@@ -699,7 +701,8 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
 
     # Data parallel, the previous block's state file is written while a block is worked on, by
     # each worker in turn; pipeline stages write theirs before going on.
-    writing = max(block_export_bytes(shape, cfg)) if dev == "cpu" and not staged and quantizing else 0
+    exported = block_export_bytes(shape, cfg)
+    writing = max(exported) if dev == "cpu" and not staged and quantizing else 0
     per_rank = [worker_memory(r) for r in range(world)]
     memory, terms = per_rank[0]
     statistics = q.method in ("gptq", *AWQ_METHODS)
@@ -710,7 +713,7 @@ def plan_run(raw: dict[str, Any], cfg: RunConfig, *, device: str | None = None) 
         model_path=cfg.model.path, shape=shape, cfg=cfg, world=world, calib_windows=calib_w, eval_windows=eval_w,
         streams=streams, resident=resident, spilled=total - resident, block_bytes=block_bytes,
         hessian_group=terms["hessian_group"], hessian_in=terms["hessian_in"], memory=memory,
-        checkpoint_bytes=checkpoint_bytes(shape, cfg), notes=notes, device=dev, worker_peaks=worker_peaks,
+        checkpoint_bytes=checkpoint_bytes(shape, cfg, exported), notes=notes, device=dev, worker_peaks=worker_peaks,
         driver=_driver_bytes(shape, cfg) if cfg.cluster.backend == "ray" else None,
         spill=spill_traffic(streams, cap, passes, stage_blocks),
     )
