@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -17,7 +18,10 @@ def specs_of(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
     return [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
 
 
-def test_round_trip_many_dtypes(tmp_path):
+@pytest.mark.parametrize("hash_aside", [False, True], ids=["hash-inline", "hash-aside"])
+def test_round_trip_many_dtypes(tmp_path, hash_aside):
+    """Also: the sha256 returned is the file's, whether the bytes are hashed as they are
+    written or in a second thread beside the write."""
     g = torch.Generator().manual_seed(0)
     tensors = {
         "a.weight": torch.randn(33, 17, generator=g),
@@ -32,7 +36,8 @@ def test_round_trip_many_dtypes(tmp_path):
     shards = plan_shards(specs_of(tensors), 4096)
     names = shard_names(len(shards))
     for name, specs in zip(names, shards, strict=True):
-        write_shard(tmp_path / name, specs, (tensors[s.name] for s in specs))
+        digest = write_shard(tmp_path / name, specs, (tensors[s.name] for s in specs), hash_aside=hash_aside)
+        assert digest == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(), name
     weight_map = write_index(tmp_path, shards)
     files = sorted(tmp_path.glob("*.safetensors"))
     assert len(files) == len(names) > 1
@@ -60,12 +65,15 @@ def test_plan_respects_budget():
     assert sum(len(s) for s in plan_shards(specs, 10**9)) == 10
 
 
-def test_errors_on_plan_mismatch(tmp_path):
+@pytest.mark.parametrize("hash_aside", [False, True], ids=["hash-inline", "hash-aside"])
+def test_errors_on_plan_mismatch(tmp_path, hash_aside):
     t = torch.zeros(2, 2)
     specs = [TensorSpec("x", torch.float32, (2, 2)), TensorSpec("y", torch.float32, (2, 2))]
     path = tmp_path / shard_names(1)[0]
     with pytest.raises(ValueError, match="tensor 'y' is torch.float16 \\(2, 2\\), planned torch.float32"):
-        write_shard(path, specs, [t, t.half()])
+        write_shard(path, specs, [t, t.half()], hash_aside=hash_aside)
     with pytest.raises(ValueError):  # fewer tensors than planned
-        write_shard(path, specs, [t])
+        write_shard(path, specs, [t], hash_aside=hash_aside)
+    with pytest.raises(ValueError):  # more tensors than planned
+        write_shard(path, specs, [t, t, t], hash_aside=hash_aside)
     assert not list(tmp_path.iterdir()), "an incomplete shard leaves nothing behind"

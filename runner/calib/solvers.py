@@ -58,10 +58,11 @@ def task_weight(block: nn.Module, name: str, s: Tensor | None, originals: dict[s
     return block.get_submodule(name).weight.float()
 
 
-def squared_error(a: Tensor, b: Tensor) -> float:
-    """Sum of the squared differences of two float32 tensors (a difference and one dot
-    product: on CPU about a third of ``mse_loss(reduction="sum")``'s time)."""
-    d = torch.sub(a, b).view(-1)
+def squared_error_(a: Tensor, b: Tensor) -> float:
+    """Sum of the squared differences of two float32 tensors, computed in ``a``'s buffer,
+    which it overwrites (one in-place difference and one dot product, no new tensor: on CPU
+    about a quarter of ``mse_loss(reduction="sum")``'s time)."""
+    d = a.sub_(b).view(-1)
     return float(torch.dot(d, d))
 
 
@@ -82,7 +83,7 @@ def solve_rtn(
         else:
             qw = quantize_rtn(w, spec, mse=mse)
         weights[name] = qw
-        losses[name] = squared_error(qw.dequantize().to(w.device), w)
+        losses[name] = squared_error_(qw.dequantize().to(w.device), w)
     return weights, losses
 
 

@@ -10,36 +10,16 @@ slower than a block.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from shardquant.execution.activations import ActivationStore
 from shardquant.export.shards import TensorSpec, write_shard
+from shardquant.record.background import WriterThread
 from shardquant.record.state import save_tensors
-
-
-class _WriterThread:
-    """One background thread, started at the first write, that runs writes in order."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._pool: ThreadPoolExecutor | None = None
-
-    def submit(self, fn: Callable[..., str], *args: Any) -> Future[str]:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
-        return self._pool.submit(fn, *args)
-
-    def close(self) -> None:
-        """Wait for the writes still running and stop the thread."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 class ActivationCheckpointer:
@@ -47,7 +27,7 @@ class ActivationCheckpointer:
 
     def __init__(self, store: ActivationStore):
         self.store = store
-        self._thread = _WriterThread("shardquant-save")
+        self._thread = WriterThread("shardquant-save")
         self._pending: Future[str] | None = None
 
     def begin(self, path: str | Path) -> None:
@@ -111,7 +91,7 @@ class BlockFileWriter:
     memory beside the one being built; `result` waits for a file and gives its sha256."""
 
     def __init__(self) -> None:
-        self._thread = _WriterThread("shardquant-block")
+        self._thread = WriterThread("shardquant-block")
         self._writes: dict[str, Future[str]] = {}
 
     def submit(self, path: str | Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -23,6 +23,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,21 +114,36 @@ def _tensor_bytes(spec: TensorSpec, tensor: torch.Tensor) -> bytes | memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""  # no copy
 
 
-def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor]) -> str:
+def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor], *,
+                hash_aside: bool = False) -> str:
     """Write one planned shard from tensors given in plan order, one in memory at a time
     (temp name, fsync, rename); return the file's sha256, hashed as it is written. Workers
-    call this for their shards in parallel."""
+    call this for their shards in parallel.
+
+    `hash_aside`: hash each tensor's bytes in a second thread while they are written (and the
+    last one's while the file is fsynced), so the hash costs little wall time. For a write
+    that is waited for; a write already in the background would only take the second core
+    from the computation it runs beside."""
     tmp = path.with_name(path.name + ".tmp")
     digest = hashlib.sha256()
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardquant-hash") if hash_aside else None
+    hashed = None
     try:
         with tmp.open("wb") as f:
-            for data in itertools.chain(
+            for k, data in enumerate(itertools.chain(
                 [_header(specs)], (_tensor_bytes(s, t) for s, t in zip(specs, tensors, strict=True))
-            ):
+            )):
+                if hasher is None:
+                    digest.update(data)
+                else:
+                    hashed = hasher.submit(digest.update, data)
                 f.write(data)
-                digest.update(data)
+                if hashed is not None and k < len(specs):  # not the last: it is hashed during the fsync
+                    hashed.result()
             f.flush()
             os.fsync(f.fileno())
+        if hashed is not None:
+            hashed.result()
         os.replace(tmp, path)
     except OSError as e:  # a full disk: name the file, give its space back
         _name_failed_write(e, tmp)
@@ -136,6 +152,9 @@ def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Ten
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if hasher is not None:
+            hasher.shutdown(wait=True)
     return digest.hexdigest()
 
 

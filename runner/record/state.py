@@ -190,4 +190,4 @@ def assemble_shard(path: str, specs: list, files: list[str | None], other: Calla
                 current = file
             yield handle.get_tensor(spec.name)
 
-    return write_shard(Path(path), specs, tensors())
+    return write_shard(Path(path), specs, tensors(), hash_aside=True)
