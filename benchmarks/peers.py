@@ -241,7 +241,10 @@ def measured(cmd: list[str], env: dict[str, str] | None, log: Path) -> tuple[int
     working directory) under a tiny wrapper that reads its peak RSS with wait4.
 
     Returns (exit code, wall s, peak RSS bytes of the process and its reaped children, stdout).
+    Dirty pages are written back first (``os.sync``), so no run pays, in its own fsyncs, for
+    the writeback of the checkpoint the run before it left in the page cache.
     """
+    os.sync()
     t = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.run(
