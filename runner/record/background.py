@@ -1,4 +1,4 @@
-"""One background thread that runs a worker's or the driver's writes in submission order.
+"""One background thread that runs a worker's writes in submission order.
 
 Started at the first write; `close` waits for what is still running and stops it. The
 callers keep the futures, so a write's error is raised where its result is waited for.
