@@ -63,5 +63,5 @@ def smollm2_protocol(calib_n: int = 128, eval_n: int = 32, seq_len: int = 512) -
         "model": {"path": str(smollm2_dir())},
         "calib": {"path": str(calib), "n_samples": calib_n, "seq_len": seq_len, "batch_size": 8},
         "eval": {"path": str(evaluation), "n_samples": eval_n, "seq_len": seq_len, "batch_size": 4},
-        "export": {"shard_size": "500MB"},
+        "export": {},  # the defaults: one shard per block (export.shard_size: block)
     }

@@ -7,9 +7,10 @@ Rows (each peer's own preset, at its defaults, against ours with the same scheme
   against our ``quant.smoothquant: 0.5`` + GPTQ;
 - ``NVFP4``: its ``QuantizationModifier(NVFP4)`` (round to nearest, the input global scales
   calibrated) against our RTN.
-- ``fp8_dynamic_block``: the first row again, ours with ``export.shard_size: block`` (each
-  block's state file is its shard, so the final assembly writes only the tensors outside the
-  blocks).
+- ``fp8_dynamic_sized``: the first row again, ours with size-capped shards
+  (``export.shard_size: 500MB``) instead of the default one shard per block (whose state
+  files become the shards, so the final assembly writes only the tensors outside the blocks):
+  the whole checkpoint is written again at the end.
 
 Protocol: the calibration windows of benchmarks/peers.py (cut by shardquant's own reader and
 handed to the peer as token ids); every run is its own process; calibration seconds are the
@@ -25,7 +26,7 @@ quantized linear's input as the checkpoint declares. FP4 checkpoints are evaluat
 in float32; the fp row is given in both.
 
     python benchmarks/peer_schemes.py [--calib 64] [--eval 32] [--seq-len 512]
-        [--rows fp8_dynamic,w8a8_sq_gptq,nvfp4,w8a8_sq_range_gptq,fp8_dynamic_block] [--peers llmcompressor,ours] [--work DIR] [--repeat N]
+        [--rows fp8_dynamic,w8a8_sq_gptq,nvfp4,w8a8_sq_range_gptq,fp8_dynamic_sized] [--peers llmcompressor,ours] [--work DIR] [--repeat N]
 
 Measured, never asserted.
 """
@@ -52,8 +53,8 @@ ROWS: dict[str, dict[str, Any]] = {  # row: our quant section, the peer's recipe
     # ours with llm-compressor's SmoothQuant statistic (`quant.smoothquant_stat: range`), same peer recipe
     "w8a8_sq_range_gptq": {"ours": {"method": "gptq", "scheme": "W8A8", "smoothquant": 0.5, "smoothquant_stat": "range"},
                            "peer": "w8a8_sq_gptq", "dtype": "float32"},
-    # ours writing one shard per block, the blocks' state files adopted (`export.shard_size: block`)
-    "fp8_dynamic_block": {"ours": {"method": "rtn", "scheme": "FP8_DYNAMIC"}, "export": {"shard_size": "block"},
+    # ours with size-capped shards, assembled again from the block state files at the end
+    "fp8_dynamic_sized": {"ours": {"method": "rtn", "scheme": "FP8_DYNAMIC"}, "export": {"shard_size": "500MB"},
                           "peer": "fp8_dynamic", "dtype": "float32"},
 }
 

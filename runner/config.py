@@ -367,9 +367,10 @@ class ExportConfig(_Section):
         "debugging; the default when quant.method is none).",
     )
     shard_size: str = Field(
-        "2GB", description="Maximum bytes per safetensors shard, e.g. 500MB, 5GB; or `block`: one shard per block, "
-        "the block's state file itself (a hard link, so the checkpoint is not written twice), and the tensors outside "
-        f"the blocks in shards of at most {OTHER_SHARD_SIZE}."
+        BLOCK_SHARDS, description="`block`: one shard per block, the block's state file itself (a hard link, so the "
+        "checkpoint is written once and the disk never holds it twice), and the tensors outside the blocks in shards "
+        f"of at most {OTHER_SHARD_SIZE}; or the maximum bytes per shard, e.g. 500MB, 5GB (the shards are then written "
+        "again from the block state files at the end)."
     )
 
     @field_validator("shard_size")

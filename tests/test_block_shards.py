@@ -125,3 +125,38 @@ def test_bad_shard_size_names_the_choices(tiny_models, texts, tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("shardquant: error: export.shard_size: ") and "'block'" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("fmt", "quant"), [
+    ("fake", {"method": "rtn", "bits": 4, "group_size": 32}),
+    ("gptq", {"method": "rtn", "bits": 4, "group_size": 32}),
+    ("awq", {"method": "rtn", "bits": 4, "group_size": 32}),
+    ("compressed-tensors", {"method": "rtn", "scheme": "W8A8"}),
+    ("compressed-tensors", {"method": "rtn", "scheme": "FP8_DYNAMIC"}),
+    ("compressed-tensors", {"method": "rtn", "scheme": "FP8_BLOCK",  # on down_proj, the one with 128 inputs
+                            "ignore": ["lm_head", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]}),
+    ("compressed-tensors", {"method": "rtn", "scheme": "NVFP4"}),
+    ("compressed-tensors", {"method": "rtn", "scheme": "MXFP4"}),
+])
+def test_every_format_adopts_its_block_files_by_default(tiny_models, texts, tmp_path, fmt, quant):
+    """The default export writes no block twice, in every format and scheme: each block's state
+    file is laid out as its planned shard (else it would silently be written again)."""
+    out = tmp_path / "out"
+    cfg = run_config(tiny_models["llama"], texts, out, export={"format": fmt}, calib={"n_samples": 4, "seq_len": 16},
+                     eval={"enabled": False})
+    cfg["quant"] = quant
+    report = quantize(build_config(cfg), show_progress=False)
+    n = len(report["blocks"])
+    assert n >= 2 and report["export"]["adopted_shards"] == n and report["export"]["shards"] == n + 1, report["export"]
+    assert verify(out / "model") == []
+
+
+def test_moe_blocks_are_adopted_too(moe_models, texts, tmp_path):
+    """DeepSeek-V3's blocks (MLA attention, routed and shared experts, a dense first block)
+    become their shards like dense ones."""
+    out = tmp_path / "out"
+    cfg = run_config(moe_models["deepseek_v3"], texts, out, calib={"n_samples": 4, "seq_len": 16},
+                     eval={"enabled": False}, quant={"method": "rtn", "bits": 4, "group_size": 16})
+    report = quantize(build_config(cfg), show_progress=False)
+    assert report["export"]["adopted_shards"] == len(report["blocks"]) == 3 and report["export"]["shards"] == 4
+    assert verify(out / "model") == []

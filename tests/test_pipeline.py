@@ -98,8 +98,9 @@ def test_report_contents(tiny_models, texts, tmp_path):
     shards = len(list((out / "model").glob("*.safetensors")))
     assert on_disk["export"] == {
         "format": "compressed-tensors", "path": str(out / "model"), "bytes": written,
-        "shards": shards, "adopted_shards": 0,
+        "shards": shards, "adopted_shards": 3,
     }
+    assert shards == 4  # the default (export.shard_size: block): each block's state file, and the rest
     assert (out / "report.md").read_text().startswith("# shardquant run")
 
 
