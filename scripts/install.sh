@@ -27,6 +27,9 @@ python -m pip install -q "torch==${SHARDQUANT_TORCH:-2.13.0}"
 python -m pip install -q -e ".[test]"
 # DeepSpeed compiles its async I/O op (cluster.spill: aio) on first use, in minutes: build it here,
 # once per environment (.venv/torch_extensions), rather than inside a test. Needs libaio-dev.
+# PYTHONSAFEPATH: `python -c` would put the checkout first on sys.path, and its kernels/ folder would
+# shadow the `kernels` package transformers imports (the package is shardquant.kernels).
+export PYTHONSAFEPATH=1
 python -c "from shardquant.execution import spill; spill.aio_problem() or spill.aio_op()" \
   || echo "install.sh: DeepSpeed's async I/O op did not build; the cluster.spill aio tests will fail" >&2
 python -c "import shardquant, torch; print(f'shardquant {shardquant.__version__} with torch {torch.__version__}')"

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
 ruff check .
-python -m pytest -q -ra --durations=25 "$@"
+PYTHONSAFEPATH=1 python -m pytest -q -ra --durations=25 "$@"   # the checkout off sys.path, as in install.sh

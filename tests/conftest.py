@@ -6,7 +6,16 @@ import json
 import math
 import os
 import random
+import sys
 from pathlib import Path
+
+# The suite tests the installed package, never the checkout's folders by their own names
+# (kernels/ would shadow the `kernels` package transformers imports): `python -m pytest`
+# put the checkout first on sys.path, and Python children started here (`python -c`, `-m`,
+# scripts) would put their working directory, the checkout, first on theirs.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+os.environ["PYTHONSAFEPATH"] = "1"
 
 # Triton kernels run in triton's CPU interpreter: this must be set before anything (torch,
 # transformers, deepspeed) first imports triton, which reads it once.
