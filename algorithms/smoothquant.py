@@ -37,8 +37,8 @@ class ChannelMax:
             raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
         rows = x.detach().reshape(-1, self.in_features)
         if rows.shape[0]:
-            lo, hi = torch.aminmax(rows, dim=0)
-            got = torch.stack([hi, lo.neg()]).to(device=self.signed.device, dtype=torch.float32)
+            # two reductions: on CPU torch's aminmax over dim 0 is ~10x slower than both together
+            got = torch.stack([rows.amax(0), rows.amin(0).neg_()]).to(device=self.signed.device, dtype=torch.float32)
             torch.maximum(self.signed, got, out=self.signed)
 
     @property

@@ -51,3 +51,24 @@ def test_entry_points_from_any_directory(tmp_path):
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("shardquant 0.")
+
+
+def test_checkouts_are_dropped_from_sys_path(tmp_path):
+    """`drop_checkouts` (run by every block worker: Ray puts the driver's working directory
+    on its workers' sys.path) takes a directory holding the four folders off sys.path, and
+    leaves others."""
+    fake, other = tmp_path / "checkout", tmp_path / "other"
+    for name in ("runner", "algorithms", "kernels", "cluster"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text("raise ImportError('the checkout was imported')\n")
+        (other / name).mkdir(parents=True)
+    (fake / "runner" / "__main__.py").write_text("")
+    code = ("import sys, importlib.util as u; from shardquant.checkout import drop_checkouts;"
+            f"sys.path[:0] = ['', {str(other)!r}]; drop_checkouts();"
+            f"print(sys.path[0] == {str(other)!r}, getattr(u.find_spec('kernels'), 'origin', None))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=fake, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    kept, origin = proc.stdout.split()
+    assert kept == "True"
+    assert origin == "None" or not Path(origin).resolve().is_relative_to(fake), origin

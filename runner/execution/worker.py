@@ -49,6 +49,7 @@ from shardquant.calib.steps import (
     observes_inputs,
     quant_spec,
 )
+from shardquant.checkout import drop_checkouts
 from shardquant.config import RunConfig
 from shardquant.execution.activations import ActivationStore
 from shardquant.execution.checkpoints import ActivationCheckpointer, BlockFileWriter
@@ -69,6 +70,7 @@ class BlockWorker:
     """A share of the samples, the current block, and the steps that work on them."""
 
     def __init__(self, cfg: RunConfig | dict, rank: int = 0, world: int = 1, *, name: str = "local"):
+        drop_checkouts()  # a Ray worker's path holds the driver's working directory: maybe a checkout
         self.cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.model_validate(cfg)
         self.rank, self.world, self.name = rank, world, name
         c = self.cfg
