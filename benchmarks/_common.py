@@ -55,7 +55,6 @@ def apply_sets(cfg: dict[str, Any], sets: list[str]) -> None:
 
 def smollm2_protocol(calib_n: int = 128, eval_n: int = 32, seq_len: int = 512) -> dict[str, Any]:
     """The issue's real-model protocol: SmolLM2-135M, calibration plays vs. a disjoint eval play."""
-    sys.path.insert(0, str(ROOT))
     from shardquant.tools.assets import shakespeare_split, smollm2_dir
 
     calib, evaluation = shakespeare_split()

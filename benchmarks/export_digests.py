@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, run_quantize
+from _common import run_quantize
 
 
 def checkpoint_digest(model_dir: Path) -> str:
@@ -33,7 +32,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the digests here")
     ap.add_argument("--workdir", type=Path, help="run directories (default: a temp dir)")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     from shardquant.tools.assets import shakespeare_split, smollm2_dir
 
     calib, _ = shakespeare_split()

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from shardquant.algorithms.gptq import GPTQSolver  # noqa: E402
-from shardquant.algorithms.quantizer import (  # noqa: E402
+from shardquant.algorithms.gptq import GPTQSolver
+from shardquant.algorithms.quantizer import (
     QuantSpec,
     compute_qparams,
     group_qparams,

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from shardquant.algorithms.hessian import HessianAccumulator  # noqa: E402
+from shardquant.algorithms.hessian import HessianAccumulator
 
 
 def main() -> None:

@@ -15,10 +15,7 @@ import argparse
 import json
 import random
 import re
-import sys
 from pathlib import Path
-
-from _common import ROOT
 
 YAML = """\
 task: next_line
@@ -62,7 +59,6 @@ def verse_lines(text: str) -> list[list[str]]:
 
 
 def build(out: Path, play: str, docs: int, seed: int) -> Path:
-    sys.path.insert(0, str(ROOT))
     from shardquant.tools.assets import CALIB_PLAYS, EVAL_PLAY, shakespeare_split
 
     if play in CALIB_PLAYS or play == EVAL_PLAY:

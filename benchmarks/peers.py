@@ -45,7 +45,6 @@ from typing import Any, NamedTuple
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 PEERS_DIR = Path(os.environ.get("SHARDQUANT_PEERS", Path.home() / ".cache" / "shardquant" / "peers"))
 TORCH = "torch==2.13.0"

@@ -11,7 +11,7 @@
   search's exact path) for the q/k/v, o, gate/up and down groups, torch against triton.
   Target: 2x.
 
-Usage: python benchmarks/kernels.py [--repeat 5] [--gptq-repeat 2] [--grid 20]
+Usage: python benchmarks/kernel_times.py [--repeat 5] [--gptq-repeat 2] [--grid 20]
 Measured, never asserted. Without a CUDA device it says so and measures nothing: triton's
 CPU interpreter is a correctness tool (tests/test_kernels.py), its times mean nothing.
 """
@@ -20,20 +20,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from shardquant.algorithms import awq  # noqa: E402
-from shardquant.algorithms.gptq import GPTQSolver  # noqa: E402
-from shardquant.algorithms.hessian import HessianAccumulator  # noqa: E402
-from shardquant.algorithms.quantizer import QuantSpec  # noqa: E402
-from shardquant.kernels import select  # noqa: E402
+from shardquant.algorithms import awq
+from shardquant.algorithms.gptq import GPTQSolver
+from shardquant.algorithms.hessian import HessianAccumulator
+from shardquant.algorithms.quantizer import QuantSpec
+from shardquant.kernels import select
 
 
 def timed(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
