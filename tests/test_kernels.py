@@ -184,13 +184,19 @@ def test_input_fake_quant_kernel_is_the_librarys_int8_per_token_rounding(dtype):
     assert (out != x).float().mean() > 0.5  # quantization changed the activations (bf16 is near int8)
 
 
+@pytest.mark.parametrize("chunk", [None, 96 * 4])
 @pytest.mark.parametrize("scheme", ["NVFP4", "MXFP4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fp4_inputs_on_cpu_are_the_librarys_rounding(scheme, dtype):
+def test_fp4_inputs_on_cpu_are_the_librarys_rounding(scheme, dtype, chunk, monkeypatch):
     """A 4-bit float input on CPU (rounded by `floatq.round_e2m1`, not the library's CPU cast)
     is bit for bit compressed-tensors' `compute_dynamic_scales_and_zp` + `fake_quantize`: a
     zero group, an all-equal group, an outlier, tiny values, values that land on the E2M1
-    midpoints, with and without NVFP4's static global scale."""
+    midpoints, with and without NVFP4's static global scale; in one piece, and taken four rows
+    at a time (27 rows: the last chunk short)."""
+    from shardquant.calib import inputs
+
+    if chunk is not None:
+        monkeypatch.setattr(inputs, "_FP4_CHUNK", chunk)
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 

@@ -119,10 +119,28 @@ def _fp4_path_covers(x: Tensor, args: QuantizationArgs) -> bool:
     )
 
 
+_FP4_CHUNK = 1 << 18  # elements of one row chunk: 1 MiB in float32, so each pass stays in cache
+
+
 def _fake_quantize_fp4(x: Tensor, args: QuantizationArgs, gscale: Tensor | None) -> Tensor:
     """The library's `fake_quantize` of a group-wise 4-bit float input, step for step (its
     dynamic scales, the divisor ``scale / global_scale``, the clamp to the element range, the
-    dequantization in the scale's dtype), with the E2M1 rounding by `floatq.round_e2m1`."""
+    dequantization in the scale's dtype), with the E2M1 rounding by `floatq.round_e2m1`.
+
+    Groups lie within rows, so the rows are taken a cache-sized chunk at a time: each of the
+    dozen elementwise passes then reads cache, not memory, and the result is the same."""
+    rows = x.reshape(-1, x.shape[-1])
+    step = max(1, _FP4_CHUNK // rows.shape[1])
+    if rows.shape[0] <= step:
+        return _fake_quantize_fp4_rows(rows, args, gscale).view(x.shape)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = _fake_quantize_fp4_rows(rows[start:start + step], args, gscale)
+    return out.view(x.shape)
+
+
+def _fake_quantize_fp4_rows(x: Tensor, args: QuantizationArgs, gscale: Tensor | None) -> Tensor:
+    """`_fake_quantize_fp4` of a 2-D ``x``, in one piece."""
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
     from shardquant.algorithms.floatq import round_e2m1
