@@ -229,6 +229,26 @@ def test_fp4_inputs_on_cpu_are_the_librarys_rounding(scheme, dtype, chunk, monke
     assert (out != x).float().mean() > 0.5
 
 
+@pytest.mark.parametrize("size", [16, 32, 24, 7, 1])
+def test_group_extremes_are_amin_and_amax(size):
+    """The halving reduction behind the fp4 input scales gives torch's amin/amax over the last
+    dimension: even, odd and mixed sizes, zeros of both signs, infinities and a NaN. (Which
+    zero comes out may differ, as between torch's own reduction orders: the scales take
+    absolute values.)"""
+    from shardquant.calib.inputs import _group_extremes
+
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(5, 6, size, generator=g) * 10
+    x[0, 0] = torch.where(torch.rand(size, generator=g) < 0.5, -0.0, 0.0)
+    x[0, 1, -1] = float("inf")
+    x[1, 2, 0] = float("-inf")
+    x[2, 3, size // 2] = float("nan")
+    lo, hi = _group_extremes(x)
+    torch.testing.assert_close(lo, x.amin(-1), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(hi, x.amax(-1), rtol=0, atol=0, equal_nan=True)
+    assert lo[2, 3].isnan() and hi[2, 3].isnan() and hi[0, 1] == float("inf") and lo[0, 0] == 0
+
+
 def test_linears_fed_one_tensor_share_its_quantized_copy():
     """q/k/v (and gate/up) read the same tensor: the second and third hook get the first's
     copy, equal to quantizing alone; a changed tensor, other parameters or another tensor get
