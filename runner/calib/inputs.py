@@ -168,6 +168,8 @@ def _group_extremes(groups: Tensor) -> tuple[Tensor, Tensor]:
         half = hi.shape[-1] // 2
         lo = torch.minimum(lo[..., :half], lo[..., half:])
         hi = torch.maximum(hi[..., :half], hi[..., half:])
+    if hi.shape[-1] == 1:  # torch's reductions over a trailing dimension of 1 are no cheap copy
+        return lo.squeeze(-1), hi.squeeze(-1)
     return lo.amin(-1), hi.amax(-1)
 
 
