@@ -51,8 +51,8 @@ def _disk_full(e: BaseException | None) -> tuple[str, str | None] | None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="shardquant",
-        description="Blockwise post-training quantization (RTN, GPTQ, AWQ) of decoder LLMs that never "
-        "holds the whole model in memory.",
+        description="Blockwise post-training quantization (RTN, GPTQ, AWQ, SmoothQuant; integer, FP8, "
+        "NVFP4 and MXFP4 schemes) of decoder LLMs that never holds the whole model in memory.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # an override like --v=1 or --=3 must never be taken for --version
