@@ -193,13 +193,10 @@ def test_fp4_inputs_on_cpu_are_the_librarys_rounding(scheme, dtype, chunk, monke
     zero group, an all-equal group, an outlier, tiny values, values that land on the E2M1
     midpoints, with and without NVFP4's static global scale; in one piece, and taken four rows
     at a time (27 rows: the last chunk short)."""
-    from shardquant.calib import inputs
-
-    if chunk is not None:
-        monkeypatch.setattr(inputs, "_FP4_CHUNK", chunk)
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
+    from shardquant.calib import inputs
     from shardquant.calib.inputs import (
         _fp4_path_covers,
         fake_quantize_input,
@@ -207,6 +204,9 @@ def test_fp4_inputs_on_cpu_are_the_librarys_rounding(scheme, dtype, chunk, monke
         static_params,
     )
     from shardquant.config import QuantConfig
+
+    if chunk is not None:
+        monkeypatch.setattr(inputs, "_FP4_CHUNK", chunk)
 
     args = input_args(QuantConfig(scheme=scheme, method="rtn"))
     g = torch.Generator().manual_seed(4)

@@ -130,13 +130,15 @@ def _fake_quantize_fp4(x: Tensor, args: QuantizationArgs, gscale: Tensor | None)
 
     Groups lie within rows, so the rows are taken a cache-sized chunk at a time: each of the
     dozen elementwise passes then reads cache, not memory, and the result is the same."""
+    from shardquant.algorithms.awq import row_chunks
+
     rows = x.reshape(-1, x.shape[-1])
-    step = max(1, _FP4_CHUNK // rows.shape[1])
-    if rows.shape[0] <= step:
+    chunks = row_chunks(*rows.shape, _FP4_CHUNK)
+    if len(chunks) == 1:
         return _fake_quantize_fp4_rows(rows, args, gscale).view(x.shape)
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    for start in range(0, rows.shape[0], step):
-        out[start:start + step] = _fake_quantize_fp4_rows(rows[start:start + step], args, gscale)
+    for r in chunks:
+        out[r] = _fake_quantize_fp4_rows(rows[r], args, gscale)
     return out.view(x.shape)
 
 
